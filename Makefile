@@ -1,0 +1,39 @@
+# Every target sets up .venv on first use, so `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+OUT    ?= outputs
+
+.PHONY: setup test test-all demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch torchvision
+	# youtokentome has no wheel for Python 3.11 and needs Cython outside pip's build isolation.
+	$(PIP) install cython setuptools wheel
+	$(PIP) install --no-build-isolation youtokentome
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(PY) -m dalle demo --output-dir $(OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dalle tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info
