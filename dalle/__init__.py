@@ -39,7 +39,27 @@ _EXPORTS: dict[str, str] = {
     "TokenizerError": "dalle.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "BPETokenizer",
+    "DALLE",
+    "DALLETransformer",
+    "DalleError",
+    "Decoder",
+    "DownloadError",
+    "Encoder",
+    "ImageError",
+    "ModelLoadError",
+    "TokenizerError",
+    "TransformerConfig",
+    "UnsafePickleError",
+    "generate",
+    "load_model",
+    "make_grid",
+    "map_pixels",
+    "preprocess",
+    "unmap_pixels",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dalle.dvae import Decoder, Encoder, map_pixels, unmap_pixels

@@ -40,6 +40,10 @@ class CheckpointError(DalleError, RuntimeError):
     """A training checkpoint is missing, corrupt or incompatible, or training cannot continue."""
 
 
+class OutOfMemoryError(DalleError, MemoryError):
+    """A batch did not fit in memory; the message names the batch size that failed and what to try."""
+
+
 __all__ = [
     "DalleError",
     "ModelLoadError",
@@ -49,4 +53,5 @@ __all__ = [
     "TokenizerError",
     "ConfigError",
     "CheckpointError",
+    "OutOfMemoryError",
 ]

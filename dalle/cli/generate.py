@@ -1,0 +1,204 @@
+"""``dalle generate``, ``dalle complete`` and ``dalle demo``: text to image with a model directory or name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+ORDER = 10
+
+DEMO_PROMPTS = (
+    "a large red circle",
+    "a small blue square on the left",
+    "a yellow triangle above a green square",
+    "a large green triangle",
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shapes", help="model directory or registered name (default: shapes)")
+    p.add_argument("-n", "--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=None, help="base seed; image k uses seed+k (default: random)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--guidance", type=_positive_float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
+    p.add_argument("--output", default=None, help="grid PNG to write (default: generated.png if no --output-dir)")
+    p.add_argument("--output-dir", default=None, help="also write one PNG per image into this directory")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, print only the written paths")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from a text prompt")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
+    _add_sampling_args(p)
+    p.add_argument("--rerank", type=_positive_int, default=None, help="draw N candidates, keep the best -n")
+    p.set_defaults(func=run_generate)
+
+    c = sub.add_parser("complete", help="complete the bottom of an image from a prompt (image priming)")
+    c.add_argument("image", help="image file whose top rows are kept")
+    c.add_argument("prompt", help="caption for the completed image")
+    c.add_argument("--rows", type=_non_negative_int, default=None, help="token rows kept (default: 15/32 of grid)")
+    c.add_argument("--allow-upscale", action="store_true", help="accept images smaller than the model's size")
+    _add_sampling_args(c)
+    c.set_defaults(func=run_complete)
+
+    d = sub.add_parser("demo", help="generate a grid for a few prompts with the bundled model")
+    d.add_argument("--output-dir", default="outputs", help="where to write demo.png (default: outputs)")
+    d.add_argument("--model", default="shapes", help="model directory or registered name (default: shapes)")
+    d.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    d.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    d.set_defaults(func=run_demo)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    keys = ("temperature", "top_k", "top_p", "guidance", "rerank", "rows")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    out.update(extra)
+    return out
+
+
+def _write(args: argparse.Namespace, pipe: Any, result: Any, prompts: list[str], extra: dict[str, Any]) -> None:
+    import dalle
+    from dalle.images import make_grid, save_png
+
+    settings = json.dumps(_settings(args, **extra), sort_keys=True)
+    base_meta = {"model": pipe.name, "settings": settings, "software": f"dalle {dalle.__version__}"}
+    output = args.output
+    if output is None and args.output_dir is None:
+        output = "generated.png"
+    if args.output_dir is not None:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, (img, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+            path = out_dir / f"{i:03d}-{_slug(prompt)}-seed{seed}.png"
+            save_png(img, path, {**base_meta, "prompt": prompt, "seed": str(seed)})
+            print(path)
+    if output is not None:
+        path = Path(output)
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        ncols = args.num_images if len(prompts) > 1 else min(args.num_images, 8)
+        grid = make_grid(result.images, ncols=ncols)
+        meta = {**base_meta, "prompt": " | ".join(prompts), "seed": ",".join(str(s) for s in result.seeds)}
+        save_png(grid, path, meta)
+        print(path)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from dalle.cli import UsageError
+    from dalle.pipeline import DALLE
+
+    if args.rerank is not None and args.rerank < args.num_images:
+        raise UsageError(f"--rerank {args.rerank} must be at least -n {args.num_images}")
+    pipe = DALLE.from_pretrained(args.model, device=args.device)
+    result = pipe.generate(
+        args.prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        guidance_scale=args.guidance,
+        rerank=args.rerank,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        return_tokens=True,
+    )
+    _write(args, pipe, result, list(args.prompt), {})
+    return 0
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    from dalle.cli import UsageError
+    from dalle.pipeline import DALLE
+
+    pipe = DALLE.from_pretrained(args.model, device=args.device)
+    if args.rows is not None and args.rows > pipe.grid:
+        raise UsageError(f"--rows {args.rows} exceeds the model's {pipe.grid} token rows")
+    result = pipe.complete(
+        args.image,
+        args.prompt,
+        rows=args.rows,
+        num_images=args.num_images,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        return_tokens=True,
+        allow_upscale=args.allow_upscale,
+    )
+    _write(args, pipe, result, [args.prompt], {"source_image": str(args.image)})
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from dalle.images import make_grid, save_png
+    from dalle.pipeline import DALLE
+
+    start = time.perf_counter()
+    pipe = DALLE.from_pretrained(args.model, device=args.device)
+    loaded = time.perf_counter()
+    result = pipe.generate(list(DEMO_PROMPTS), num_images=1, seed=args.seed, progress=True, return_tokens=True)
+    done = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(result.images, ncols=len(DEMO_PROMPTS), captions=list(DEMO_PROMPTS))
+    path = out_dir / "demo.png"
+    save_png(grid, path, {"model": pipe.name, "prompt": " | ".join(DEMO_PROMPTS), "seed": str(args.seed)})
+    print(
+        f"model {pipe.name!r} on {pipe.device}: loaded in {loaded - start:.1f} s, "
+        f"{len(result.images)} images in {done - loaded:.1f} s"
+    )
+    print(f"wrote {path.resolve()}")
+    return 0
