@@ -1,0 +1,113 @@
+"""The `dalle` command run as a subprocess: outputs, metadata and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.test_pipeline import build_tiny
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "dalle", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    build_tiny().save_pretrained(path)
+    return path
+
+
+def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
+    grid = tmp_path / "grid.png"
+    out_dir = tmp_path / "imgs"
+    r = run_cli("generate", "a red circle", "a blue square", "--model", str(model_dir), "-n", "2", "--seed", "7",
+                "--output", str(grid), "--output-dir", str(out_dir), "--temperature", "0.9", "--quiet")
+    assert r.returncode == 0, r.stderr
+    files = sorted(out_dir.glob("*.png"))
+    assert len(files) == 4
+    with Image.open(files[2]) as im:
+        meta = dict(im.text)
+        assert im.size == (32, 32)
+    assert meta["prompt"] == "a blue square"
+    assert meta["seed"] == "7"
+    assert meta["model"] == "tiny-test"
+    assert json.loads(meta["settings"])["temperature"] == 0.9
+    with Image.open(grid) as im:
+        assert "a red circle" in im.text["prompt"]
+        assert im.size[0] > 32 * 2
+    # same seed, same images
+    again = tmp_path / "again"
+    r = run_cli("generate", "a blue square", "--model", str(model_dir), "-n", "1", "--seed", "7",
+                "--output-dir", str(again), "--temperature", "0.9", "--quiet")
+    assert r.returncode == 0, r.stderr
+    (single,) = list(again.glob("*.png"))
+    with Image.open(single) as a, Image.open(files[2]) as b:
+        assert list(a.getdata()) == list(b.getdata())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "a red circle", "-n", "0"],
+        ["generate", "a red circle", "--temperature", "-1"],
+        ["generate", "a red circle", "--top-p", "2"],
+        ["generate", "a red circle", "-n", "4", "--rerank", "2"],
+        ["generate"],
+        ["no-such-command"],
+    ],
+)
+def test_bad_arguments_exit_2(args, model_dir):
+    r = run_cli(*args, "--model", str(model_dir)) if args[0] == "generate" and len(args) > 1 else run_cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_model_exits_1_with_one_line(tmp_path):
+    r = run_cli("generate", "a red circle", "--model", str(tmp_path / "nope"), "--quiet")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_cli("--debug", "generate", "a red circle", "--model", str(tmp_path / "nope"), "--quiet")
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr
+
+
+def test_complete_unreadable_image_exits_1(model_dir, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    r = run_cli("complete", str(bad), "a red circle", "--model", str(model_dir), "--quiet")
+    assert r.returncode == 1
+    assert "bad.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_complete_writes_images(model_dir, tmp_path):
+    src = tmp_path / "src.png"
+    Image.new("RGB", (32, 32), (40, 90, 220)).save(src)
+    out = tmp_path / "done.png"
+    r = run_cli("complete", str(src), "a blue square", "--rows", "2", "--model", str(model_dir), "-n", "2",
+                "--seed", "1", "--output", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert json.loads(im.text["settings"])["rows"] == 2
+    r = run_cli("complete", str(src), "a blue square", "--rows", "9", "--model", str(model_dir), "--quiet")
+    assert r.returncode == 2
+
+
+def test_info(model_dir):
+    r = run_cli("info", "--model", str(model_dir))
+    assert r.returncode == 0, r.stderr
+    assert "torch" in r.stdout and "cache" in r.stdout and "tiny-test" in r.stdout

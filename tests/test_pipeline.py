@@ -1,0 +1,225 @@
+"""The DALLE pipeline on a tiny random model saved to a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError
+from dalle.pipeline import DALLE, describe_model, generate
+
+CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle on the left",
+    "a small yellow circle above a purple square",
+    "a large orange triangle at the top",
+]
+
+
+def build_tiny(trained_with_caption_dropout: bool = False, seed: int = 0) -> DALLE:
+    from dalle.dvae import Decoder, Encoder
+    from dalle.tokenizer import BPETokenizer
+    from dalle.transformer import DALLETransformer, TransformerConfig
+
+    torch.manual_seed(seed)
+    tok = BPETokenizer.train(CAPTIONS * 4, vocab_size=40)
+    enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=32)
+    dec = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32)
+    cfg = TransformerConfig.preset(
+        "tiny", text_vocab_size=tok.vocab_size, text_len=8, image_vocab_size=32, image_grid=4
+    )
+    return DALLE(
+        tok,
+        enc,
+        dec,
+        DALLETransformer(cfg),
+        image_size=32,
+        name="tiny-test",
+        trained_with_caption_dropout=trained_with_caption_dropout,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    build_tiny().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return DALLE.from_pretrained(tiny_dir, device="cpu")
+
+
+def _tokens(pipe, prompts, **kw):
+    return pipe.generate(prompts, progress=False, return_tokens=True, **kw).tokens
+
+
+def test_save_load_round_trip(tiny_dir):
+    original = build_tiny()
+    loaded = DALLE.from_pretrained(tiny_dir, device="cpu")
+    for a, b in zip(original.transformer.state_dict().values(), loaded.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(_tokens(original, "a red circle", seed=3), _tokens(loaded, "a red circle", seed=3))
+    assert loaded.name == "tiny-test"
+    assert loaded.image_size == 32 and loaded.grid == 4
+    text = describe_model(tiny_dir)
+    assert "tiny-test" in text and "4x4 tokens" in text
+
+
+def test_generate_returns_pil_images(pipe):
+    images = pipe.generate(["a red circle", "a blue square"], num_images=2, seed=0, progress=False)
+    assert len(images) == 4
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in images)
+
+
+def test_seed_is_per_image_and_batch_invariant(pipe):
+    prompts = ["a red circle", "a blue square"]
+    big = _tokens(pipe, prompts, num_images=3, seed=11, batch_size=6)
+    small = _tokens(pipe, prompts, num_images=3, seed=11, batch_size=1)
+    assert torch.equal(big, small)
+    # image k of a prompt with seed s is image 0 with seed s + k, alone in its batch
+    for k in range(3):
+        alone = _tokens(pipe, "a blue square", num_images=1, seed=11 + k)
+        assert torch.equal(alone[0], big[3 + k])
+    # different seeds give different samples (random model: near-uniform distribution)
+    assert not torch.equal(big[0], big[1])
+
+
+def test_different_prompts_in_one_batch(pipe):
+    mixed = _tokens(pipe, ["a red circle", "a green triangle on the left"], num_images=2, seed=5)
+    alone = _tokens(pipe, "a green triangle on the left", num_images=2, seed=5)
+    assert torch.equal(mixed[2:], alone)
+
+
+def test_seed_none_is_recorded(pipe):
+    out = pipe.generate("a red circle", num_images=2, progress=False, return_tokens=True)
+    again = _tokens(pipe, "a red circle", num_images=1, seed=out.seeds[1])
+    assert torch.equal(again[0], out.tokens[1])
+
+
+def test_guidance_requires_caption_dropout(pipe):
+    with pytest.raises(ConfigError, match="caption dropout"):
+        pipe.generate("a red circle", guidance_scale=3.0, progress=False)
+
+
+def test_guidance_on_and_off():
+    model = build_tiny(trained_with_caption_dropout=True)
+    plain = _tokens(model, "a red circle", num_images=4, seed=1)
+    guided = _tokens(model, "a red circle", num_images=4, seed=1, guidance_scale=3.0)
+    assert guided.shape == plain.shape
+    assert not torch.equal(plain, guided)
+    # guidance_scale 1 is the conditional distribution itself
+    assert torch.equal(_tokens(model, "a red circle", num_images=4, seed=1, guidance_scale=1.0), plain)
+
+
+def test_rerank_keeps_the_best_by_score(pipe):
+    def brightness(prompt, images):
+        return torch.tensor([float(torch.tensor(list(im.convert("L").getdata())).float().mean()) for im in images])
+
+    candidates = pipe.generate("a red circle", num_images=6, seed=2, progress=False, return_tokens=True)
+    scores = brightness("a red circle", candidates.images)
+    best = torch.argsort(scores, descending=True, stable=True)[:2]
+    out = pipe.generate("a red circle", num_images=2, seed=2, rerank=6, scorer=brightness, progress=False,
+                        return_tokens=True)
+    assert torch.equal(out.tokens, candidates.tokens[best])
+    assert out.seeds == [candidates.seeds[int(i)] for i in best]
+    assert torch.allclose(out.scores, scores[best])
+
+
+def test_rerank_builtin_likelihood(pipe):
+    candidates = _tokens(pipe, "a blue square", num_images=5, seed=9)
+    ll = pipe.score(["a blue square"] * 5, candidates)
+    out = pipe.generate("a blue square", num_images=2, seed=9, rerank=5, progress=False, return_tokens=True)
+    best = torch.argsort(ll, descending=True, stable=True)[:2]
+    assert torch.equal(out.tokens, candidates[best])
+    with pytest.raises(ConfigError, match="rerank"):
+        pipe.generate("a blue square", num_images=3, rerank=2, progress=False)
+
+
+def test_completion_keeps_primed_rows(pipe):
+    source = Image.new("RGB", (40, 48), (200, 30, 30))
+    source.paste((20, 20, 220), (0, 24, 40, 48))
+    original = pipe.encode_image(source)
+    out = pipe.complete(source, "a red circle", rows=2, num_images=3, seed=0, progress=False, return_tokens=True)
+    assert out.tokens.shape == (3, 4, 4)
+    for grid in out.tokens:
+        assert torch.equal(grid[:2], original[0, :2].cpu())
+    assert len(out.images) == 3
+    with pytest.raises(ConfigError, match="rows"):
+        pipe.complete(source, "a red circle", rows=5, progress=False)
+
+
+def test_callback_and_progress(pipe, capsys):
+    steps = []
+    pipe.generate("a red circle", seed=0, progress=True, callback=lambda step, tokens: steps.append(step))
+    assert steps, "callback was never called"
+    assert steps == sorted(steps)
+    err = capsys.readouterr().err
+    assert "%" in err or "it/s" in err or "s/it" in err  # tqdm bar
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ConfigError, match="num_images"):
+        pipe.generate("a", num_images=0, progress=False)
+    with pytest.raises(ConfigError, match="temperature"):
+        pipe.generate("a", temperature=0, progress=False)
+    with pytest.raises(ConfigError, match="top_p"):
+        pipe.generate("a", top_p=1.5, progress=False)
+    with pytest.raises(TypeError, match="prompt 1"):
+        pipe.generate(["a", None], progress=False)
+    with pytest.raises(ConfigError, match="no prompts"):
+        pipe.generate([], progress=False)
+
+
+def test_out_of_memory_is_reported_with_batch_size(pipe, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe.transformer, "sample", boom)
+    with pytest.raises(OutOfMemoryError, match="batch of 4 .*batch_size"):
+        pipe.generate("a red circle", num_images=4, batch_size=4, progress=False)
+
+
+def test_directory_errors(tiny_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="no model directory"):
+        DALLE.from_pretrained(tmp_path / "nope", device="cpu")
+
+    broken = tmp_path / "missing"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "tokenizer.model").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer.model"):
+        DALLE.from_pretrained(broken, device="cpu")
+
+    future = tmp_path / "future"
+    shutil.copytree(tiny_dir, future)
+    cfg = json.loads((future / "config.json").read_text())
+    cfg["format_version"] = 99
+    (future / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="format_version 99"):
+        DALLE.from_pretrained(future, device="cpu")
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_dir, mismatched)
+    cfg = json.loads((mismatched / "config.json").read_text())
+    cfg["transformer"]["heads"] = cfg["transformer"]["heads"] * 2
+    (mismatched / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="transformer.safetensors"):
+        DALLE.from_pretrained(mismatched, device="cpu")
+
+    garbage = tmp_path / "garbage"
+    shutil.copytree(tiny_dir, garbage)
+    (garbage / "encoder.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ModelLoadError, match="encoder.safetensors"):
+        DALLE.from_pretrained(garbage, device="cpu")
+
+
+def test_top_level_generate_with_model_dir(tiny_dir):
+    images = generate("a red circle", model=str(tiny_dir), device="cpu", seed=0, progress=False)
+    assert len(images) == 1 and images[0].size == (32, 32)
