@@ -84,10 +84,11 @@ def build_mask(text_len: int, grid: int, attn_type: str, conv_kernel: int = 11) 
     if conv_kernel < 1 or conv_kernel % 2 == 0:
         raise ConfigError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
     t, n = text_len, grid * grid
-    mask = torch.zeros(t + n, t + n, dtype=torch.bool)
-    mask[:t, :t] = torch.ones(t, t, dtype=torch.bool).tril()
-    mask[t:, :t] = True  # image -> all text, in every layer
-    mask[t:, t:] = _image_allowed(grid, attn_type, conv_kernel)
+    with torch.inference_mode(False):  # cached tensors must stay usable for training (see AttentionMasks)
+        mask = torch.zeros(t + n, t + n, dtype=torch.bool)
+        mask[:t, :t] = torch.ones(t, t, dtype=torch.bool).tril()
+        mask[t:, :t] = True  # image -> all text, in every layer
+        mask[t:, t:] = _image_allowed(grid, attn_type, conv_kernel)
     return mask
 
 
@@ -118,7 +119,11 @@ def _decode_table(mask: torch.Tensor) -> DecodeTable:
 class AttentionMasks:
     """Caches every mask-derived tensor a model needs: dense bool and additive masks per (type, length,
     device, dtype), FlexAttention block masks and decode tables. One instance per model; not a module, so
-    nothing here is saved in a state dict."""
+    nothing here is saved in a state dict.
+
+    Everything is built with inference mode switched off: a mask first built under ``torch.inference_mode``
+    (e.g. while sampling previews) would otherwise be an inference tensor that a later training step cannot
+    save for backward."""
 
     def __init__(self, text_len: int, grid: int, conv_kernel: int = 11) -> None:
         self.text_len = text_len
@@ -135,7 +140,8 @@ class AttentionMasks:
         """Bool mask for the first ``length`` slots, on ``device``."""
         key = ("bool", attn_type, length, str(device))
         if key not in self._cache:
-            self._cache[key] = self.full(attn_type)[:length, :length].contiguous().to(device)
+            with torch.inference_mode(False):
+                self._cache[key] = self.full(attn_type)[:length, :length].contiguous().to(device)
         return self._cache[key]  # type: ignore[return-value]
 
     def additive_mask(self, attn_type: str, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -143,16 +149,18 @@ class AttentionMasks:
         key = ("add", attn_type, length, str(device), dtype)
         if key not in self._cache:
             allowed = self.bool_mask(attn_type, length, device)
-            add = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            self._cache[key] = add.masked_fill_(~allowed, float("-inf"))
+            with torch.inference_mode(False):
+                add = torch.zeros(allowed.shape, dtype=dtype, device=device)
+                self._cache[key] = add.masked_fill_(~allowed, float("-inf"))
         return self._cache[key]  # type: ignore[return-value]
 
     def decode_table(self, attn_type: str, device: torch.device) -> DecodeTable:
         """Fixed-width key lists for :meth:`DALLETransformer.decode_step`, on ``device``."""
         key = ("table", attn_type, str(device))
         if key not in self._cache:
-            table = _decode_table(self.full(attn_type))
-            self._cache[key] = DecodeTable(table.index.to(device), table.valid.to(device), table.dense)
+            with torch.inference_mode(False):
+                table = _decode_table(self.full(attn_type))
+                self._cache[key] = DecodeTable(table.index.to(device), table.valid.to(device), table.dense)
         return self._cache[key]  # type: ignore[return-value]
 
     def block_mask(self, attn_type: str, length: int, device: torch.device):  # -> BlockMask
@@ -166,7 +174,8 @@ class AttentionMasks:
             def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's calling convention
                 return dense[q_idx, kv_idx]
 
-            self._cache[key] = create_block_mask(mask_mod, None, None, length, length, device=str(device))
+            with torch.inference_mode(False):
+                self._cache[key] = create_block_mask(mask_mod, None, None, length, length, device=str(device))
         return self._cache[key]
 
 
@@ -281,8 +290,9 @@ class KVCache:
         self, depth: int, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype
     ) -> None:
         shape = (depth, batch, heads, length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        with torch.inference_mode(False):  # normal tensors accept in-place writes inside and outside inference mode
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
     def batch(self) -> int:
