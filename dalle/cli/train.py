@@ -1,0 +1,325 @@
+"""``dalle train-dvae``, ``dalle encode-dataset`` and ``dalle train``: the training commands.
+
+Every setting is a flag named after its config field (``batch_size`` -> ``--batch-size``; ``out_dir`` is
+``--out``) and can also come from ``--config FILE`` (JSON or TOML; a flat table, or one table per command
+named ``train-dvae``/``dvae``, ``encode-dataset``, ``train``/``transformer``). Flags override the file.
+Run under ``torchrun --nproc_per_node=N`` for DDP (and ``--fsdp`` for FSDP2 sharding of the transformer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+ORDER = 60
+
+_SECTIONS = {
+    "train-dvae": ("train-dvae", "train_dvae", "dvae"),
+    "encode-dataset": ("encode-dataset", "encode_dataset"),
+    "train": ("train", "transformer"),
+}
+
+_HELP: dict[str, str] = {
+    "data": "training data: a folder of images with .txt captions, .tar shards (file, folder or glob), "
+    "token shards from `dalle encode-dataset` (train only), or 'shapes[:SEED]' (the built-in shapes world)",
+    "out_dir": "run directory: checkpoints/, metrics.jsonl, loss.png, samples/ and the final model",
+    "steps": "optimizer steps; the schedules scale with this",
+    "batch_size": "samples per rank and step (the global batch is this times the number of ranks)",
+    "grad_accum": "split each rank's batch into this many micro-batches (same result, less memory)",
+    "image_size": "training image side in pixels (a multiple of 8)",
+    "crop_size": "train on random crops of this side (the dVAE is fully convolutional; faster)",
+    "seed": "seed for the initial weights, data order, augmentation and noise",
+    "lr": "peak learning rate",
+    "lr_end": "final learning rate",
+    "kl_weight": "final KL weight beta (paper 6.6)",
+    "kl_steps": "steps of the cosine beta warm-up (default: the paper's 5k/3M of the run)",
+    "tau_steps": "steps of the cosine temperature annealing (default: the paper's 150k/3M of the run)",
+    "lr_steps": "steps of the cosine learning-rate annealing (default: the paper's 1.2M/3M of the run)",
+    "warmup_steps": "linear learning-rate warm-up steps (default: the paper's 5k/430k of the run)",
+    "ema_decay": "decay of the exponential moving average of the weights (0 turns it off)",
+    "ema_every": "update the moving average every this many steps",
+    "eval_images": "held-out images for PSNR and codebook usage",
+    "eval_samples": "held-out samples for the evaluation loss",
+    "ckpt_every": "write a checkpoint every this many steps (and at the end / on SIGTERM or Ctrl-C)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "max_nonfinite": "stop after this many non-finite losses in a row (the last good checkpoint stays)",
+    "dvae": "trained dVAE: a `dalle train-dvae` output or model directory, or ENC.pkl,DEC.pkl",
+    "tokenizer": "a tokenizer.model; by default one is trained on the training captions",
+    "tokenizer_vocab": "vocabulary size when training a tokenizer",
+    "caption_dropout": "probability of replacing a caption with the empty one (enables classifier-free guidance)",
+    "bpe_dropout": "BPE dropout probability (paper 0.1; 0 makes resumption exact)",
+    "fsdp": "shard the transformer with FSDP2 under torchrun",
+    "preset": "transformer size preset: tiny, small or paper; --depth/--heads/--head-dim override it",
+    "sample_prompts": "prompts for the sample grids (default: held-out captions)",
+    "name": "model name stored in config.json",
+    "init": "start from these weights (a dVAE directory for train-dvae, a model directory for train)",
+    "num_workers": "DataLoader worker processes for image decoding",
+    "device": "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)",
+}
+
+
+def _field_type(tp: Any) -> tuple[Any, bool]:
+    """(base type, is_list) of a dataclass field annotation such as ``int | None`` or ``list[str] | None``."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing, "Any": Any})  # noqa: S307 - our own dataclass annotations
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _add_config_flags(p: argparse.ArgumentParser, config_cls: type) -> None:
+    for f in dataclasses.fields(config_cls):
+        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        tp, is_list = _field_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        if default is not None and not isinstance(default, bool):
+            help_text += f" (default {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] += f" (default {'on' if default else 'off'})"
+        elif is_list:
+            kwargs.update(nargs="+", type=tp, metavar=f.name.upper())
+        elif tp in (int, float, str):
+            kwargs.update(type=tp, metavar=f.name.upper() if tp is str else None)
+        else:
+            continue  # dict-valued fields come from the config file only
+        p.add_argument(flag, **kwargs)
+
+
+def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file with any of the settings (flags override it)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if resumable:
+        p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
+
+    p = sub.add_parser(
+        "train-dvae", help="train a discrete VAE (stage 1)",
+        description="Train the dVAE with the paper's objective (relaxed ELB, cosine beta/tau/lr schedules).",
+    )
+    _common_flags(p)
+    _add_config_flags(p, DVAETrainConfig)
+    p.set_defaults(func=run_train_dvae, _command="train-dvae")
+
+    p = sub.add_parser(
+        "encode-dataset", help="turn an image dataset into dVAE token shards for transformer training",
+        description="Run the dVAE encoder once over a dataset (centre crop, argmax tokens) and write "
+        "memory-mapped token shards with the captions.",
+    )
+    _common_flags(p, resumable=False)
+    p.add_argument("--data", default=argparse.SUPPRESS, help=_HELP["data"])
+    p.add_argument("--dvae", default=argparse.SUPPRESS, help=_HELP["dvae"])
+    p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="output directory (must be new)")
+    p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="encode at most this many samples")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per encoder batch (32)")
+    p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help="samples per shard (50000)")
+    p.add_argument("--device", default=argparse.SUPPRESS, help=_HELP["device"])
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    p.set_defaults(func=run_encode_dataset, _command="encode-dataset")
+
+    p = sub.add_parser(
+        "train", help="train the transformer (stage 2) and write a model directory",
+        description="Train the DALL-E transformer on captions + dVAE tokens; the result in OUT/model loads "
+        "with DALLE.from_pretrained and `dalle generate --model OUT/model`.",
+    )
+    _common_flags(p)
+    _add_config_flags(p, TransformerTrainConfig)
+    p.set_defaults(func=run_train, _command="train")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, Any]:
+    """Settings for ``command`` from a JSON or TOML file (flat, or sectioned by command)."""
+    from dalle.errors import ConfigError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a table / object of settings")
+    for name in _SECTIONS[command]:
+        if isinstance(data.get(name), dict):
+            return {k.replace("-", "_"): v for k, v in data[name].items()}
+    sections = {n for names in _SECTIONS.values() for n in names}
+    return {k.replace("-", "_"): v for k, v in data.items() if not (k in sections and isinstance(v, dict))
+            and not k.startswith("_")}
+
+
+def build_config(config_cls: type, args: argparse.Namespace, command: str) -> Any:
+    """Dataclass defaults <- config file <- command-line flags."""
+    from dalle.errors import ConfigError
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        file_values = load_config_file(args.config, command)
+        if "out" in file_values and "out_dir" not in file_values:
+            file_values["out_dir"] = file_values.pop("out")
+        unknown = sorted(set(file_values) - names)
+        if unknown:
+            raise ConfigError(f"unknown settings in {args.config}: {', '.join(unknown)}; see `dalle {command} --help`")
+        values.update(file_values)
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    try:
+        return config_cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _setup_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+
+
+def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: str) -> int:
+    from dalle.train.common import TrainingInterrupted, close_distributed, init_distributed
+
+    info = init_distributed(cfg.device)
+    try:
+        try:
+            out = make_and_fit(cfg, args.resume, info)
+        except TrainingInterrupted as exc:
+            if info.is_main:
+                print(f"interrupted after step {exc.step}; checkpoint {exc.checkpoint}; continue with the same "
+                      "command plus --resume", file=sys.stderr)
+            return 128 + int(exc.signum)
+        if info.is_main:
+            print(f"{what} written to {out}")
+        return 0
+    finally:
+        close_distributed()
+
+
+def run_train_dvae(args: argparse.Namespace) -> int:
+    """``dalle train-dvae``."""
+    from dalle.train.dvae import DVAETrainConfig, train_dvae
+
+    _setup_threads(args)
+    cfg = build_config(DVAETrainConfig, args, "train-dvae")
+    return _run_trainer(lambda c, r, i: train_dvae(c, resume=r, info=i), cfg, args, "dVAE")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``dalle train``."""
+    from dalle.train.transformer import TransformerTrainConfig, train_transformer
+
+    _setup_threads(args)
+    cfg = build_config(TransformerTrainConfig, args, "train")
+    return _run_trainer(lambda c, r, i: train_transformer(c, resume=r, info=i), cfg, args, "model directory")
+
+
+@dataclasses.dataclass
+class EncodeConfig:
+    """Settings of ``dalle encode-dataset``."""
+
+    data: str = ""
+    dvae: str = ""
+    out_dir: str = ""
+    limit: int | None = None
+    batch_size: int = 32
+    shard_size: int = 50_000
+    device: str = "auto"
+    progress: bool = True
+
+
+def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
+    """Encode ``cfg.data`` with the dVAE into token shards; returns (directory, samples, skipped images)."""
+    import hashlib
+
+    import torch
+
+    from dalle.data.datasets import (
+        TokenShards,
+        TokenShardWriter,
+        center_crop,
+        iter_source_once,
+        open_source,
+        to_uint8_tensor,
+    )
+    from dalle.errors import ConfigError
+    from dalle.train.common import resolve_device
+    from dalle.train.transformer import encode_images, load_dvae_any
+
+    if not (cfg.data and cfg.dvae and cfg.out_dir):
+        raise ConfigError("encode-dataset needs --data, --dvae and --out")
+    device = resolve_device(cfg.device)
+    encoder, _, image_size = load_dvae_any(cfg.dvae, device)
+    encoder.eval().requires_grad_(False)
+    source = open_source(cfg.data, require_captions=True, size=image_size)
+    if isinstance(source, TokenShards):
+        raise ConfigError(f"{cfg.data} is already token shards")
+    digest = hashlib.sha256()
+    for v in encoder.state_dict().values():
+        digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+    grid = image_size // 8
+    writer = TokenShardWriter(
+        cfg.out_dir, grid=grid, image_size=image_size, vocab_size=encoder.vocab_size, shard_size=cfg.shard_size,
+        meta={"encoder": encoder.config(), "encoder_sha256": digest.hexdigest(), "source": str(cfg.data)},
+    )
+    skipped: list[str] = []
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="encoding", unit="img", total=cfg.limit, file=sys.stderr, dynamic_ncols=True)
+
+    def flush() -> None:
+        if images:
+            writer.add(encode_images(encoder, torch.stack(images)).cpu(), captions)
+            if bar is not None:
+                bar.update(len(images))
+            images.clear()
+            captions.clear()
+
+    for img, caption, name in iter_source_once(source, cfg.limit):
+        if img is None:
+            skipped.append(name)
+            continue
+        images.append(to_uint8_tensor(center_crop(img, image_size)))
+        captions.append(caption)
+        if len(images) >= cfg.batch_size:
+            flush()
+    flush()
+    if bar is not None:
+        bar.close()
+    writer.meta["skipped_images"] = len(skipped)
+    writer.meta["skipped_examples"] = skipped[:20]
+    out = writer.close()
+    return out, writer.count, len(skipped)
+
+
+def run_encode_dataset(args: argparse.Namespace) -> int:
+    """``dalle encode-dataset``."""
+    _setup_threads(args)
+    cfg = build_config(EncodeConfig, args, "encode-dataset")
+    out, count, skipped = encode_dataset(cfg)
+    print(f"encoded {count} samples into {out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+    return 0

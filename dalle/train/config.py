@@ -1,0 +1,169 @@
+"""Settings of the trainers as plain dataclasses (no torch import, so the CLI can build its flags cheaply).
+
+Each field is a ``dalle train-dvae`` / ``dalle train`` flag (``batch_size`` -> ``--batch-size``) and a key of
+the optional ``--config`` file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dalle.errors import ConfigError
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the shared training loop (both trainers embed these)."""
+
+    out_dir: str = "runs/run"
+    steps: int = 1000
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 500
+    sample_every: int = 500
+    plot_every: int = 200
+    max_nonfinite: int = 20
+    progress: bool = True
+    seed: int = 0
+
+
+# the paper's run: 3M updates; beta warm-up 5k, tau annealing 150k, step-size annealing 1.2M
+PAPER_STEPS = 3_000_000
+PAPER_BETA_FRAC = 5_000 / PAPER_STEPS
+PAPER_TAU_FRAC = 150_000 / PAPER_STEPS
+PAPER_LR_FRAC = 1_200_000 / PAPER_STEPS
+
+
+@dataclass
+class DVAETrainConfig(LoopConfig):
+    """Everything ``dalle train-dvae`` accepts (see the module docstring for the paper's values)."""
+
+    data: str = "shapes"
+    image_size: int = 256
+    crop_size: int | None = None  # train on random crops of this side (the dVAE is fully convolutional)
+    batch_size: int = 8  # per rank; the global batch is batch_size * world size
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    n_init: int = 128
+    vocab_size: int = 8192
+    lr: float = 1e-4
+    lr_end: float = 1.25e-6
+    lr_steps: int | None = None  # default: PAPER_LR_FRAC of the run
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    kl_weight: float = 6.6
+    kl_steps: int | None = None  # beta warm-up length; default PAPER_BETA_FRAC of the run
+    tau_start: float = 1.0
+    tau_end: float = 1.0 / 16.0
+    tau_steps: int | None = None  # default PAPER_TAU_FRAC of the run
+    ema_decay: float = 0.999
+    ema_every: int = 1
+    augment: bool = True
+    hflip: bool = True
+    eval_images: int = 64
+    eval_data: str | None = None
+    num_workers: int = 0
+    device: str = "auto"
+    init: str | None = None  # start from a trained dVAE directory
+    export_ema: bool = True
+
+    def resolved_steps(self) -> dict[str, int]:
+        """Schedule lengths actually used (the paper's fractions of ``steps`` unless set)."""
+        def frac(value: int | None, f: float) -> int:
+            return int(value) if value is not None else max(1, round(self.steps * f))
+
+        return {
+            "kl_steps": frac(self.kl_steps, PAPER_BETA_FRAC),
+            "tau_steps": frac(self.tau_steps, PAPER_TAU_FRAC),
+            "lr_steps": frac(self.lr_steps, PAPER_LR_FRAC),
+        }
+
+    def validate(self) -> None:
+        """Raise ConfigError for inconsistent values."""
+        train = self.crop_size or self.image_size
+        if self.image_size % 8 or train % 8 or train > self.image_size:
+            raise ConfigError(
+                f"image_size ({self.image_size}) and crop_size ({self.crop_size}) must be multiples of 8 and "
+                "crop_size <= image_size (the dVAE downsamples by 8)"
+            )
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ConfigError(f"need 0 < tau_end <= tau_start, got {self.tau_end} and {self.tau_start}")
+
+
+PAPER_WARMUP_FRAC = 5_000 / 430_000
+
+
+@dataclass
+class TransformerTrainConfig(LoopConfig):
+    """Everything ``dalle train`` accepts (see the module docstring for the paper's values)."""
+
+    data: str = "shapes"
+    dvae: str | None = None  # a dVAE or model directory (needed for raw images and for the output model)
+    tokenizer: str | None = None  # a tokenizer.model; None trains one on the training captions
+    tokenizer_vocab: int = 16384
+    tokenizer_samples: int = 100_000
+    text_len: int = 256
+    preset: str = "small"
+    depth: int | None = None
+    heads: int | None = None
+    head_dim: int | None = None
+    dropout: float | None = None
+    attn_types: list[str] | None = None
+    conv_kernel: int | None = None
+    checkpoint_activations: bool = False
+    batch_size: int = 8  # per rank
+    lr: float = 4.5e-4
+    lr_end: float | None = None  # default lr / 32
+    warmup_steps: int | None = None  # default PAPER_WARMUP_FRAC of the run
+    lr_decay: str = "cosine"
+    weight_decay: float = 4.5e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.96
+    adam_eps: float = 1e-8
+    clip_grad: float | None = 4.0
+    ema_decay: float = 0.99
+    ema_every: int = 25
+    bpe_dropout: float = 0.1
+    caption_dropout: float = 0.0
+    augment: bool = True
+    fsdp: bool = False
+    bf16: bool = True
+    eval_samples: int = 64
+    sample_prompts: list[str] | None = None
+    sample_count: int = 4
+    num_workers: int = 0
+    device: str = "auto"
+    name: str = "custom"
+    init: str | None = None  # start from an existing model directory (fine-tuning)
+    export_ema: bool = True
+
+    def resolved(self) -> dict[str, Any]:
+        """Warm-up length and final learning rate actually used."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, round(self.steps * PAPER_WARMUP_FRAC))
+        return {"warmup_steps": int(warmup), "lr_end": self.lr_end if self.lr_end is not None else self.lr / 32}
+
+    def validate(self) -> None:
+        """Raise ConfigError for inconsistent values."""
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
+        for name in ("bpe_dropout", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr_decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr_decay must be cosine, linear or constant, got {self.lr_decay!r}")
+
+
+
+__all__ = ["DVAETrainConfig", "LoopConfig", "TransformerTrainConfig"]

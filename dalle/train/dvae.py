@@ -1,0 +1,320 @@
+"""Stage 1: training the discrete VAE as in the paper (§2.1, Appendix A).
+
+Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented image):
+
+* ``logits = encoder(x)`` [B, K, H/8, W/8];
+* soft gumbel-softmax sample ``z = softmax((logits + g) / tau)`` (relaxed in both passes, no straight-through);
+* ``mu, ln_b = decoder(z)`` split into 3 + 3 channels;
+* logit-Laplace negative log-likelihood of the mapped pixels,
+  ``ln(2 b) + ln x + ln(1 - x) + |logit(x) - mu| / b``, summed over pixels and channels;
+* KL of the **plain** softmax of the logits (no noise) against the uniform prior over K codes, summed over
+  positions;
+* ``loss = (nll + beta * kl) / (H * W * C)``, averaged over the batch (effective KL weight beta / 192 at the
+  paper's sizes).
+
+Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6, each
+over a fraction of the run: the paper's 5k, 150k and 1.2M of 3M updates unless set. AdamW (0.9, 0.999),
+eps 1e-8, weight decay 1e-4; EMA of the weights (decay 0.999) is what gets exported and evaluated.
+Evaluation: hard (argmax) reconstructions of held-out images -> PSNR, and the perplexity of the code
+histogram (exp of its entropy; K means every code equally used) plus the number of codes used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dalle.train.common import (
+    EMA,
+    DistInfo,
+    Trainer,
+    cosine_schedule,
+    full_state_dict,
+    load_full_state_dict,
+    make_generator,
+    save_dvae_dir,
+    save_image_grid,
+    seed_everything,
+)
+from dalle.train.config import PAPER_BETA_FRAC, PAPER_LR_FRAC, PAPER_TAU_FRAC, DVAETrainConfig  # noqa: F401
+
+
+def schedules(step: int, cfg: DVAETrainConfig) -> dict[str, float]:
+    """beta (KL weight), tau (temperature) and the learning rate at ``step`` (0-based), all cosine."""
+    n = cfg.resolved_steps()
+    return {
+        "beta": cosine_schedule(step, n["kl_steps"], 0.0, cfg.kl_weight),
+        "tau": cosine_schedule(step, n["tau_steps"], cfg.tau_start, cfg.tau_end),
+        "lr": cosine_schedule(step, n["lr_steps"], cfg.lr, cfg.lr_end),
+    }
+
+
+def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Per-value negative log-likelihood [B, C, H, W] of mapped pixels ``x`` under the logit-Laplace
+    distribution with ``mu = stats[:, :C]`` and ``ln b = stats[:, C:]`` (paper eq. 2)."""
+    c = x.shape[1]
+    mu, ln_b = stats[:, :c], stats[:, c:]
+    logit_x = torch.log(x) - torch.log1p(-x)
+    return ln_b + math.log(2.0) + torch.log(x) + torch.log1p(-x) + (logit_x - mu).abs() * torch.exp(-ln_b)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || uniform(K)) summed over positions, per sample [B] (logits [B, K, h, w])."""
+    log_q = F.log_softmax(logits, dim=1)
+    k = logits.shape[1]
+    return (log_q.exp() * (log_q + math.log(k))).sum(dim=(1, 2, 3))
+
+
+def gumbel_noise(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise [B, ...] with sample ``i`` drawn from ``generators[i]``."""
+    out = torch.empty((len(generators), *shape), device=device)
+    for i, g in enumerate(generators):
+        out[i].exponential_(generator=g)
+    return out.log_().neg_()
+
+
+class DVAELoss(nn.Module):
+    """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor, tau: float, beta: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for mapped pixels ``x`` and gumbel ``noise`` shaped like the logits."""
+        logits = self.encoder(x)
+        z = F.softmax((logits + noise) / tau, dim=1)
+        stats = self.decoder(z).float()
+        b, c, h, w = x.shape
+        nll = logit_laplace_nll(x, stats).sum(dim=(1, 2, 3))
+        kl = kl_to_uniform(logits)
+        loss = ((nll + beta * kl) / (c * h * w)).mean()
+        positions = logits.shape[2] * logits.shape[3]
+        return loss, {"nll": (nll / (c * h * w)).mean().detach(), "kl": (kl / positions).mean().detach()}
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    encoder: nn.Module, decoder: nn.Module, images: torch.Tensor, batch_size: int = 16
+) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR (dB, images in [0, 1]) of argmax reconstructions, code perplexity and codes used.
+
+    ``images``: uint8 [N, 3, S, S]. Returns (metrics, reconstructions as float [N, 3, S, S] in [0, 1]).
+    """
+    from dalle.data.datasets import uint8_to_mapped
+
+    device = next(encoder.parameters()).device
+    counts = torch.zeros(encoder.vocab_size, dtype=torch.float64)
+    psnrs, recons = [], []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        x = uint8_to_mapped(chunk).to(device)
+        tokens = encoder.encode(x)
+        counts += torch.bincount(tokens.flatten().cpu(), minlength=encoder.vocab_size).double()
+        rec = decoder.decode(tokens).float().clamp(0, 1).cpu()
+        target = chunk.float() / 255.0
+        mse = ((rec - target) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        psnrs.append(10.0 * torch.log10(1.0 / mse))
+        recons.append(rec)
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    metrics = {
+        "psnr": torch.cat(psnrs).mean().item(),
+        "perplexity": math.exp(entropy),
+        "codes_used": int((counts > 0).sum().item()),
+    }
+    return metrics, torch.cat(recons)
+
+
+class DVAETrainer(Trainer):
+    """Trains an :class:`dalle.dvae.Encoder` / :class:`dalle.dvae.Decoder` pair (one process or torchrun DDP)."""
+
+    kind = "dvae"
+
+    def __init__(self, cfg: DVAETrainConfig, info: DistInfo | None = None) -> None:
+        from dalle.data.datasets import center_crop, held_out, open_source, to_uint8_tensor
+        from dalle.dvae import Decoder, Encoder
+
+        cfg.validate()
+        info = info or DistInfo(device=torch.device("cpu"))
+        super().__init__(cfg, info)
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        if cfg.init:
+            from dalle.train.common import load_dvae
+
+            encoder, decoder, _ = load_dvae(cfg.init)
+        else:
+            encoder = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
+            decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
+                              vocab_size=cfg.vocab_size)
+        self.vocab_size = encoder.vocab_size
+        self.net = DVAELoss(encoder, decoder).to(info.device)
+        self.model: nn.Module = self.net
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        decay, no_decay = [], []
+        for p in self.net.parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        )
+        self.ema = EMA(self.net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
+        self.source = open_source(cfg.data, require_captions=False, size=cfg.image_size)
+        eval_source = open_source(cfg.eval_data, require_captions=False, size=cfg.image_size) if cfg.eval_data else None
+        if eval_source is not None:
+            imgs, _, _, _ = held_out(eval_source, cfg.eval_images, cfg.image_size)
+            self._exclude_last, self._exclude_keys = 0, frozenset()
+        else:
+            imgs, _, self._exclude_last, self._exclude_keys = held_out(self.source, cfg.eval_images, cfg.image_size)
+        self.eval_images = (
+            torch.stack([to_uint8_tensor(center_crop(im, cfg.image_size)) for im in imgs]) if imgs else None
+        )
+        self.last_eval: dict[str, float] = {}
+
+    # -------------------------------------------------------------- data
+    def _transform(self, img: Any, rng: random.Random) -> Any:
+        from dalle.data.datasets import center_crop, dvae_augment
+
+        size = self.cfg.image_size
+        img = dvae_augment(img, size, rng, flip=self.cfg.hflip) if self.cfg.augment else center_crop(img, size)
+        crop = self.cfg.crop_size
+        if crop and crop < size:
+            x, y = rng.randint(0, size - crop), rng.randint(0, size - crop)
+            img = img.crop((x, y, x + crop, y + crop))
+        return img
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """This rank's batches from ``start_step`` on."""
+        from dalle.data.datasets import make_batches
+
+        return make_batches(
+            self.source, batch_size=self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
+            start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
+            exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
+        )
+
+    def split(self, batch: Any, parts: int) -> list[Any]:
+        """Micro-batches for gradient accumulation."""
+        from dalle.data.datasets import split_batch
+
+        return split_batch(batch, parts)
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Samples in a (micro-)batch."""
+        return len(batch)
+
+    # -------------------------------------------------------------- step
+    def schedule(self, step: int) -> dict[str, float]:
+        """Set the learning rate; remember beta and tau for :meth:`forward`."""
+        s = schedules(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = s["lr"]
+        self._sched = s
+        return s
+
+    def forward(self, micro: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Relaxed ELB of one micro-batch; gumbel noise is seeded by (seed, step, global position)."""
+        from dalle.data.datasets import uint8_to_mapped
+
+        dev = self.info.device
+        x = uint8_to_mapped(micro.images).to(dev, non_blocking=True)
+        grid = (self.vocab_size, x.shape[2] // 8, x.shape[3] // 8)
+        gens = [make_generator(dev, self.cfg.seed, "gumbel", step, p) for p in micro.positions]
+        noise = gumbel_noise(grid, gens, dev)
+        return self.model(x, noise, self._sched["tau"], self._sched["beta"])
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Raw weights (encoder.* / decoder.*) and the EMA."""
+        out = {"model": full_state_dict(self.net)}
+        if self.ema is not None:
+            out["ema"] = self.ema.full_state()
+        return out
+
+    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`checkpoint_weights` (the EMA is restored by the base class)."""
+        load_full_state_dict(self.net, weights["model"])
+
+    def config_dict(self) -> dict[str, Any]:
+        """Resolved settings (and the keys a resume must match)."""
+        d = asdict(self.cfg)
+        d.update(self.cfg.resolved_steps())
+        d["model"] = {"encoder": self.net.encoder.config(), "decoder": self.net.decoder.config()}
+        d["global_batch"] = self.cfg.batch_size * self.info.world_size
+        d["world_size"] = self.info.world_size
+        return d
+
+    # -------------------------------------------------------------- evaluation and outputs
+    def _export_modules(self) -> tuple[nn.Module, nn.Module]:
+        """Plain copies of encoder and decoder holding the EMA (or raw) weights, in eval mode."""
+        net = copy.deepcopy(self.net)
+        if self.ema is not None and self.cfg.export_ema:
+            load_full_state_dict(net, self.ema.model_state(self.net))
+        net.eval()
+        return net.encoder, net.decoder
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out PSNR and codebook usage of the EMA weights (main rank)."""
+        if not self.info.is_main or self.eval_images is None:
+            return {}
+        enc, dec = self._export_modules()
+        metrics, recons = reconstruction_metrics(enc, dec, self.eval_images)
+        self.last_eval = metrics
+        self._last_recons = recons
+        return metrics
+
+    def write_samples(self, step: int) -> None:
+        """Originals (top) and their reconstructions (bottom) of up to 8 held-out images."""
+        if not self.info.is_main or self.eval_images is None:
+            return
+        from PIL import Image
+
+        n = min(8, len(self.eval_images))
+        recons = getattr(self, "_last_recons", None)
+        if recons is None or len(recons) < n:
+            enc, dec = self._export_modules()
+            _, recons = reconstruction_metrics(enc, dec, self.eval_images[:n])
+        tiles = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in self.eval_images[:n]]
+        tiles += [Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for r in recons[:n]]
+        save_image_grid(tiles, self.out / "samples" / f"step-{step:08d}.png", ncols=n)
+
+    def finish(self) -> Path | None:
+        """Write ``<out>/dvae`` (EMA weights unless export_ema is off); returns its path on rank 0."""
+        if not self.info.is_main:
+            return None
+        enc, dec = self._export_modules()
+        extra = {"steps": self.step, "eval": self.last_eval, "ema": bool(self.ema and self.cfg.export_ema)}
+        return save_dvae_dir(self.out / "dvae", enc.cpu(), dec.cpu(), self.cfg.image_size, extra)
+
+
+def train_dvae(cfg: DVAETrainConfig, resume: bool | str = False, info: DistInfo | None = None) -> Path | None:
+    """Train a dVAE per ``cfg``; returns the exported dVAE directory (rank 0)."""
+    return DVAETrainer(cfg, info).fit(resume=resume)
+
+
+__all__ = [
+    "DVAELoss",
+    "DVAETrainConfig",
+    "DVAETrainer",
+    "gumbel_noise",
+    "kl_to_uniform",
+    "logit_laplace_nll",
+    "reconstruction_metrics",
+    "schedules",
+    "train_dvae",
+]

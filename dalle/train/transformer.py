@@ -1,0 +1,429 @@
+"""Stage 2: training the transformer on (caption, image tokens) pairs (paper §2.2, §2.6, Appendix B.2).
+
+* Loss: :meth:`dalle.transformer.DALLETransformer.loss` (per-kind mean cross-entropy, 1/8 text + 7/8 image).
+* AdamW beta1 0.9, beta2 0.96, eps 1e-8, weight decay 4.5e-2 on matrices (embeddings included, as in
+  nanoGPT; not on biases and LayerNorm gains); linear warm-up to 4.5e-4 (the paper's 5k of 430k updates
+  unless set), then a decay schedule (cosine by default) down to ``lr / 32`` (the paper ends 32x lower
+  after halvings on plateaus); gradients clipped to norm 4.
+* bfloat16 autocast on CUDA (the model's ``cuda_autocast``), float32 on CPU; logits always float32.
+* EMA of the weights (paper: decay 0.99 every 25 updates), exported as the final model unless turned off.
+* BPE dropout (0.1 in the paper) and optional caption dropout for classifier-free guidance: a dropped
+  caption is the empty string, i.e. all pads, which is the unconditional input guidance uses.
+* Gradient accumulation; torchrun with DDP or FSDP2 (``fsdp=True``: each block, then the whole model, is
+  sharded with ``fully_shard``).
+
+Data: token shards from ``dalle encode-dataset`` (no encoder at training time), or any image source
+(folder, tar shards, ``shapes``) encoded on the fly by the frozen dVAE encoder (argmax tokens, never gumbel
+noise: trap 9 of the spec). The output is a model directory (:func:`dalle.train.common.write_model_dir`)
+that :meth:`dalle.pipeline.DALLE.from_pretrained` loads.
+
+Determinism: caption-dropout decisions, augmentation and data order are seeded by (seed, global position);
+BPE dropout draws from youtokentome's own generator, which cannot be seeded, so exact resumption needs
+``bpe_dropout=0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dalle.errors import CheckpointError, ConfigError
+from dalle.train.common import (
+    EMA,
+    DistInfo,
+    Trainer,
+    barrier,
+    derive_seed,
+    full_state_dict,
+    load_dvae,
+    load_full_state_dict,
+    make_generator,
+    save_image_grid,
+    seed_everything,
+    warmup_lr,
+    write_model_dir,
+)
+from dalle.train.config import TransformerTrainConfig
+
+
+class TransformerLoss(nn.Module):
+    """Wraps a DALLETransformer so that ``forward`` is its training loss (what DDP / FSDP2 hook)."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``transformer.loss(text, image)``."""
+        return self.transformer.loss(text, image)
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order)."""
+    from dalle.data.datasets import uint8_to_mapped
+
+    device = next(encoder.parameters()).device
+    tokens = encoder.encode(uint8_to_mapped(images).to(device))
+    return tokens.reshape(tokens.shape[0], -1)
+
+
+def caption_dropped(seed: int, position: int, p: float) -> bool:
+    """Whether the caption of the sample at global ``position`` is replaced by the empty string."""
+    return p > 0 and random.Random(derive_seed(seed, "caption-dropout", position)).random() < p
+
+
+def load_dvae_any(spec: str, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+    """A dVAE from a directory (``dalle train-dvae`` output or a model directory) or ``ENC,DEC`` weight files
+    that :func:`dalle.loading.load_model` reads (OpenAI's .pkl files included); image size 256 for the latter."""
+    if "," in spec:
+        from dalle.loading import load_model
+
+        enc_path, dec_path = spec.split(",", 1)
+        return load_model(enc_path, device), load_model(dec_path, device), 256
+    return load_dvae(spec, device)
+
+
+def _collect_captions(source: Any, n: int) -> list[str]:
+    from dalle.data.datasets import ShapesSource, TarShards, TokenShards
+
+    if isinstance(source, ShapesSource):
+        from dalle.data import shapes
+
+        return shapes.captions(n, seed=source.seed)
+    out: list[str] = []
+    if isinstance(source, TarShards):
+        for _, text, _ in source.iter_raw(source.files):
+            out.extend(line for line in text.splitlines() if line.strip())
+            if len(out) >= n:
+                break
+        return out[:n]
+    if isinstance(source, TokenShards):
+        for shard in source.captions:
+            for cap in shard:
+                out.extend(line for line in cap.splitlines() if line.strip())
+                if len(out) >= n:
+                    return out[:n]
+        return out
+    for path in source.files[:n]:
+        txt = path.with_suffix(".txt")
+        if txt.is_file():
+            out.extend(line for line in txt.read_text(errors="replace").splitlines() if line.strip())
+    return out[:n]
+
+
+class TransformerTrainer(Trainer):
+    """Trains a :class:`dalle.transformer.DALLETransformer` (one process, torchrun DDP or FSDP2)."""
+
+    kind = "transformer"
+
+    def __init__(self, cfg: TransformerTrainConfig, info: DistInfo | None = None, resume: bool = False) -> None:
+        from dalle.data.datasets import ShapesSource, TokenShards, held_out, open_source
+        from dalle.tokenizer import BPETokenizer
+        from dalle.transformer import DALLETransformer, TransformerConfig
+
+        cfg.validate()
+        info = info or DistInfo(device=torch.device("cpu"))
+        super().__init__(cfg, info)
+        self.cfg = cfg
+        if not resume and self.ckpt.latest() is not None:
+            raise CheckpointError(
+                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out"
+            )
+        seed_everything(cfg.seed)
+        dev = info.device
+
+        # ---- data source and dVAE
+        self.source = open_source(cfg.data, require_captions=True, size=256)
+        self.pretokenized = isinstance(self.source, TokenShards)
+        if cfg.dvae is None and cfg.init is None:
+            raise ConfigError("give --dvae (a trained dVAE directory): it encodes images and goes into the model")
+        if cfg.dvae is not None:
+            self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
+        else:
+            self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
+        for m in (self.encoder, self.decoder):
+            m.eval().requires_grad_(False)
+        if isinstance(self.source, ShapesSource):
+            self.source = ShapesSource(seed=self.source.seed, size=self.image_size)
+        grid = self.image_size // 8
+        if self.pretokenized:
+            meta = self.source.meta
+            if self.source.grid != grid or self.source.image_vocab_size != self.encoder.vocab_size:
+                raise ConfigError(
+                    f"token shards in {cfg.data} hold {self.source.grid}x{self.source.grid} grids of "
+                    f"{self.source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
+                    f"{self.encoder.vocab_size}; encode the data with this dVAE"
+                )
+            if meta.get("encoder") not in (None, self.encoder.config()):
+                warnings.warn("the token shards were encoded by a dVAE with another configuration", stacklevel=2)
+
+        # ---- tokenizer: given, reused from the run directory, or trained on the training captions
+        tok_file = self.out / "tokenizer.model"
+        if cfg.tokenizer:
+            self.tokenizer = BPETokenizer.load(cfg.tokenizer)
+        elif cfg.init:
+            self.tokenizer = BPETokenizer.load(Path(cfg.init) / "tokenizer.model")
+        else:
+            if info.is_main and not (resume and tok_file.is_file()):
+                caps = _collect_captions(self.source, cfg.tokenizer_samples)
+                if not caps:
+                    raise ConfigError(f"no captions found in {cfg.data} to train a tokenizer on")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "fewer merges than asked" is expected for small worlds
+                    tok = BPETokenizer.train(caps, vocab_size=cfg.tokenizer_vocab)
+                self.out.mkdir(parents=True, exist_ok=True)
+                tok.save(tok_file)
+            barrier(info)
+            self.tokenizer = BPETokenizer.load(tok_file)
+
+        # ---- model
+        overrides = {k: getattr(cfg, k) for k in ("depth", "heads", "head_dim", "dropout", "attn_types",
+                                                   "conv_kernel") if getattr(cfg, k) is not None}
+        if cfg.init:
+            import json
+
+            base = json.loads((Path(cfg.init) / "config.json").read_text())["transformer"]
+            tcfg = TransformerConfig.from_dict({**base, **overrides})
+        else:
+            tcfg = TransformerConfig.preset(
+                cfg.preset,
+                **{**overrides, "text_vocab_size": self.tokenizer.vocab_size, "text_len": cfg.text_len,
+                   "image_vocab_size": self.encoder.vocab_size, "image_grid": grid,
+                   "text_pad_id": self.tokenizer.pad_id, "checkpoint_activations": cfg.checkpoint_activations,
+                   "cuda_autocast": cfg.bf16},
+            )
+        if tcfg.text_vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError("the tokenizer's vocabulary is larger than the model's text vocabulary")
+        self.tcfg = tcfg
+        transformer = DALLETransformer(tcfg)
+        if cfg.init:
+            from safetensors.torch import load_model
+
+            load_model(transformer, str(Path(cfg.init) / "transformer.safetensors"))
+        self.net = TransformerLoss(transformer).to(dev)
+        self.model: nn.Module = self.net
+        if info.distributed and cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in transformer.blocks:
+                fully_shard(block)
+            fully_shard(self.net)
+        elif info.distributed:
+            ids = [dev.index] if dev.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        decay, no_decay = [], []
+        for _, p in self.net.named_parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        )
+        self.ema = EMA(self.net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
+        self.loop.clip_grad = cfg.clip_grad
+
+        # ---- held-out evaluation set (tokens + captions), prepared on the main rank
+        self.eval_tokens: torch.Tensor | None = None
+        self.eval_captions: list[str] = []
+        self.has_eval = False  # the same on every rank, so that collective exports stay in step
+        self._exclude_last, self._exclude_keys = 0, frozenset()
+        n_eval = cfg.eval_samples
+        if self.pretokenized:
+            n_eval = min(n_eval, len(self.source) // 10)
+            if n_eval > 0:
+                items = [self.source.get(i) for i in range(len(self.source) - n_eval, len(self.source))]
+                self.eval_tokens = torch.stack([torch.from_numpy(t) for t, _, _ in items])
+                self.eval_captions = [c.splitlines()[0] if c else "" for _, c, _ in items]
+                self._exclude_last = n_eval
+                self.has_eval = True
+        elif n_eval > 0:
+            from dalle.data.datasets import to_uint8_tensor
+
+            imgs, caps, self._exclude_last, self._exclude_keys = held_out(self.source, n_eval, self.image_size)
+            self.has_eval = bool(imgs)
+            self.eval_captions = [c.splitlines()[0] if c else "" for c in caps]
+            if imgs and info.is_main:
+                batch = torch.stack([to_uint8_tensor(im) for im in imgs])
+                self.eval_tokens = torch.cat([encode_images(self.encoder, batch[i : i + 32]).cpu()
+                                              for i in range(0, len(batch), 32)])
+        self.last_eval: dict[str, float] = {}
+        self._export_cache: tuple[int, nn.Module] | None = None
+
+    # -------------------------------------------------------------- data
+    def _transform(self, img: Any, rng: random.Random) -> Any:
+        from dalle.data.datasets import center_crop, transformer_augment
+
+        if self.cfg.augment:
+            return transformer_augment(img, self.image_size, rng)
+        return center_crop(img, self.image_size)
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """This rank's batches from ``start_step`` on."""
+        from dalle.data.datasets import make_batches
+
+        return make_batches(
+            self.source, batch_size=self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
+            start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
+            exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
+        )
+
+    def split(self, batch: Any, parts: int) -> list[Any]:
+        """Micro-batches for gradient accumulation."""
+        from dalle.data.datasets import split_batch
+
+        return split_batch(batch, parts)
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Samples in a (micro-)batch."""
+        return len(batch)
+
+    def encode_text(self, captions: list[str], positions: list[int], train: bool = True) -> torch.Tensor:
+        """Caption dropout (seeded per position), then BPE (with dropout in training) to [B, text_len]."""
+        from dalle.tokenizer import TruncationWarning
+
+        if train:
+            captions = ["" if caption_dropped(self.cfg.seed, p, self.cfg.caption_dropout) else c
+                        for c, p in zip(captions, positions)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)  # long captions keep their first text_len tokens
+            return self.tokenizer.encode(captions, text_len=self.tcfg.text_len,
+                                         dropout=self.cfg.bpe_dropout if train else 0.0)
+
+    # -------------------------------------------------------------- step
+    def schedule(self, step: int) -> dict[str, float]:
+        """Warm-up then decay of the learning rate."""
+        r = self.cfg.resolved()
+        lr = warmup_lr(step, self.cfg.lr, r["warmup_steps"], self.cfg.steps, r["lr_end"], self.cfg.lr_decay)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return {"lr": lr}
+
+    def forward(self, micro: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch (image tokens from the shards or the frozen encoder)."""
+        dev = self.info.device
+        if micro.tokens is not None:
+            image = micro.tokens.to(dev)
+        else:
+            image = encode_images(self.encoder, micro.images)
+        text = self.encode_text(micro.captions, micro.positions).to(dev)
+        return self.model(text, image)
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Raw weights and the EMA (full tensors; collective under FSDP2)."""
+        out = {"model": full_state_dict(self.net)}
+        if self.ema is not None:
+            out["ema"] = self.ema.full_state()
+        return out
+
+    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`checkpoint_weights` (the EMA is restored by the base class)."""
+        load_full_state_dict(self.net, weights["model"])
+
+    def config_dict(self) -> dict[str, Any]:
+        """Resolved settings (and the keys a resume must match)."""
+        d = asdict(self.cfg)
+        d.update(self.cfg.resolved())
+        d["model"] = self.tcfg.to_dict()
+        d["image_size"] = self.image_size
+        d["global_batch"] = self.cfg.batch_size * self.info.world_size
+        d["world_size"] = self.info.world_size
+        return d
+
+    # -------------------------------------------------------------- outputs
+    def export_transformer(self) -> nn.Module | None:
+        """A plain DALLETransformer with the EMA (or raw) weights on rank 0, None elsewhere (collective)."""
+        if self._export_cache is not None and self._export_cache[0] == self.step:
+            return self._export_cache[1]
+        use_ema = self.ema is not None and self.cfg.export_ema
+        state = self.ema.model_state(self.net) if use_ema else full_state_dict(self.net)
+        if not self.info.is_main:
+            return None
+        from dalle.transformer import DALLETransformer
+
+        plain = TransformerLoss(DALLETransformer(copy.deepcopy(self.tcfg)))
+        load_full_state_dict(plain, state)
+        model = plain.transformer.to(self.info.device).eval()
+        self._export_cache = (self.step, model)
+        return model
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss (text, image, weighted) of the exported weights."""
+        if not self.has_eval:
+            return {}
+        model = self.export_transformer()
+        if model is None or self.eval_tokens is None:
+            return {}
+        totals = {"loss": 0.0, "text": 0.0, "image": 0.0}
+        n = len(self.eval_tokens)
+        for i in range(0, n, 16):
+            tokens = self.eval_tokens[i : i + 16].to(self.info.device)
+            text = self.encode_text(self.eval_captions[i : i + 16], [], train=False).to(self.info.device)
+            loss, parts = model.loss(text, tokens)
+            k = len(tokens)
+            totals["loss"] += float(loss) * k
+            totals["text"] += float(parts["text"]) * k
+            totals["image"] += float(parts["image"]) * k
+        self.last_eval = {f"eval_{key}": v / n for key, v in totals.items()}
+        return self.last_eval
+
+    def _sample_prompts(self) -> list[str]:
+        if self.cfg.sample_prompts:
+            return list(self.cfg.sample_prompts)[: max(self.cfg.sample_count, 1)]
+        return self.eval_captions[: self.cfg.sample_count]
+
+    @torch.no_grad()
+    def write_samples(self, step: int) -> None:
+        """One image per sample prompt (seeded 0, 1, ...), decoded by the dVAE, as a captioned grid."""
+        prompts = self._sample_prompts()
+        if not prompts:  # the same decision on every rank (captions are known everywhere)
+            return
+        model = self.export_transformer()
+        if model is None:
+            return
+        from PIL import Image
+
+        dev = self.info.device
+        text = self.encode_text(prompts, [], train=False).to(dev)
+        gens = [make_generator(dev, "samples", i) for i in range(len(prompts))]
+        tokens = model.sample(text, generator=gens)
+        images = self.decoder.decode(tokens.to(dev)).float().clamp(0, 1).cpu()
+        tiles = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+        save_image_grid(tiles, self.out / "samples" / f"step-{step:08d}.png", captions=prompts)
+
+    def finish(self) -> Path | None:
+        """Write the model directory ``<out>/model`` (rank 0); every rank must call it."""
+        model = self.export_transformer()
+        if model is None:
+            return None
+        return write_model_dir(
+            self.out / "model", self.tokenizer, self.encoder.cpu(), self.decoder.cpu(), model.cpu(),
+            self.image_size, self.cfg.name, trained_with_caption_dropout=self.cfg.caption_dropout > 0,
+        )
+
+
+def train_transformer(
+    cfg: TransformerTrainConfig, resume: bool | str = False, info: DistInfo | None = None
+) -> Path | None:
+    """Train a transformer per ``cfg``; returns the model directory (rank 0)."""
+    return TransformerTrainer(cfg, info, resume=bool(resume)).fit(resume=resume)
+
+
+__all__ = [
+    "TransformerLoss",
+    "TransformerTrainConfig",
+    "TransformerTrainer",
+    "caption_dropped",
+    "encode_images",
+    "load_dvae_any",
+    "train_transformer",
+]
