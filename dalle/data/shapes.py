@@ -92,7 +92,9 @@ POSITIONS: tuple[str, ...] = ("on the left", "on the right", "at the top", "at t
 RELATIONS: tuple[str, ...] = ("above", "below", "to the left of", "to the right of")
 PREFIXES: tuple[str, ...] = ("", "a drawing of ", "a picture of ", "an image of ")
 
-HELD_OUT: frozenset[tuple[str, str]] = frozenset({("green", "triangle"), ("purple", "circle"), ("orange", "square")})
+HELD_OUT: frozenset[tuple[str, str]] = frozenset(
+    {("green", "triangle"), ("purple", "circle"), ("orange", "square")}
+)
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT)
 
@@ -177,9 +179,7 @@ class Scene:
 # ----------------------------------------------------------------------------------------------- captions
 
 _PREFIX_RE = "(?:" + "|".join(re.escape(p) for p in PREFIXES if p) + ")?"
-_OBJECT_RE = (
-    r"an? (?:(" + "|".join(SIZES) + r") )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")"
-)
+_OBJECT_RE = r"an? (?:(" + "|".join(SIZES) + r") )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")"
 _ONE_RE = re.compile(_PREFIX_RE + _OBJECT_RE + "(?: (" + "|".join(POSITIONS) + "))?")
 _TWO_RE = re.compile(_PREFIX_RE + _OBJECT_RE + " (" + "|".join(RELATIONS) + ") " + _OBJECT_RE)
 
@@ -201,10 +201,16 @@ def parse_caption(caption: str) -> CaptionSpec:
     m = _TWO_RE.fullmatch(text)
     if m:
         size_a, colour_a, shape_a, relation, size_b, colour_b, shape_b = m.groups()
-        return CaptionSpec((ObjectSpec(colour_a, shape_a, size_a), ObjectSpec(colour_b, shape_b, size_b)), relation)
+        return CaptionSpec(
+            (ObjectSpec(colour_a, shape_a, size_a), ObjectSpec(colour_b, shape_b, size_b)), relation
+        )
     raise CaptionError(
         f"caption {caption!r} is not in the shapes grammar; write e.g. 'a large red circle on the left' or "
-        "'a blue square above a green circle' (colours: " + ", ".join(COLOURS) + "; shapes: " + ", ".join(SHAPES) + ")"
+        "'a blue square above a green circle' (colours: "
+        + ", ".join(COLOURS)
+        + "; shapes: "
+        + ", ".join(SHAPES)
+        + ")"
     )
 
 
@@ -239,7 +245,9 @@ def _validate_spec(spec: CaptionSpec) -> None:
         if obj.size is not None and obj.size not in SIZES:
             raise CaptionError(f"unknown size {obj.size!r}; use one of {SIZES}")
         if obj.position is not None and (obj.position not in POSITIONS or n == 2):
-            raise CaptionError(f"position {obj.position!r} is allowed only for one object, one of {POSITIONS}")
+            raise CaptionError(
+                f"position {obj.position!r} is allowed only for one object, one of {POSITIONS}"
+            )
 
 
 def is_held_out(colour: str | None, shape: str | None) -> bool:
@@ -300,9 +308,7 @@ def _place(spec: CaptionSpec, rng: random.Random, caption: str) -> Scene:
         axis_pos = {lead: p_lead, trail: p_lead + d}
         off_pos = {lead: q_lead, trail: q_lead + e}
         vertical = spec.relation in ("above", "below")
-        centres = [
-            (off_pos[i], axis_pos[i]) if vertical else (axis_pos[i], off_pos[i]) for i in range(2)
-        ]
+        centres = [(off_pos[i], axis_pos[i]) if vertical else (axis_pos[i], off_pos[i]) for i in range(2)]
     objects = tuple(
         ShapeObject(o.colour, o.shape, size, cx, cy, side)
         for o, size, side, (cx, cy) in zip(spec.objects, sizes, sides, centres)
@@ -382,7 +388,9 @@ def _draw(scene: Scene, size: int) -> np.ndarray:
     centres = np.arange(size, dtype=np.float64) + 0.5  # pixel centres; a pixel is in a shape if its centre is
     for obj in scene.objects:
         if obj.colour not in COLOURS or obj.shape not in SHAPES:
-            raise ConfigError(f"cannot draw {obj}: colour must be one of {tuple(COLOURS)}, shape one of {SHAPES}")
+            raise ConfigError(
+                f"cannot draw {obj}: colour must be one of {tuple(COLOURS)}, shape one of {SHAPES}"
+            )
         length, cx, cy = obj.side * size, obj.cx * size, obj.cy * size
         x0, y0 = cx - length / 2, cy - length / 2
         j0, j1 = max(0, int(np.floor(x0))), min(size, int(np.ceil(x0 + length)) + 1)
@@ -538,7 +546,9 @@ def parse(image: Any) -> list[ShapeObject]:
     for i in np.lexsort((x0, y0)).tolist():
         n_votes = int(votes[i].sum())
         colour = _COLOUR_NAMES[int(votes[i].argmax())] if n_votes >= max(3, MIN_VOTES * area[i]) else None
-        shape = _classify_shape(float(fill[i]), float(top[i]), float(diag_ratio[i]), float(bw[i]) / float(bh[i]))
+        shape = _classify_shape(
+            float(fill[i]), float(top[i]), float(diag_ratio[i]), float(bw[i]) / float(bh[i])
+        )
         side = (float(bw[i]) + float(bh[i])) / 2 / short_side
         objects.append(
             ShapeObject(
@@ -626,20 +636,20 @@ def judge(caption: str | CaptionSpec, objects: Sequence[ShapeObject]) -> tuple[b
     if spec.relation is None:
         reason = _object_mismatch(spec.objects[0], objects[0])
         return (reason is None), (reason or "ok")
-    best: tuple[int, str] | None = None  # (mismatching objects, reason) of the closest assignment
+    candidates = []  # (number of wrong objects, reason) for each way of pairing caption and image objects
     for ia, ib in ((0, 1), (1, 0)):
-        reasons = [r for r in (_object_mismatch(spec.objects[0], objects[ia]),
-                               _object_mismatch(spec.objects[1], objects[ib])) if r]
-        if not reasons:
-            if relation_holds(spec.relation, objects[ia], objects[ib]):
-                return True, "ok"
-            reasons_key = (0, f"relation: the objects are right but not '{spec.relation}'")
+        found = (
+            _object_mismatch(spec.objects[0], objects[ia]),
+            _object_mismatch(spec.objects[1], objects[ib]),
+        )
+        reasons = [r for r in found if r]
+        if reasons:
+            candidates.append((len(reasons), reasons[0]))
+        elif relation_holds(spec.relation, objects[ia], objects[ib]):
+            return True, "ok"
         else:
-            reasons_key = (len(reasons), reasons[0])
-        if best is None or reasons_key[0] < best[0]:
-            best = reasons_key
-    assert best is not None
-    return False, best[1]
+            candidates.append((0, f"relation: the objects are right but not '{spec.relation}'"))
+    return False, min(candidates, key=lambda c: c[0])[1]
 
 
 def check(caption: str, image: Any) -> tuple[bool, str]:
