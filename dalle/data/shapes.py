@@ -54,12 +54,24 @@ the offset on the other axis at most half the main offset.
 appear in a training caption or image (:func:`sample`, :func:`stream`, :func:`captions`); :func:`render` draws
 them for evaluation.
 
-**Checker.** :func:`parse` classifies each pixel by its nearest palette colour (white included), finds
-connected regions of non-white pixels, drops specks smaller than 0.004·S² pixels, and classifies each region:
-colour by a majority vote of its pixels within distance 50 of a palette colour; shape from the fill ratio of
-its bounding box (square 1, circle pi/4, triangle 1/2) and the share of its area in the top half (triangle 1/4,
-others 1/2); size from the box side. :func:`matches` then requires exactly the objects the caption names (same
-number, colour and shape, and size and position or relation where the caption states them).
+**Checker.** :func:`parse` finds the objects of an image in five steps (thresholds are the constants below):
+
+1. each pixel takes its nearest reference colour (the six colours and white) by RGB distance; the non-white
+   pixels, cleaned by a 3x3 majority vote (which removes single-pixel noise), form the foreground;
+2. 8-connected foreground regions smaller than 0.004·S² pixels are specks and ignored (a small triangle
+   covers at least 0.0128·S²);
+3. colour: a majority vote of the region's pixels within RGB distance 50 of a colour (blends with the white
+   background stay out of the vote); with votes from fewer than 10% of its pixels the colour is unknown;
+4. shape, from the region's bounding box (width w, height h, aspect within 2:3..3:2): the share of its area in
+   the top half of the box (triangle 1/4, others 1/2), the fill ratio area / (w·h) (square 1, circle pi/4,
+   triangle 1/2) and the extent along the two diagonals relative to the box side (square sqrt(2), circle 1,
+   triangle 1.06). Triangle: top share < 0.435 and fill 0.42-0.80; square: diagonal ratio >= 1.10 and fill
+   >= 0.80; circle: the rest with fill 0.65-0.90; anything else has no shape. Blurred, noisy and resampled
+   renders keep these features well inside the rules;
+5. size: small when (w + h) / 2 < 0.28·S; centre: the box centre.
+
+:func:`matches` then requires exactly the objects the caption names (same number, colour and shape, and the
+size and the position or relation where the caption states them); :func:`check` also says why not.
 """
 
 from __future__ import annotations
