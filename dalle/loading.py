@@ -1,0 +1,848 @@
+"""Loading and saving dVAE weights safely: OpenAI's pickles, state dicts, safetensors, URLs with a cache.
+
+:func:`load_model` accepts
+
+* OpenAI's ``encoder.pkl`` / ``decoder.pkl``: whole pickled ``dall_e`` modules written by ``torch.save``, in
+  the legacy (pre-1.6) or the zip format. They are read by a restricted unpickler: every class the pickle
+  names (``dall_e.*``, ``torch.nn.*`` layers) becomes an inert stub that only records its attributes,
+  tensors are rebuilt from the raw storage bytes, and any other global (``os.system``, ``builtins.eval``,
+  ...) is refused with :class:`~dalle.errors.UnsafePickleError` before it can be called. No pickled
+  object is ever run: the weights are copied into a fresh :class:`~dalle.dvae.Encoder` /
+  :class:`~dalle.dvae.Decoder`, so the ``nn.Upsample`` breakage of torch >= 1.11 cannot occur either.
+* state dicts saved with ``torch.save(module.state_dict(), "x.pt")`` (``.pt``, ``.pth``, ``.bin``,
+  ``.ckpt``; read with ``torch.load(weights_only=True)``, falling back to the restricted unpickler);
+* ``.safetensors`` files as written by :func:`save_model`; the architecture comes from the JSON file
+  beside it, else from the file's metadata, else it is inferred from the tensor shapes;
+* ``http(s)://`` URLs of any of the above, downloaded once into :func:`cache_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from dalle.dvae import Decoder, Encoder
+from dalle.errors import DownloadError, ModelLoadError, UnsafePickleError
+
+__all__ = [
+    "load_model",
+    "save_model",
+    "load_state_dict",
+    "model_from_state_dict",
+    "infer_config",
+    "cache_dir",
+    "download",
+    "sha256_file",
+    "OPENAI_ENCODER_URL",
+    "OPENAI_DECODER_URL",
+]
+
+OPENAI_ENCODER_URL = "https://cdn.openai.com/dall-e/encoder.pkl"
+OPENAI_DECODER_URL = "https://cdn.openai.com/dall-e/decoder.pkl"
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+# ------------------------------------------------------------------------------------ the restricted unpickler
+class _ModuleStub:
+    """Inert stand-in for a pickled ``nn.Module``: records its constructor args and ``__dict__`` only."""
+
+    pickled_name: str = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        # pickle's BUILD passes either a dict or a (dict, slots) pair.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"unexpected pickled state for {self.pickled_name}: {type(state).__name__}")
+        self.state = state
+
+
+def _stub_class(qualname: str) -> type[_ModuleStub]:
+    return type(qualname.rsplit(".", 1)[-1] + "Stub", (_ModuleStub,), {"pickled_name": qualname})
+
+
+class _StorageType:
+    """Stand-in for ``torch.FloatStorage`` & co.: just the element dtype."""
+
+    def __init__(self, name: str, dtype: torch.dtype) -> None:
+        self.name, self.dtype = name, dtype
+
+
+class _StorageRef:
+    """A storage named by the pickle; its bytes are attached after the pickle has been read."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+        self.data: torch.Tensor | None = None  # flat tensor of `numel` elements once read
+
+
+class _TensorRef:
+    """A tensor to rebuild from (storage, offset, size, stride) once the storage bytes are known."""
+
+    def __init__(
+        self, storage: _StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+    ) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def materialize(self, where: str) -> torch.Tensor:
+        flat = self.storage.data
+        if flat is None:
+            raise ModelLoadError(f"{where}: tensor data for storage {self.storage.key!r} is missing")
+        numel = 1
+        for s in self.size:
+            numel *= s
+        if numel:
+            extent = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride))
+            if extent >= flat.numel():
+                raise ModelLoadError(
+                    f"{where}: a tensor reaches past the end of its storage; the file is corrupt"
+                )
+        t = torch.as_strided(flat, self.size, self.stride, self.offset)
+        # Copy unless the tensor is exactly its whole storage (avoids keeping unused bytes alive).
+        if numel == flat.numel() and t.is_contiguous():
+            return t
+        return t.clone(memory_format=torch.contiguous_format)
+
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ModelLoadError(f"malformed tensor {what} in pickle: {value!r}")
+    return tuple(value)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> _TensorRef:
+    # Stands in for torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, meta]).
+    if not isinstance(storage, _StorageRef):
+        raise ModelLoadError("malformed pickle: a tensor is not backed by a storage record")
+    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
+        raise ModelLoadError(f"malformed tensor offset in pickle: {storage_offset!r}")
+    size_t, stride_t = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if len(size_t) != len(stride_t):
+        raise ModelLoadError("malformed pickle: tensor size and stride differ in length")
+    return _TensorRef(storage, storage_offset, size_t, stride_t)
+
+
+def _rebuild_parameter(data: Any, *rest: Any) -> Any:
+    # Stands in for torch._utils._rebuild_parameter(_with_state): a parameter is just its data here.
+    if not isinstance(data, _TensorRef):
+        raise ModelLoadError("malformed pickle: a parameter does not wrap a tensor")
+    return data
+
+
+def _device(*args: Any) -> str:
+    # Stands in for torch.device: the saved device is irrelevant (load_model places the weights itself).
+    return ":".join(str(a) for a in args)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("builtins", "set"): set,
+        ("__builtin__", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("__builtin__", "frozenset"): frozenset,
+        ("torch", "device"): _device,
+        ("torch", "Size"): tuple,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    }
+    for name, dtype in _STORAGE_DTYPES.items():
+        allowed[("torch", name)] = _StorageType(name, dtype)
+    for name in ("float32", "float16", "bfloat16", "float64"):
+        allowed[("torch", name)] = getattr(torch, name)  # dtype constants (e.g. our modules' dtype setting)
+    modules = {
+        "dall_e.encoder": ["Encoder", "EncoderBlock"],
+        "dall_e.decoder": ["Decoder", "DecoderBlock"],
+        "dall_e.utils": ["Conv2d"],
+        "dalle.dvae": ["Encoder", "EncoderBlock", "Decoder", "DecoderBlock", "Conv2d"],
+        "torch.nn.modules.container": ["Sequential", "ModuleList", "ModuleDict"],
+        "torch.nn.modules.activation": ["ReLU"],
+        "torch.nn.modules.pooling": ["MaxPool2d"],
+        "torch.nn.modules.linear": ["Identity"],
+        "torch.nn.modules.upsampling": ["Upsample"],
+        "torch.nn.modules.conv": ["Conv2d"],
+    }
+    for module, names in modules.items():
+        for name in names:
+            allowed[(module, name)] = _stub_class(f"{module}.{name}")
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals above; storages come from ``persistent_load`` records."""
+
+    def __init__(self, file: IO[bytes], source: str, storages: dict[str, _StorageRef]) -> None:
+        super().__init__(file)
+        self.source = source
+        self.storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self.source}: refusing to load the global {module}.{name}, which is not on the allow-list of "
+                "dVAE weight files; nothing from the file was executed. Only load files you trust with other "
+                "tools, or convert them to safetensors."
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module"):
+            # Legacy files record each nn.Module class with its source code, which torch only compares
+            # against the installed class; the source is never executed, here or by torch.
+            if isinstance(pid[1], type) and issubclass(pid[1], _ModuleStub):
+                return pid[1]
+            raise ModelLoadError(f"{self.source}: malformed module record in pickle")
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
+            raise ModelLoadError(f"{self.source}: unsupported persistent record in pickle: {pid!r:.100}")
+        storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, _StorageType):
+            raise ModelLoadError(f"{self.source}: unknown storage type {storage_type!r:.60} in pickle")
+        key = key.decode("ascii") if isinstance(key, bytes) else key
+        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise ModelLoadError(f"{self.source}: malformed storage record {pid!r:.100}")
+        ref = self.storages.get(key)
+        if ref is None:
+            ref = self.storages[key] = _StorageRef(key, storage_type.dtype, numel)
+        elif ref.dtype != storage_type.dtype:
+            raise ModelLoadError(f"{self.source}: storage {key!r} is used with two dtypes")
+        view = pid[5] if len(pid) == 6 else None
+        if view is None:
+            return ref
+        # Legacy storage views (torch < 1.0): a slice of another storage, in elements.
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise ModelLoadError(f"{self.source}: malformed storage view record {view!r:.100}")
+        view_key, offset, view_size = view
+        view_ref = self.storages.get(str(view_key))
+        if view_ref is None:
+            view_ref = self.storages[str(view_key)] = _StorageRef(str(view_key), ref.dtype, int(view_size))
+            view_ref.parent = (ref, int(offset))  # type: ignore[attr-defined]
+        return view_ref
+
+
+def _unpickle(f: IO[bytes], source: str, storages: dict[str, _StorageRef]) -> Any:
+    try:
+        return _RestrictedUnpickler(f, source, storages).load()
+    except (UnsafePickleError, ModelLoadError):
+        raise
+    except EOFError:
+        raise ModelLoadError(
+            f"{source}: unexpected end of file; the file is truncated (re-download it)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt or foreign file
+        raise ModelLoadError(
+            f"{source}: not a readable PyTorch file ({type(exc).__name__}: {exc}); expected OpenAI's "
+            ".pkl, a torch state dict or a .safetensors file"
+        ) from None
+
+
+def _flat_from_bytes(buf: bytearray, ref: _StorageRef) -> torch.Tensor:
+    if ref.dtype == torch.bool:
+        return (
+            torch.frombuffer(buf, dtype=torch.uint8).to(torch.bool)
+            if buf
+            else torch.empty(0, dtype=torch.bool)
+        )
+    if not buf:
+        return torch.empty(0, dtype=ref.dtype)
+    return torch.frombuffer(buf, dtype=ref.dtype)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _read_exact(f: IO[bytes], n: int, source: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise ModelLoadError(
+                f"{source}: unexpected end of file while reading tensor data ({got} of {n} bytes); "
+                "the file is truncated (re-download it)"
+            )
+        got += k
+    return buf
+
+
+def _resolve_views(storages: dict[str, _StorageRef]) -> None:
+    for ref in storages.values():
+        parent = getattr(ref, "parent", None)
+        if parent is not None and ref.data is None:
+            base, offset = parent
+            if base.data is None or offset + ref.numel > base.data.numel():
+                raise ModelLoadError("a storage view lies outside its storage; the file is corrupt")
+            ref.data = base.data[offset : offset + ref.numel]
+
+
+def _read_legacy(f: IO[bytes], source: str) -> tuple[Any, dict[str, _StorageRef]]:
+    storages: dict[str, _StorageRef] = {}
+    remaining = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    magic = _unpickle(f, source, storages)
+    if magic != _LEGACY_MAGIC:
+        raise ModelLoadError(
+            f"{source}: not a PyTorch file (bad magic number); expected OpenAI's .pkl, a torch state dict "
+            "or a .safetensors file"
+        )
+    protocol = _unpickle(f, source, storages)
+    if protocol != _LEGACY_PROTOCOL:
+        raise ModelLoadError(f"{source}: unsupported legacy torch protocol version {protocol!r}")
+    sys_info = _unpickle(f, source, storages)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise ModelLoadError(f"{source}: big-endian torch files are not supported")
+    obj = _unpickle(f, source, storages)
+    keys = _unpickle(f, source, storages)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ModelLoadError(f"{source}: malformed storage key list")
+    for key in keys:
+        ref = storages.get(key)
+        if ref is None:
+            raise ModelLoadError(f"{source}: storage {key!r} is listed but never used; the file is corrupt")
+        header = _read_exact(f, 8, source)
+        numel = int.from_bytes(header, "little", signed=True)
+        if numel != ref.numel:
+            raise ModelLoadError(
+                f"{source}: storage {key!r} holds {numel} elements but the pickle expects {ref.numel}; "
+                "the file is corrupt"
+            )
+        nbytes = numel * _element_size(ref.dtype)
+        if nbytes > remaining - f.tell():  # check before allocating: a corrupt count must not exhaust memory
+            raise ModelLoadError(
+                f"{source}: storage {key!r} needs {nbytes} bytes but the file ends sooner; "
+                "the file is truncated (re-download it)"
+            )
+        ref.data = _flat_from_bytes(_read_exact(f, nbytes, source), ref)
+    _resolve_views(storages)
+    return obj, storages
+
+
+def _read_zip(path: Path, source: str) -> tuple[Any, dict[str, _StorageRef]]:
+    storages: dict[str, _StorageRef] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl) != 1:
+                raise ModelLoadError(f"{source}: a zip file but not a PyTorch archive (no single data.pkl)")
+            prefix = pkl[0][: -len("data.pkl")]
+            if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() not in (
+                b"little",
+                b"",
+            ):
+                raise ModelLoadError(f"{source}: big-endian torch files are not supported")
+            with zf.open(pkl[0]) as fp:
+                obj = _unpickle(io.BytesIO(fp.read()), source, storages)
+            for key, ref in storages.items():
+                if getattr(ref, "parent", None) is not None:
+                    continue
+                entry = f"{prefix}data/{key}"
+                if entry not in names:
+                    raise ModelLoadError(f"{source}: tensor data {entry!r} is missing from the archive")
+                nbytes = ref.numel * _element_size(ref.dtype)
+                info = zf.getinfo(entry)
+                if info.file_size != nbytes:
+                    raise ModelLoadError(
+                        f"{source}: tensor data {entry!r} has {info.file_size} bytes, expected {nbytes}; "
+                        "the file is corrupt"
+                    )
+                with zf.open(entry) as fp:
+                    ref.data = _flat_from_bytes(_read_exact(fp, nbytes, source), ref)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ModelLoadError(f"{source}: corrupt or truncated zip archive ({exc}); re-download it") from None
+    _resolve_views(storages)
+    return obj, storages
+
+
+def _materialize(obj: Any, source: str) -> Any:
+    """Replace every _TensorRef in a plain container tree (dicts, lists, stubs) with a real tensor."""
+    if isinstance(obj, _TensorRef):
+        return obj.materialize(source)
+    if isinstance(obj, _ModuleStub):
+        obj.state = _materialize(obj.state, source)
+        return obj
+    if isinstance(obj, dict):
+        return (
+            type(obj)((k, _materialize(v, source)) for k, v in obj.items())
+            if isinstance(obj, OrderedDict)
+            else {k: _materialize(v, source) for k, v in obj.items()}
+        )
+    if isinstance(obj, list):
+        return [_materialize(v, source) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v, source) for v in obj)
+    return obj
+
+
+def _module_tensors(
+    stub: _ModuleStub, prefix: str, out: dict[str, torch.Tensor], source: str, depth: int = 0
+) -> None:
+    """Flatten a stub module tree into ``{"blocks.group_1...w": tensor}`` like ``state_dict()`` does."""
+    if depth > 32:
+        raise ModelLoadError(f"{source}: module tree nested too deeply; the file is corrupt")
+    for attr_name in ("_parameters", "_buffers"):
+        entries = stub.state.get(attr_name) or {}
+        if not isinstance(entries, dict):
+            raise ModelLoadError(f"{source}: malformed {attr_name} in {stub.pickled_name}")
+        for name, tensor in entries.items():
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise ModelLoadError(f"{source}: {prefix}{name} in {stub.pickled_name} is not a tensor")
+            out[f"{prefix}{name}"] = tensor
+    children = stub.state.get("_modules") or {}
+    if not isinstance(children, dict):
+        raise ModelLoadError(f"{source}: malformed _modules in {stub.pickled_name}")
+    for name, child in children.items():
+        if child is None:
+            continue
+        if not isinstance(child, _ModuleStub):
+            raise ModelLoadError(f"{source}: submodule {prefix}{name} is not a module")
+        _module_tensors(child, f"{prefix}{name}.", out, source, depth + 1)
+
+
+def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(flat state dict, kind from the pickled class name or None) for a loaded pickle object."""
+    if isinstance(obj, _ModuleStub):
+        kind = {"Encoder": "encoder", "Decoder": "decoder"}.get(obj.pickled_name.rsplit(".", 1)[-1])
+        if kind is None:
+            raise ModelLoadError(
+                f"{source}: holds a pickled {obj.pickled_name}, not a dVAE Encoder or Decoder"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        _module_tensors(obj, "", tensors, source)
+        return tensors, kind
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):  # common checkpoint wrappers
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj), None
+    raise ModelLoadError(
+        f"{source}: does not hold a dVAE (expected a pickled Encoder/Decoder or a state dict of tensors, "
+        f"got {type(obj).__name__})"
+    )
+
+
+def _read_torch_file(path: Path, source: str) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        obj, _ = _read_zip(path, source)
+    elif head == b"PK\x03\x04":
+        raise ModelLoadError(f"{source}: corrupt or truncated zip archive; re-download it")
+    else:
+        with open(path, "rb") as f:
+            obj, _ = _read_legacy(f, source)
+    return _materialize(obj, source)
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read a weight file safely into (flat float tensors on CPU, config or None).
+
+    The config is ``{"kind": "encoder" | "decoder", "config": {...}}`` when the file (or a JSON file beside
+    it) says what it holds, else None. Pickles go through the restricted unpickler described in the module
+    docstring; nothing in the file is executed.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{source}: no such file")
+    meta: dict[str, Any] | None = None
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        tensors, meta = _read_safetensors(path, source)
+    else:
+        kind = None
+        obj: Any = None
+        if path.suffix in _STATE_DICT_SUFFIXES:
+            obj = _torch_load_weights_only(path)
+        if obj is None:
+            obj = _read_torch_file(path, source)
+        tensors, kind = _state_dict_from_object(obj, source)
+        if kind is not None:
+            meta = {"kind": kind, "config": None}
+        side = _sidecar_config(path)
+        if side is not None:
+            meta = side
+    return tensors, meta
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    # torch's own safe loader for plain state dicts; None lets the restricted unpickler take over (it also
+    # understands OpenAI's whole-module pickles and names any refused global).
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure: fall back to our reader, which reports clearly
+        return None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _sidecar_path(path: Path) -> Path:
+    return (
+        path.with_name(path.name[: -len(path.suffix)] + ".json")
+        if path.suffix
+        else path.with_name(path.name + ".json")
+    )
+
+
+def _sidecar_config(path: Path) -> dict[str, Any] | None:
+    side = _sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{side}: unreadable config JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in ("encoder", "decoder"):
+        return None  # some other JSON file that happens to share the name; infer from shapes instead
+    if not isinstance(meta.get("config"), dict):
+        raise ModelLoadError(f"{side}: 'config' must be an object of Encoder/Decoder arguments")
+    return meta
+
+
+def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header_meta = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"{source}: not a readable safetensors file ({exc}); it may be truncated"
+        ) from None
+    meta = _sidecar_config(path)
+    if meta is None and "dalle_config" in header_meta:
+        try:
+            meta = json.loads(header_meta["dalle_config"])
+        except ValueError:
+            meta = None
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------------------- from tensors to modules
+_BLOCK_RE = re.compile(r"^blocks\.group_1\.block_(\d+)\.")
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """("encoder" | "decoder", constructor arguments) read off the shapes of an OpenAI-style state dict."""
+    try:
+        w_in, w_out = state_dict["blocks.input.w"], state_dict["blocks.output.conv.w"]
+    except KeyError as exc:
+        raise ModelLoadError(
+            f"not a dVAE state dict: missing {exc.args[0]!r} (keys look like {sorted(state_dict)[:3]})"
+        ) from None
+    if w_in.dim() != 4 or w_out.dim() != 4:
+        raise ModelLoadError("not a dVAE state dict: blocks.input.w / blocks.output.conv.w are not 4-d")
+    n_blk = len({m.group(1) for k in state_dict if (m := _BLOCK_RE.match(k))})
+    if n_blk == 0:
+        raise ModelLoadError("not a dVAE state dict: no blocks.group_1.block_* entries")
+    if w_in.shape[-1] == 7:
+        return "encoder", {
+            "n_hid": int(w_in.shape[0]),
+            "n_blk_per_group": n_blk,
+            "input_channels": int(w_in.shape[1]),
+            "vocab_size": int(w_out.shape[0]),
+        }
+    if w_in.shape[-1] == 1:
+        return "decoder", {
+            "n_init": int(w_in.shape[0]),
+            "n_hid": int(w_out.shape[1]),
+            "n_blk_per_group": n_blk,
+            "output_channels": int(w_out.shape[0]) // 2,
+            "vocab_size": int(w_in.shape[1]),
+        }
+    raise ModelLoadError(
+        f"not a dVAE state dict: blocks.input.w has kernel size {w_in.shape[-1]} (expected 7 or 1)"
+    )
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    kind: str | None = None,
+    config: dict[str, Any] | None = None,
+    source: str = "state dict",
+) -> Encoder | Decoder:
+    """Build an Encoder or Decoder (float32, CPU) holding ``state_dict``; strict key and shape checks."""
+    inferred_kind, inferred = infer_config(state_dict)
+    if kind is not None and kind != inferred_kind:
+        raise ModelLoadError(
+            f"{source}: says it holds an {kind} but its tensors are those of an {inferred_kind}"
+        )
+    cfg = dict(inferred)
+    if config:
+        cfg.update(config)
+    cls = Encoder if inferred_kind == "encoder" else Decoder
+    try:
+        # Build on the meta device and assign the loaded tensors: no time spent on a throwaway random init.
+        model = cls(**cfg, device="meta")
+        tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items()}
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{source}: weights do not fit a dVAE {inferred_kind} with config {cfg}: {exc}"
+        ) from None
+    return model
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device {device!r}: {exc}") from None
+
+
+def load_model(
+    path_or_url: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    *,
+    sha256: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    requires_grad: bool = False,
+    progress: bool | None = None,
+) -> Encoder | Decoder:
+    """Load a dVAE encoder or decoder from a file or URL, safely (no code from the file is executed).
+
+    Args:
+        path_or_url: OpenAI's ``encoder.pkl`` / ``decoder.pkl`` (legacy or zip torch format), a state-dict
+            file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, or an ``http(s)://`` URL of
+            any of these (downloaded once into :func:`cache_dir`).
+        device: where to put the model; None means CPU, "auto" means CUDA when available.
+        sha256: expected SHA-256 hex digest of the file; checked for local files and downloads.
+        dtype: CUDA compute dtype (float32, float16 = OpenAI's behaviour, bfloat16; None = default policy).
+        requires_grad: leave the parameters trainable (default: frozen, for inference).
+        progress: show a download progress bar (None: only on a terminal).
+
+    Returns:
+        An :class:`~dalle.dvae.Encoder` or :class:`~dalle.dvae.Decoder` in eval mode.
+
+    Raises:
+        UnsafePickleError: the pickle names a global outside the allow-list (nothing was executed).
+        ModelLoadError: the file is missing, truncated, corrupt or not a dVAE.
+        DownloadError: the download failed or network access is disabled.
+    """
+    text = os.fspath(path_or_url)
+    if text.startswith(("http://", "https://")):
+        path = download(text, sha256=sha256, progress=progress)
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file (expected a dVAE weight file or an http(s) URL)")
+        if sha256 is not None:
+            actual = sha256_file(path)
+            if actual != sha256.lower():
+                raise ModelLoadError(
+                    f"{path}: SHA-256 is {actual}, expected {sha256.lower()}; the file differs"
+                )
+    tensors, meta = load_state_dict(path)
+    kind = meta.get("kind") if meta else None
+    config = meta.get("config") if meta else None
+    model = model_from_state_dict(tensors, kind, config, source=str(path))
+    if dtype is not None:
+        model.set_dtype(dtype)
+    model = model.to(_resolve_device(device))
+    model.requires_grad_(requires_grad)
+    return model.eval()
+
+
+def save_model(module: Encoder | Decoder, path: str | os.PathLike[str]) -> Path:
+    """Write ``module`` as ``<path>.safetensors`` plus ``<path>.json`` (its kind and config) beside it.
+
+    ``path`` may already end in ``.safetensors``. The config is also stored in the safetensors metadata, so
+    the weights file alone is enough for :func:`load_model`. Returns the safetensors path.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(module, Encoder | Decoder):
+        raise ModelLoadError(f"save_model expects a dalle Encoder or Decoder, got {type(module).__name__}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": "encoder" if isinstance(module, Encoder) else "decoder", "config": module.config()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"dalle_config": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- download & cache
+def cache_dir() -> Path:
+    """Where downloads are cached: ``$DALLE_CACHE``, else ``$XDG_CACHE_HOME/dalle``, else ``~/.cache/dalle``."""
+    if os.environ.get("DALLE_CACHE"):
+        return Path(os.environ["DALLE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "dalle"
+    return Path.home() / ".cache" / "dalle"
+
+
+def _offline() -> bool:
+    return os.environ.get("DALLE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_path(url: str) -> Path:
+    name = unquote(Path(urlparse(url).path).name) or "download"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:]
+    tag = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return cache_dir() / "downloads" / f"{tag}-{name}"
+
+
+def download(
+    url: str, sha256: str | None = None, *, progress: bool | None = None, timeout: float = 60.0
+) -> Path:
+    """Download ``url`` into the cache (once) and return the local path.
+
+    The body is streamed into a temporary file in the cache folder and renamed into place only when it is
+    complete and (if ``sha256`` is given) its digest matches, so an interrupted or bad download never
+    leaves a file that a later call would trust. A cached file is returned without network access; with
+    ``DALLE_OFFLINE=1`` a missing file raises :class:`~dalle.errors.DownloadError` instead of downloading.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise DownloadError(f"not an http(s) URL: {url!r}")
+    expected = sha256.lower() if sha256 else None
+    target = _cache_path(url)
+    if target.is_file():
+        if expected is None or sha256_file(target) == expected:
+            return target
+        if _offline():
+            raise DownloadError(
+                f"cached {target} does not match the expected SHA-256 and DALLE_OFFLINE is set; "
+                "unset DALLE_OFFLINE to download it again"
+            )
+        target.unlink(missing_ok=True)  # stale or corrupt: fetch a fresh copy
+    if _offline():
+        raise DownloadError(
+            f"{url} is not in the cache ({target}) and DALLE_OFFLINE is set; unset DALLE_OFFLINE or put the "
+            "file there"
+        )
+    import requests
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _stream(url, out, timeout, progress, requests)
+        if expected is not None and digest != expected:
+            raise DownloadError(
+                f"{url}: SHA-256 is {digest}, expected {expected}; the download was discarded"
+            )
+        os.replace(tmp, target)
+    except requests.RequestException as exc:
+        raise DownloadError(f"could not download {url}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _stream(url: str, out: IO[bytes], timeout: float, progress: bool | None, requests: Any) -> str:
+    h = hashlib.sha256()
+    with requests.get(url, stream=True, timeout=timeout) as resp:
+        if resp.status_code >= 400:
+            raise DownloadError(f"could not download {url}: HTTP {resp.status_code} {resp.reason}")
+        total = resp.headers.get("Content-Length")
+        expected_len = (
+            int(total) if total and total.isdigit() and not resp.headers.get("Content-Encoding") else None
+        )
+        got = 0
+        for chunk in _progress(resp.iter_content(chunk_size=1 << 20), expected_len, url, progress):
+            out.write(chunk)
+            h.update(chunk)
+            got += len(chunk)
+        if expected_len is not None and got != expected_len:
+            raise DownloadError(
+                f"could not download {url}: got {got} of {expected_len} bytes (connection lost)"
+            )
+    return h.hexdigest()
+
+
+def _progress(chunks: Iterator[bytes], total: int | None, url: str, enabled: bool | None) -> Iterator[bytes]:
+    if enabled is False:
+        yield from chunks
+        return
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=Path(urlparse(url).path).name,
+        disable=None if enabled is None else False,
+    ) as bar:
+        for chunk in chunks:
+            bar.update(len(chunk))
+            yield chunk
