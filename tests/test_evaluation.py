@@ -235,3 +235,22 @@ def test_cli_defaults_match_the_library():
 
     assert cli_eval.DEFAULT_PROMPTS_PER_SET == ev.DEFAULT_PROMPTS_PER_SET
     assert cli_eval.DEFAULT_IMAGES_PER_PROMPT == ev.DEFAULT_IMAGES_PER_PROMPT
+
+
+@pytest.mark.filterwarnings("ignore")  # the tiny model's text_len may truncate prompts
+def test_runs_on_a_real_tiny_pipeline(tmp_path):
+    """Interface check against dalle.pipeline.DALLE (random weights, so accuracy is not asserted)."""
+    tiny = pytest.importorskip("tests.test_pipeline")
+    model = tiny.build_tiny()
+    res = evaluate(
+        model,
+        prompts_per_set=1,
+        images_per_prompt=2,
+        psnr_images=2,
+        out_dir=tmp_path,
+        sets=["one_object_seen"],
+    )
+    r = res["sets"]["one_object_seen"]
+    assert r["total"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert res["settings"]["image_size"] == 32 and res["reconstruction"]["images"] == 2
+    assert (tmp_path / "examples.png").is_file()
