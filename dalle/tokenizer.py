@@ -55,7 +55,7 @@ _MAX_CODEPOINT = 0x10FFFF
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # A youtokentome model file holds only ASCII decimal integers separated by whitespace.
 _MODEL_BYTES = frozenset(b"0123456789- \t\n\r\x0b\x0c")
-_MODEL_HEADER = re.compile(rb"\s*\d+[ \t]+\d+[ \t]*\r?\n")
+_MODEL_HEADER = re.compile(rb"\s*\d+\s+\d+\s")
 
 
 class TruncationWarning(UserWarning):
@@ -161,7 +161,7 @@ def _validate_model(data: bytes, source: str) -> _ModelInfo:
     if not data.strip():
         raise bad("the file is empty")
     if not _MODEL_HEADER.match(data):
-        raise bad("the first line is not two counts")
+        raise bad("it does not start with the two counts of characters and merges")
     if not _MODEL_BYTES.issuperset(set(data)):
         raise bad("it holds something other than whitespace-separated integers")
     try:

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--coverage", type=float, default=1.0, help="fraction of characters to keep (default 1)")
     t.add_argument("--strict", action="store_true",
                    help="fail, instead of warning, when the text supports fewer tokens than --vocab-size")
-    t.add_argument("--verbose", action="store_true", help="show youtokentome's training log")
+    t.add_argument("--fast", action="store_true",
+                   help="use youtokentome's multi-threaded trainer: faster on large corpora, not reproducible")
+    t.add_argument("--verbose", action="store_true", help="show youtokentome's training log (with --fast)")
     t.set_defaults(func=run)
 
     e = actions.add_parser("encode", help="print the token ids of captions (one line each)")
@@ -64,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tok = BPETokenizer.train(source, vocab_size=args.vocab_size, coverage=args.coverage,
-                                 strict=args.strict, verbose=args.verbose)
+                                 strict=args.strict, deterministic=not args.fast, verbose=args.verbose)
     _print_warnings(caught)
     path = tok.save(args.output)
     print(f"wrote {path}: vocab_size={tok.vocab_size} (pad 0, unk 1, bos 2, eos 3)")
