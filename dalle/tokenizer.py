@@ -10,12 +10,16 @@ Rules (the same in training and encoding, so a caption is always cut up the way 
 * **Normalisation** (:func:`normalize`): Unicode NFKC, then lowercase (repeated until stable, so the result
   is a fixed point), U+2581 "▁" (youtokentome's word marker) becomes a space, lone surrogates become U+FFFD,
   every run of whitespace becomes one space, and leading/trailing whitespace is dropped.
-* **Words**: youtokentome splits on spaces and learns merges inside words; a word's first piece carries the
-  "▁" marker. (The paper's tokenizer also split letters from digits and punctuation; youtokentome does not.)
+* **Words**: text is split on spaces and merges are learned and applied inside words; a word's first piece
+  carries the "▁" marker. (The paper's tokenizer also kept digits and punctuation from merging with letters;
+  this one does not.) Training uses dalle's own deterministic BPE learner by default (youtokentome's trainer
+  breaks ties by thread timing); the model file is youtokentome's format and encoding runs in youtokentome.
 * **Unknown characters**: characters that were not in the training text have no id. Each maximal run of such
   characters inside a word becomes a single ``unk_id`` (1); :meth:`BPETokenizer.decode` shows it as ``<UNK>``.
 * **Special ids**: ``pad_id`` 0, ``unk_id`` 1, ``bos_id`` 2, ``eos_id`` 3 (youtokentome's layout). BOS and EOS
   exist in the vocabulary but :meth:`BPETokenizer.encode` never emits them.
+* **BPE dropout** only when ``encode(..., dropout=p)`` asks for it (training); its random draws come from
+  youtokentome's own generator, which torch seeds do not control.
 
 The youtokentome package is imported only when a tokenizer is trained or loaded, so ``import dalle`` works
 without it.
@@ -284,6 +288,9 @@ class BPETokenizer:
         """
         if not isinstance(model, (bytes, bytearray)):
             raise TypeError(f"BPETokenizer() expects the model file's bytes, got {type(model).__name__}")
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not (n_threads == -1 or n_threads >= 1):
+            # youtokentome silently returns empty encodings for 0 threads
+            raise TokenizerError(f"n_threads must be -1 (every core) or a positive int, got {n_threads!r}")
         model = bytes(model)
         self._info = _validate_model(model, source)
         self._model = model

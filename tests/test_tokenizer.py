@@ -208,6 +208,7 @@ def test_round_trip_property(tok: BPETokenizer, text: str) -> None:
     ids = tok.encode(text, text_len=256)
     assert tok.unk_id not in ids
     assert tok.decode(ids[0]) == normalize(text)
+    assert tok.decode(tok.encode(text, text_len=256, dropout=0.3)[0]) == normalize(text)
 
 
 def test_decode_forms(tok: BPETokenizer) -> None:
@@ -278,6 +279,8 @@ def test_dropout_changes_segmentation_only_when_asked(tok: BPETokenizer, caption
     assert tok.decode(drawn[0]) == tok.decode(plain)
     # and it never leaks into later plain calls
     assert torch.equal(tok.encode(captions[:50], text_len=64), plain)
+    chars = tok.encode_ids("a red circle", dropout=1.0)[0]  # every merge dropped: one id per character
+    assert [tok.id_to_token(i) for i in chars] == ["▁", "a", "▁", "r", "e", "d", "▁", "c", "i", "r", "c", "l", "e"]
     with pytest.raises(TokenizerError, match="dropout"):
         tok.encode("a red circle", dropout=1.5)
 
@@ -346,6 +349,15 @@ def test_save_load_round_trip(tok: BPETokenizer, captions: list[str], tmp_path: 
     assert torch.equal(loaded.encode(captions, text_len=80), tok.encode(captions, text_len=80))
     assert loaded.vocab() == tok.vocab()
     assert not [p for p in path.parent.iterdir() if p.name != "tok.model"]  # no temporary left behind
+
+
+def test_thread_counts(tok: BPETokenizer, captions: list[str]) -> None:
+    expected = tok.encode(captions)
+    for n in (1, 2):
+        assert torch.equal(BPETokenizer.from_bytes(tok.to_bytes(), n_threads=n).encode(captions), expected)
+    for bad in (0, -2):
+        with pytest.raises(TokenizerError, match="n_threads"):
+            BPETokenizer.from_bytes(tok.to_bytes(), n_threads=bad)
 
 
 def test_pickle_and_bytes_round_trip(tok: BPETokenizer, captions: list[str]) -> None:
