@@ -54,6 +54,13 @@ the offset on the other axis at most half the main offset.
 appear in a training caption or image (:func:`sample`, :func:`stream`, :func:`captions`); :func:`render` draws
 them for evaluation.
 
+**Training stream.** :func:`sample` ``(index, seed, size) -> (image, caption)`` is a pure function of its
+arguments (random access, so any position can be resumed); :func:`stream` iterates it for one shard of
+``world_size`` ranks. Half the scenes have two objects with a relation; a one-object caption states the size
+and the position each with probability 1/2; 70% of captions use the plain template. Randomness comes from
+Python's ``random.Random(...).random()`` seeded by a hash of ``(seed, index)``, which Python keeps stable across
+versions and platforms. :data:`EVAL_SETS` holds the fixed evaluation prompts (plain template only).
+
 **Checker.** :func:`parse` finds the objects of an image in five steps (thresholds are the constants below):
 
 1. each pixel takes its nearest reference colour (the six colours and white) by RGB distance; the non-white
