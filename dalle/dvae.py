@@ -155,7 +155,8 @@ class Conv2d(nn.Module):
         self.padding = (kw - 1) // 2
         self.cuda_dtype: torch.dtype = torch.float32
         w = torch.empty((n_out, n_in, kw, kw), dtype=torch.float32, device=device)
-        w.normal_(std=1 / math.sqrt(n_in * kw**2))
+        if w.device.type != "meta":  # meta tensors (load_model builds on meta) need no init; it is slow there
+            w.normal_(std=1 / math.sqrt(n_in * kw**2))
         b = torch.zeros((n_out,), dtype=torch.float32, device=device)
         # Ordinary trainable parameters, as in OpenAI's code (where requires_grad has no effect either).
         self.w, self.b = nn.Parameter(w), nn.Parameter(b)

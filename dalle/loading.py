@@ -47,6 +47,7 @@ __all__ = [
     "cache_dir",
     "download",
     "sha256_file",
+    "resolve_device",
     "OPENAI_ENCODER_URL",
     "OPENAI_DECODER_URL",
 ]
@@ -640,7 +641,8 @@ def model_from_state_dict(
     return model
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A torch.device from None (CPU), "auto" (CUDA when available, else CPU) or any torch device spec."""
     if device is None:
         return torch.device("cpu")
     if isinstance(device, str) and device == "auto":
@@ -699,7 +701,7 @@ def load_model(
     model = model_from_state_dict(tensors, kind, config, source=str(path))
     if dtype is not None:
         model.set_dtype(dtype)
-    model = model.to(_resolve_device(device))
+    model = model.to(resolve_device(device))
     model.requires_grad_(requires_grad)
     return model.eval()
 
