@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -52,7 +53,7 @@ def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     (single,) = list(again.glob("*.png"))
     with Image.open(single) as a, Image.open(files[2]) as b:
-        assert list(a.getdata()) == list(b.getdata())
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,17 +28,23 @@ def build_tiny(trained_with_caption_dropout: bool = False, seed: int = 0) -> DAL
     from dalle.transformer import DALLETransformer, TransformerConfig
 
     torch.manual_seed(seed)
-    tok = BPETokenizer.train(CAPTIONS * 4, vocab_size=40)
+    tok = BPETokenizer.train(CAPTIONS * 4, vocab_size=80)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=32)
     dec = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32)
     cfg = TransformerConfig.preset(
-        "tiny", text_vocab_size=tok.vocab_size, text_len=8, image_vocab_size=32, image_grid=4
+        "tiny", text_vocab_size=tok.vocab_size, text_len=24, image_vocab_size=32, image_grid=4
     )
+    transformer = DALLETransformer(cfg)
+    # The output heads start at zero (uniform predictions); randomise them so that samples depend on the
+    # caption and on the seed, as they do for a trained model.
+    with torch.no_grad():
+        for head in (transformer.text_head, transformer.image_head):
+            head.weight.normal_(0.0, 0.5)
     return DALLE(
         tok,
         enc,
         dec,
-        DALLETransformer(cfg),
+        transformer,
         image_size=32,
         name="tiny-test",
         trained_with_caption_dropout=trained_with_caption_dropout,
@@ -121,7 +128,7 @@ def test_guidance_on_and_off():
 
 def test_rerank_keeps_the_best_by_score(pipe):
     def brightness(prompt, images):
-        return torch.tensor([float(torch.tensor(list(im.convert("L").getdata())).float().mean()) for im in images])
+        return torch.tensor([float(np.asarray(im.convert("L"), dtype=np.float64).mean()) for im in images])
 
     candidates = pipe.generate("a red circle", num_images=6, seed=2, progress=False, return_tokens=True)
     scores = brightness("a red circle", candidates.images)
