@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import io
 import json
@@ -178,9 +179,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): OrderedDict,
         ("builtins", "set"): set,
-        ("__builtin__", "set"): set,
         ("builtins", "frozenset"): frozenset,
-        ("__builtin__", "frozenset"): frozenset,
         ("torch", "device"): _device,
         ("torch", "Size"): tuple,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -222,6 +221,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages = storages
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles use Python 2 module names (``__builtin__``); report and match Python 3 names.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return _ALLOWED[(module, name)]
         except KeyError:

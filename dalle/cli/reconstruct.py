@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         encoder, decoder = enc.to(device).eval(), dec.to(device).eval()
         size, weights = args.size or model_size, f"model {name} ({path})"
     if not isinstance(encoder, Encoder) or not isinstance(decoder, Decoder):
-        raise UsageError(
+        raise ModelLoadError(
             f"--encoder must hold an encoder and --decoder a decoder (got {type(encoder).__name__} and "
             f"{type(decoder).__name__})"
         )
