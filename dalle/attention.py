@@ -98,16 +98,16 @@ class DecodeTable:
     to (padded to a fixed width with slot 0), ``valid[p]`` marks the real entries. Rows come straight from
     the dense mask, so decoding attends to exactly the same keys as the full forward pass."""
 
-    index: torch.Tensor  # long [L, K]
+    index: torch.Tensor  # long [L, K] ([1, L] arange when dense)
     valid: torch.Tensor  # bool [L, K]
-    dense: bool  # True when K == L and the table is the dense mask itself (``index`` is arange)
+    dense: bool  # True when K == L and ``valid`` is the dense mask itself
 
 
 def _decode_table(mask: torch.Tensor) -> DecodeTable:
     length = mask.shape[0]
     width = int(mask.sum(1).max())
     if width * 4 >= length * 3:  # a gather would copy almost the whole cache: use the dense row instead
-        index = torch.arange(length).expand(length, length).contiguous()
+        index = torch.arange(length).unsqueeze(0)  # unused by attend_one; kept for inspection
         return DecodeTable(index=index, valid=mask.clone(), dense=True)
     # a stable sort puts each row's attended key slots first, in increasing order
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
@@ -253,12 +253,13 @@ def attend(
     """Masked self-attention over the first ``q.shape[-2]`` slots; q, k, v are [B, H, P, Dh].
 
     ``backend``: ``sdpa`` (precomputed additive mask, works everywhere), ``flex`` (FlexAttention block mask;
-    no dropout) or ``auto`` (see :func:`_choose`).
+    no dropout) or ``auto`` (see :func:`_choose`; full-length passes without dropout only, SDPA otherwise).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "sdpa" if dropout_p > 0 else _choose(q, k, v, masks, attn_type)
+        # FlexAttention only for full-length passes (training): prefills of varying length would each compile
+        backend = "sdpa" if dropout_p > 0 or q.shape[-2] != masks.length else _choose(q, k, v, masks, attn_type)
     if backend == "flex" and dropout_p == 0.0:
         return _flex(q, k, v, masks, attn_type)
     return _sdpa(q, k, v, masks, attn_type, dropout_p)
@@ -282,17 +283,22 @@ def attend_one(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(1, 1, 1, -1))
 
 
-class KVCache:
-    """Static key/value cache for all layers: two preallocated tensors [depth, B, H, L, Dh], written in place
-    so that compiled / CUDA-graph-captured decode steps always see the same storage."""
+class KVCache(torch.nn.Module):
+    """Static key/value cache for all layers: two preallocated buffers [depth, B, H, L, Dh], written in place
+    so that compiled / CUDA-graph-captured decode steps always see the same storage. The buffers are
+    non-persistent: they follow ``model.to(...)`` but never enter a state dict."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
     def __init__(
         self, depth: int, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype
     ) -> None:
+        super().__init__()
         shape = (depth, batch, heads, length, head_dim)
         with torch.inference_mode(False):  # normal tensors accept in-place writes inside and outside inference mode
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     @property
     def batch(self) -> int:

@@ -438,6 +438,10 @@ class DALLETransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------- decoding
 
+    def reset_cache(self) -> None:
+        """Free the KV cache (it is reallocated by the next :meth:`prefill`)."""
+        self.cache = None
+
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """Allocate (or reuse) the static KV cache for ``batch_size`` streams on the model's device."""
         c = self.config
@@ -446,6 +450,8 @@ class DALLETransformer(nn.Module):
             dtype = torch.bfloat16 if device.type == "cuda" and c.cuda_autocast else self.text_emb.weight.dtype
         if self.cache is None or not self.cache.matches(batch_size, device, dtype):
             self.cache = KVCache(c.depth, batch_size, c.heads, c.seq_len, c.head_dim, device, dtype)
+        for attn_type in set(c.layer_types):  # build decode tables eagerly, never inside a compiled step
+            self.masks.decode_table(attn_type, device)
         return self.cache
 
     @torch.no_grad()

@@ -347,3 +347,21 @@ def test_cuda_fp32_cached_decoding_equals_forward() -> None:
     for j in range(6, G * G):
         logits = model.decode_step(image[:, j - 1], torch.tensor(T + j, device="cuda"))
         assert (logits - full[:, j]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_decode_step_compiles_to_one_graph() -> None:
+    """decode_step traces with fullgraph=True into a single graph reused for every position (about 40 s)."""
+    import torch._dynamo
+
+    model = randomised(TransformerConfig.preset("tiny"))
+    text, image = batch(2)
+    _, full = model(text, image)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    model.prefill(text, image[:, :3])
+    for j in range(4, G * G):
+        logits = step(image[:, j - 1], torch.tensor(T + j))
+        assert (logits - full[:, j]).abs().max() < 1e-4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
