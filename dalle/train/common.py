@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -438,7 +439,7 @@ class CheckpointManager:
                     weights[name[: -len(".safetensors")]] = load_file(str(path / name))
             # weights_only=False: the state holds RNG tuples and NumPy state written by this very code
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        except (OSError, KeyError, ValueError, SafetensorError, RuntimeError, EOFError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable or incomplete ({type(exc).__name__}: {exc}); "
                 "delete it to resume from the one before"
@@ -1028,13 +1029,21 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                     self._maybe_write_outputs(last)
                     stopping = self._stop_requested(stop)
-                    if (lp.ckpt_every and self.step % lp.ckpt_every == 0) or last or stopping:
+                    # no periodic checkpoint inside a run of non-finite steps: the last good one stays newest
+                    periodic = lp.ckpt_every and self.step % lp.ckpt_every == 0 and not self.nonfinite_run
+                    if periodic or last or stopping:
                         path = self.save_checkpoint()
                         if stopping:
                             raise TrainingInterrupted(self.step, path, stop.signum or signal.SIGTERM)
         finally:
             if bar is not None:
                 bar.close()
+        if os.environ.get("DALLE_TRAIN_RANK_DIGEST"):  # a test hook: every rank records what it holds
+            digest = hashlib.sha256()
+            for key, value in sorted(full_state_dict(self.model).items()):
+                digest.update(key.encode())
+                digest.update(value.float().numpy().tobytes())
+            (self.out / f"rank-{self.info.rank}.sha256").write_text(digest.hexdigest() + "\n")
         return self.finish()
 
     def _account_skipped(self, batch: Any) -> None:

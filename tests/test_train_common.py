@@ -1,0 +1,225 @@
+"""Training infrastructure: schedules, the paper's dVAE loss terms, EMA, atomic checkpoints, metrics, config."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dalle.errors import CheckpointError, ConfigError
+from dalle.train.common import (
+    EMA,
+    CheckpointManager,
+    MetricsLogger,
+    cosine_schedule,
+    derive_seed,
+    read_metrics,
+    warmup_lr,
+)
+from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
+from dalle.train.dvae import gumbel_noise, kl_to_uniform, logit_laplace_nll, schedules
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_cosine_schedule_formula() -> None:
+    for step in (0, 1, 37, 99, 100, 500):
+        expected = 2.0 + (8.0 - 2.0) * 0.5 * (1 + math.cos(math.pi * min(step, 100) / 100))
+        assert cosine_schedule(step, 100, 8.0, 2.0) == pytest.approx(expected)
+    assert cosine_schedule(50, 100, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_schedule(10, 0, 1.0, 0.25) == 0.25  # zero-length schedule: already at the end
+
+
+def test_dvae_schedules_follow_the_paper_scaled_to_the_run() -> None:
+    cfg = DVAETrainConfig(steps=3_000_000)
+    n = cfg.resolved_steps()
+    assert n == {"kl_steps": 5_000, "tau_steps": 150_000, "lr_steps": 1_200_000}
+    s0, mid, end = schedules(0, cfg), schedules(2_500, cfg), schedules(2_000_000, cfg)
+    assert (s0["beta"], s0["tau"], s0["lr"]) == (0.0, 1.0, 1e-4)
+    assert mid["beta"] == pytest.approx(6.6 / 2)  # half-way through the beta warm-up
+    assert schedules(75_000, cfg)["tau"] == pytest.approx((1 + 1 / 16) / 2)
+    assert (end["beta"], end["tau"], end["lr"]) == (6.6, 1 / 16, 1.25e-6)
+    short = DVAETrainConfig(steps=3000, kl_steps=100)
+    assert short.resolved_steps() == {"kl_steps": 100, "tau_steps": 150, "lr_steps": 1200}
+    b = schedules(30, short)["beta"]
+    assert b == pytest.approx(6.6 * 0.5 * (1 - math.cos(math.pi * 30 / 100)))
+
+
+def test_transformer_lr_warmup_and_decay() -> None:
+    assert warmup_lr(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert warmup_lr(9, 1.0, 10, 100, 0.0) == pytest.approx(1.0)
+    assert warmup_lr(55, 1.0, 10, 100, 0.0) == pytest.approx(0.5)
+    assert warmup_lr(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_lr(55, 1.0, 10, 100, 0.0, "linear") == pytest.approx(0.5)
+    assert warmup_lr(80, 1.0, 10, 100, 0.0, "constant") == 1.0
+    r = TransformerTrainConfig(steps=430_000).resolved()
+    assert r == {"warmup_steps": 5000, "lr_end": pytest.approx(4.5e-4 / 32)}
+    with pytest.raises(ConfigError):
+        warmup_lr(50, 1.0, 10, 100, 0.0, "step")
+
+
+# ---------------------------------------------------------------------------------------------- loss terms
+def test_kl_to_uniform_matches_the_definition() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 3, 3)
+    q = logits.softmax(1)
+    expected = (q * (q.log() - math.log(1 / 16))).sum(dim=(1, 2, 3))
+    assert torch.allclose(kl_to_uniform(logits), expected, atol=1e-5)
+    assert torch.allclose(kl_to_uniform(torch.zeros(1, 16, 2, 2)), torch.zeros(1), atol=1e-6)  # uniform q
+    peaked = torch.full((1, 16, 1, 1), -1e4)
+    peaked[0, 3] = 0
+    assert kl_to_uniform(peaked).item() == pytest.approx(math.log(16), rel=1e-4)  # one-hot: log K
+
+
+def test_logit_laplace_nll_is_the_papers_density() -> None:
+    x = torch.tensor([0.1, 0.3, 0.5, 0.9]).view(1, 1, 2, 2)
+    mu = torch.tensor([0.0, -1.0, 0.5, 2.0]).view(1, 1, 2, 2)
+    ln_b = torch.tensor([0.0, -0.5, 0.3, -1.0]).view(1, 1, 2, 2)
+    nll = logit_laplace_nll(x, torch.cat([mu, ln_b], 1))
+    b = ln_b.exp()
+    density = 1 / (2 * b * x * (1 - x)) * torch.exp(-(torch.logit(x) - mu).abs() / b)
+    assert torch.allclose(nll, -density.log(), atol=1e-5)
+    # it integrates to 1 over (0, 1): check numerically for one (mu, b)
+    xs = torch.linspace(1e-4, 1 - 1e-4, 200_001).view(1, 1, 1, -1)
+    stats = torch.cat([torch.full_like(xs, 0.7), torch.full_like(xs, -0.2)], 1)
+    integral = torch.trapezoid((-logit_laplace_nll(xs, stats)).exp().flatten(), xs.flatten())
+    assert integral.item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_gumbel_noise_is_per_sample_and_gumbel_distributed() -> None:
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 1)]
+    noise = gumbel_noise((1000,), gens, torch.device("cpu"))
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
+    big = gumbel_noise((200_000,), [torch.Generator().manual_seed(0)], torch.device("cpu"))
+    assert big.mean().item() == pytest.approx(0.5772, abs=0.02)  # Euler-Mascheroni constant
+    assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+def test_ema_tracks_parameters_with_warmed_up_decay() -> None:
+    lin = torch.nn.Linear(2, 2)
+    ema = EMA(lin, decay=0.5)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    before = ema.shadow["weight"].clone()
+    d = ema.current_decay()  # min(0.5, 1/10)
+    assert d == pytest.approx(0.1)
+    ema.update(lin, 1)
+    assert torch.allclose(ema.shadow["weight"], d * before + (1 - d) * 1.0)
+    ema2 = EMA(lin, decay=0.9, every=3)
+    ema2.update(lin, 1)
+    assert ema2.updates == 0
+    ema2.update(lin, 3)
+    assert ema2.updates == 1
+    with pytest.raises(ConfigError):
+        EMA(lin, decay=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _weights(v: float) -> dict[str, dict[str, torch.Tensor]]:
+    w = torch.full((3, 2), v)
+    return {"model": {"a": w, "tied": w}, "ema": {"a": torch.full((3, 2), v / 2)}}
+
+
+def test_checkpoints_round_trip_and_keep_last_k(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path / "ck", keep=2)
+    assert mgr.latest() is None
+    for step in (1, 2, 3):
+        mgr.save(step, _weights(float(step)), {"step": step, "rng": torch.get_rng_state()})
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["step-00000002", "step-00000003"]
+    step, weights, state = CheckpointManager.load(mgr.latest())
+    assert step == 3 and state["step"] == 3
+    assert torch.equal(weights["model"]["tied"], torch.full((3, 2), 3.0))
+    assert torch.equal(weights["ema"]["a"], torch.full((3, 2), 1.5))
+
+
+def test_failed_disk_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch) -> None:
+    mgr = CheckpointManager(tmp_path / "ck", keep=3)
+    good = mgr.save(4, _weights(4.0), {"step": 4})
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:  # half a file, then the disk is full
+            fh.write(b"PK\x03\x04partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointError, match=r"step 8.*No space left.*step-00000004 is intact"):
+        mgr.save(8, _weights(8.0), {"step": 8})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert mgr.latest() == good
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000004"]  # no temp leftovers
+    step, weights, _ = CheckpointManager.load(good)
+    assert step == 4 and torch.equal(weights["model"]["a"], torch.full((3, 2), 4.0))
+
+
+def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path / "ck")
+    mgr.save(2, _weights(2.0), {"step": 2})
+    (tmp_path / "ck" / "step-00000004.tmp-123").mkdir()  # a writer killed mid-way
+    (tmp_path / "ck" / "step-00000006").mkdir()  # no meta.json: never completed
+    assert mgr.latest().name == "step-00000002"
+    mgr.clean_stale()
+    assert not (tmp_path / "ck" / "step-00000004.tmp-123").exists()
+    (tmp_path / "ck" / "step-00000002" / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        CheckpointManager.load(tmp_path / "ck" / "step-00000002")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_metrics_truncate_after_resume_point(tmp_path) -> None:
+    log = MetricsLogger(tmp_path / "m.jsonl")
+    for s in range(1, 6):
+        log.log({"kind": "train", "step": s, "loss": 1.0 / s})
+    with open(tmp_path / "m.jsonl", "a") as fh:
+        fh.write('{"step": 6, "lo')  # cut short by a crash
+    log.truncate_after(3)
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3]
+
+
+def test_loss_curve_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from dalle.train.common import plot_loss_curve
+
+    log = MetricsLogger(tmp_path / "m.jsonl")
+    for s in range(1, 20):
+        log.log({"kind": "train", "step": s, "loss": 1.0 / s})
+    log.log({"kind": "eval", "step": 19, "psnr": 20.0})
+    out = plot_loss_curve(tmp_path / "m.jsonl", tmp_path / "loss.png")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------- CLI config
+def test_config_file_and_flags(tmp_path) -> None:
+    from dalle.cli import build_parser
+    from dalle.cli.train import build_config
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[dvae]\nsteps = 7\nlr = 0.01\nout = "somewhere"\n\n[train]\nsteps = 99\n')
+    args = build_parser().parse_args(["train-dvae", "--config", str(cfg_file), "--lr", "0.5", "--no-augment"])
+    cfg = build_config(DVAETrainConfig, args, "train-dvae")
+    assert (cfg.steps, cfg.lr, cfg.augment, cfg.out_dir) == (7, 0.5, False, "somewhere")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--sample-prompts", "a b", "c"])
+    cfg = build_config(TransformerTrainConfig, args, "train")
+    assert cfg.steps == 99 and cfg.sample_prompts == ["a b", "c"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stepz": 3}))
+    args = build_parser().parse_args(["train-dvae", "--config", str(bad)])
+    with pytest.raises(ConfigError, match="stepz"):
+        build_config(DVAETrainConfig, args, "train-dvae")
+
+
+def test_invalid_settings_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        DVAETrainConfig(image_size=100).validate()
+    with pytest.raises(ConfigError, match="grad_accum"):
+        DVAETrainConfig(batch_size=2, grad_accum=4).validate()
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        TransformerTrainConfig(caption_dropout=1.5).validate()
+
+
+def test_no_stray_env_hooks() -> None:
+    assert "DALLE_TRAIN_STEP_SLEEP" not in os.environ

@@ -1,0 +1,163 @@
+"""Training data: folders, tar shards, corrupt images, deterministic sharded batches, token shards."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle.data.datasets import (
+    ImageTextFolder,
+    ShapesSource,
+    TarShards,
+    TokenShards,
+    TokenShardWriter,
+    center_crop,
+    dvae_augment,
+    make_batches,
+    open_source,
+    split_batch,
+    to_uint8_tensor,
+    transformer_augment,
+)
+from dalle.errors import ConfigError
+from dalle.train.testing import make_image_folder, make_tar_shards, make_tiny_dvae_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_folder_source_and_corrupt_images_are_skipped_and_named(tmp_path) -> None:
+    root = make_image_folder(tmp_path / "f", n=6, corrupt=(1, 3))
+    (tmp_path / "f" / "no_caption.png").write_bytes((tmp_path / "f" / "img_000.png").read_bytes())
+    with pytest.warns(UserWarning, match="1 images .* no .txt caption"):
+        src = ImageTextFolder(root)
+    assert len(src) == 6
+    img, cap, name = src.get(1)
+    assert img is None and name.endswith("img_001.png") and cap == "caption number 1"
+    batches = _take(make_batches(src, batch_size=4, seed=0, transform=lambda im, r: center_crop(im, 16)), 3)
+    skipped = {s for b in batches for s in b.skipped}
+    assert {s.rsplit("/", 1)[1] for s in skipped} == {"img_001.png", "img_003.png"}
+    for b in batches:
+        assert b.images.shape == (4, 3, 16, 16) and b.images.dtype == torch.uint8
+        assert all(c.startswith("caption number ") for c in b.captions)
+        assert not {"caption number 1", "caption number 3"} & set(b.captions)
+    assert ImageTextFolder(root, require_captions=False).get(0)[1] == "caption number 0"
+
+
+def test_batches_depend_only_on_the_step_and_shard_across_ranks() -> None:
+    src = ShapesSource(seed=3, size=32)
+    one = _take(make_batches(src, batch_size=4, seed=1), 3)
+    resumed = _take(make_batches(src, batch_size=4, seed=1, start_step=2), 1)[0]
+    assert resumed.captions == one[2].captions and torch.equal(resumed.images, one[2].images)
+    r0 = _take(make_batches(src, batch_size=2, rank=0, world_size=2, seed=1), 3)
+    r1 = _take(make_batches(src, batch_size=2, rank=1, world_size=2, seed=1), 3)
+    for s in range(3):
+        assert r0[s].captions + r1[s].captions == one[s].captions
+        assert r0[s].positions + r1[s].positions == one[s].positions
+    parts = split_batch(one[0], 3)
+    assert [len(p) for p in parts] == [1, 2, 1] and sum((p.captions for p in parts), []) == one[0].captions
+
+
+def test_epoch_permutation_covers_every_training_item(tmp_path) -> None:
+    src = ImageTextFolder(make_image_folder(tmp_path / "f", n=10))
+    batches = _take(make_batches(src, batch_size=4, seed=5, exclude_last=2, transform=lambda im, r: center_crop(im, 8)), 4)
+    caps = [c for b in batches for c in b.captions]
+    assert sorted(caps[:8]) == sorted(f"caption number {i}" for i in range(8))  # epoch 1: a permutation
+    assert sorted(caps[8:16]) == sorted(caps[:8]) and caps[8:16] != caps[:8]  # epoch 2: reshuffled
+    workers = _take(make_batches(src, batch_size=4, seed=5, exclude_last=2, num_workers=2,
+                                 transform=lambda im, r: center_crop(im, 8)), 4)
+    assert [c for b in workers for c in b.captions] == caps
+
+
+def test_tar_shards_stream_skip_corrupt_and_resume(tmp_path) -> None:
+    make_tar_shards(tmp_path / "t", n_shards=2, per_shard=4, corrupt=(2,))
+    src = open_source(tmp_path / "t")
+    assert isinstance(src, TarShards) and len(src.files) == 2
+    raw = list(src.iter_raw(src.files))
+    assert [key.rsplit(":", 1)[1] for _, _, key in raw] == [f"sample{k:05d}" for k in range(8)]
+    assert raw[0][1] == "tar caption 0"
+    crop = lambda im, r: center_crop(im, 16)  # noqa: E731
+    batches = _take(make_batches(src, batch_size=4, seed=0, shuffle=False, transform=crop), 4)
+    assert any(s.endswith("sample00002") for b in batches for s in b.skipped)
+    assert all(len(b) == 4 and b.images.shape[1:] == (3, 16, 16) for b in batches)
+    resumed = _take(make_batches(src, batch_size=4, seed=0, start_step=3, transform=crop), 1)[0]
+    assert resumed.captions == batches[3].captions and torch.equal(resumed.images, batches[3].images)
+    ranks = [_take(make_batches(src, batch_size=2, rank=r, world_size=2, seed=0, transform=crop), 2) for r in (0, 1)]
+    caps0 = {c for b in ranks[0] for c in b.captions}
+    caps1 = {c for b in ranks[1] for c in b.captions}
+    assert caps0 and caps1 and not caps0 & caps1  # one shard per rank
+
+
+def test_augmentations_keep_size_and_are_seeded() -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    for fn in (lambda r: dvae_augment(img, 64, r), lambda r: transformer_augment(img, 64, r)):
+        a, b = fn(random.Random(1)), fn(random.Random(1))
+        assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert center_crop(img, 32).size == (32, 32)
+    with pytest.warns(UserWarning, match="upscaled"):
+        import dalle.data.datasets as ds
+
+        ds._upscale_warned = False
+        assert center_crop(img.resize((20, 20)), 32).size == (32, 32)
+
+
+def test_open_source_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot use"):
+        open_source(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        open_source(tmp_path / "empty")
+
+
+def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
+    from dalle.cli import main
+    from dalle.train.common import load_dvae
+    from dalle.train.config import TransformerTrainConfig
+    from dalle.train.transformer import TransformerTrainer, encode_images
+
+    dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
+    make_image_folder(tmp_path / "imgs", n=7, corrupt=(4,))
+    out = tmp_path / "tokens"
+    rc = main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--dvae", str(dvae), "--out", str(out),
+               "--batch-size", "3", "--shard-size", "4", "--no-progress"])
+    assert rc == 0
+    shards = TokenShards(out)
+    assert len(shards) == 6 and len(shards.meta["shards"]) == 2 and shards.meta["skipped_images"] == 1
+    assert shards.tokens[0].dtype == np.uint16
+    encoder, _, _ = load_dvae(dvae)
+    by_caption = {}
+    for i in range(len(shards)):
+        tokens, caption, _ = shards.get(i)
+        by_caption[caption] = tokens
+    folder = ImageTextFolder(tmp_path / "imgs")
+    for i in range(7):
+        img, caption, _ = folder.get(i)
+        if img is None:
+            assert caption not in by_caption
+            continue
+        direct = encode_images(encoder, to_uint8_tensor(center_crop(img, 32))[None])[0].numpy()
+        assert np.array_equal(by_caption[caption], direct)
+    # the transformer trainer's on-the-fly path (no augmentation) gives the same tokens as the shards
+    cfg = TransformerTrainConfig(out_dir=str(tmp_path / "run"), data=str(tmp_path / "imgs"), dvae=str(dvae),
+                                 tokenizer_vocab=40, text_len=8, preset="tiny", batch_size=3, augment=False,
+                                 eval_samples=0, bpe_dropout=0.0, progress=False)
+    trainer = TransformerTrainer(cfg)
+    batch = next(trainer.batches(0))
+    live = encode_images(trainer.encoder, batch.images)
+    for caption, tokens in zip(batch.captions, live):
+        assert np.array_equal(by_caption[caption], tokens.numpy())
+    with pytest.raises(ConfigError, match="already holds token shards"):
+        TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)

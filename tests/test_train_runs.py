@@ -1,0 +1,240 @@
+"""Whole training runs on tiny models: loss goes down, exact resumption after kill -9, SIGTERM, non-finite
+losses, the model directory, and torchrun (gloo on CPU) matching one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle.errors import CheckpointError
+from dalle.train.common import CheckpointManager, TrainingInterrupted, read_metrics
+from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
+from dalle.train.dvae import DVAETrainer
+from dalle.train.testing import TINY_DVAE, TINY_TRANSFORMER, make_tiny_dvae_dir
+from dalle.train.transformer import TransformerTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dvae_dir(tmp_path_factory) -> Path:
+    return make_tiny_dvae_dir(tmp_path_factory.mktemp("dvae") / "dvae", image_size=32)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DALLE_TRAIN_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _losses(run: Path, kind: str = "train") -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == kind}
+
+
+def _config_file(tmp_path: Path, section: str, values: dict) -> Path:
+    path = tmp_path / f"{section}.json"
+    path.write_text(json.dumps({section: values}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
+    cfg = DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "run"), "steps": 40, "ckpt_every": 20,
+                             "eval_every": 40, "sample_every": 40, "plot_every": 40, "kl_steps": 10, "tau_steps": 20})
+    out = DVAETrainer(cfg).fit()
+    losses = list(_losses(tmp_path / "run").values())
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < sum(losses[:4]) / 4 - 0.02
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals and {"psnr", "perplexity", "codes_used"} <= set(evals[-1])
+    assert 1.0 <= evals[-1]["perplexity"] <= 32
+    from dalle.train.common import load_dvae
+
+    enc, dec, size = load_dvae(out)
+    assert size == 32 and enc.vocab_size == 32
+    assert (tmp_path / "run" / "samples" / "step-00000040.png").is_file()
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_transformer_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, dvae_dir) -> None:
+    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
+                                    "steps": 24, "grad_accum": 2, "caption_dropout": 0.2, "eval_every": 24,
+                                    "sample_every": 24, "sample_count": 2, "name": "tiny-test"})
+    trainer = TransformerTrainer(cfg)
+    out = trainer.fit()
+    losses = list(_losses(tmp_path / "run").values())
+    assert sum(losses[-4:]) / 4 < sum(losses[:2]) / 2 - 0.5
+    assert (tmp_path / "run" / "samples" / "step-00000024.png").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["format_version"] == 1 and config["name"] == "tiny-test" and config["image_size"] == 32
+    assert config["trained_with_caption_dropout"] is True and config["text_len"] == 16
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "transformer.safetensors"))
+    exported = trainer.export_transformer().state_dict()
+    assert all(torch.equal(weights[k], exported[k].cpu()) for k in weights)
+    try:
+        from dalle.pipeline import DALLE
+
+        pipe = DALLE.from_pretrained(out, device="cpu")
+    except ImportError as exc:  # a part of the pipeline not written yet
+        pytest.skip(f"pipeline not importable: {exc}")
+    assert pipe.image_size == 32 and pipe.trained_with_caption_dropout
+
+
+def test_caption_dropout_gives_the_empty_caption(tmp_path, dvae_dir) -> None:
+    from dalle.train.transformer import caption_dropped
+
+    drops = [caption_dropped(0, p, 0.25) for p in range(4000)]
+    assert 0.22 < sum(drops) / len(drops) < 0.28
+    assert not any(caption_dropped(0, p, 0.0) for p in range(100))
+    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
+                                    "caption_dropout": 0.999})
+    trainer = TransformerTrainer(cfg)
+    text = trainer.encode_text(["a red circle", "a blue square"], [0, 1])
+    assert torch.all(text == trainer.tokenizer.pad_id)  # dropped caption = all pads = the unconditional input
+
+
+# ---------------------------------------------------------------------------------------------- robustness
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
+    cfg = DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "run"), "steps": 12, "ckpt_every": 2,
+                             "max_nonfinite": 3})
+    trainer = DVAETrainer(cfg)
+    real = trainer.forward
+
+    def poisoned(micro, step):
+        loss, parts = real(micro, step)
+        bad = step == 1 or step >= 4  # one isolated bad step, then a run of them
+        return (loss * float("nan") if bad else loss), parts
+
+    trainer.forward = poisoned
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"non-finite for 3 steps in a row.*step-00000004 is intact"):
+        trainer.fit()
+    assert trainer.nonfinite_total == 4
+    step, weights, state = CheckpointManager.load(tmp_path / "run" / "checkpoints" / "step-00000004")
+    assert step == 4 and state["nonfinite_total"] == 1
+    assert all(torch.isfinite(v).all() for v in weights["model"].values())
+    assert any(not torch.equal(before[k], weights["model"][k]) for k in before)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_dir) -> None:
+    base = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 8, "ckpt_every": 100, "caption_dropout": 0.3}
+    ref = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "ref")}))
+    ref.fit()
+    run = tmp_path / "run"
+    trainer = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run)}))
+    real = trainer.forward
+
+    def signalling(micro, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(micro, step)
+
+    trainer.forward = signalling
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.step == 3 and info.value.checkpoint.name == "step-00000003"
+    resumed = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run)}), resume=True)
+    resumed.fit(resume=True)
+    assert _losses(run) == _losses(tmp_path / "ref")
+    assert (run / "model" / "config.json").is_file()
+
+
+def test_kill_9_then_resume_gives_the_same_losses(tmp_path) -> None:
+    settings = {**TINY_DVAE, "steps": 9, "ckpt_every": 3}
+    cfg = _config_file(tmp_path, "train-dvae", settings)
+    cmd = [sys.executable, "-m", "dalle", "train-dvae", "--config", str(cfg), "--threads", "1"]
+    env = {**_env(), "DALLE_TRAIN_STEP_SLEEP": "0.3"}
+    run = tmp_path / "run"
+    victim = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the uninterrupted reference runs in this process meanwhile (same code, one thread: same floats)
+    DVAETrainer(DVAETrainConfig(**{**settings, "out_dir": str(tmp_path / "ref")})).fit()
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / "step-00000003").is_dir():
+        assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.4)  # into step 4 or 5: past the checkpoint, before the next one
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert CheckpointManager(run / "checkpoints").latest().name == "step-00000003"
+    assert 3 <= max(_losses(run)) < 9
+    proc = subprocess.run(cmd + ["--out", str(run), "--resume"], env=_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert _losses(run) == _losses(tmp_path / "ref")  # bit-identical on CPU
+    for ckpt in (run / "checkpoints").iterdir():
+        CheckpointManager.load(ckpt)  # every kept checkpoint is complete and readable
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+_TORCHRUN_SCRIPT = """
+import sys
+from dalle.cli import build_parser
+from dalle.cli.train import build_config
+from dalle.train.common import close_distributed, init_distributed
+from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
+from dalle.train.dvae import train_dvae
+from dalle.train.transformer import train_transformer
+
+dvae_cfg, transformer_cfg, out = sys.argv[1:4]
+info = init_distributed("cpu")  # one process group for both runs
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp", "--batch-size", "2"])
+train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
+args = build_parser().parse_args(["train", "--config", transformer_cfg, "--out", out + "/fsdp", "--batch-size", "4",
+                                  "--fsdp"])
+train_transformer(build_config(TransformerTrainConfig, args, "train"), info=info)
+close_distributed()
+"""
+
+
+def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    dcfg = _config_file(tmp_path, "train-dvae", {**TINY_DVAE, "steps": 3, "ckpt_every": 3})
+    tcfg = _config_file(tmp_path, "train", {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3,
+                                            "eval_samples": 0})
+    script = tmp_path / "both.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    # one launch, two ranks: the dVAE under DDP (2 x 2 samples), then the transformer under FSDP2 (2 x 4)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(dcfg), str(tcfg), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the one-process references (global batches 4 and 8) run here meanwhile
+    DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "steps": 3, "ckpt_every": 3, "out_dir": str(tmp_path / "one")})).fit()
+    out, err = proc.communicate(timeout=500)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    TransformerTrainer(TransformerTrainConfig(**{
+        **TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0,
+        "out_dir": str(tmp_path / "one_t"), "tokenizer": str(tmp_path / "fsdp" / "tokenizer.model")})).fit()
+    for name in ("ddp", "fsdp"):
+        digests = {(tmp_path / name / f"rank-{r}.sha256").read_text() for r in (0, 1)}
+        assert len(digests) == 1, f"{name}: ranks hold different weights"
+    ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+    assert ddp.keys() == one.keys() == {1, 2, 3}
+    assert all(ddp[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    fsdp, one_t = _losses(tmp_path / "fsdp"), _losses(tmp_path / "one_t")
+    assert fsdp.keys() == one_t.keys() == {1, 2, 3}
+    assert all(fsdp[s] == pytest.approx(one_t[s], rel=1e-4) for s in one_t)
+    assert (tmp_path / "fsdp" / "model" / "transformer.safetensors").is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000003").is_dir()
