@@ -18,11 +18,17 @@ Differences from OpenAI's code, all of them additions:
 * ``forward`` rejects spatial sizes that are not multiples of 8 instead of silently flooring them.
 
 Precision. On CPU every convolution runs in float32. On CUDA the convolutions run in ``dtype``:
-``torch.float32``, ``torch.float16`` (exactly what OpenAI's code does on CUDA) or ``torch.bfloat16``.
+``torch.float32``, ``torch.float16`` (the regime of OpenAI's code on CUDA) or ``torch.bfloat16``.
 The default, ``dtype=None``, means bfloat16 on CUDA when ``use_mixed_precision`` is true and float32 otherwise.
 As in OpenAI's code the two convolutions that touch the 8192-way vocabulary (the encoder's output, the
 decoder's input) always run in float32, and parameters are always stored in float32 (so training keeps fp32
-master weights). Unlike OpenAI's decoder, ``forward`` always returns float32.
+master weights). Unlike OpenAI's decoder, ``forward`` always returns float32. Set it with the ``dtype``
+constructor argument, :meth:`Encoder.set_dtype`, or ``load_model(..., dtype=...)``.
+
+Speed (same arithmetic, reordered; see benchmarks/bench_dvae.py): activations are channels-last; ReLUs
+and residual adds reuse buffers in inference; the encoder's vocabulary-sized output is one matrix product
+that lands in NCHW directly; each decoder group's nearest-neighbour upsampling is moved after the next
+block's 1x1 convolutions, which then run on a quarter of the pixels.
 """
 
 from __future__ import annotations
@@ -227,19 +233,22 @@ class _Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as running res_path, written out so that the ReLUs after the first can work in
-        # place: they overwrite fresh convolution outputs, which autograd does not need (ReLU saves its result).
+        return self._rest(self.res_path.conv_1(torch.relu(x)), self.id_path(x))
+
+    def _rest(self, h: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        # res_path after conv_1, written out so that the ReLUs can work in place: they overwrite fresh
+        # convolution outputs, which autograd does not need (ReLU saves its result, conv its input).
         rp = self.res_path
-        h = rp.conv_1(torch.relu(x))
         h = rp.conv_2(torch.relu_(h))
         h = rp.conv_3(torch.relu_(h))
         h = rp.conv_4(torch.relu_(h))
-        identity = self.id_path(x)
         if identity.dtype != h.dtype:
             identity = identity.to(h.dtype)
-        # post_gain = 1/n_layers^2 is a power of two for the usual configs, so this equals OpenAI's
-        # `identity + post_gain * h` bit for bit; alpha saves a temporary.
-        return torch.add(identity, h, alpha=self.post_gain)
+        # post_gain = 1/n_layers^2 is a power of two for the usual configs, so adding with alpha equals
+        # OpenAI's `identity + post_gain * h` bit for bit. In inference the sum goes into h's memory.
+        if torch.is_grad_enabled() and (h.requires_grad or identity.requires_grad):
+            return torch.add(identity, h, alpha=self.post_gain)
+        return torch.add(identity, h, alpha=self.post_gain, out=h)
 
 
 class EncoderBlock(_Block):
@@ -253,9 +262,37 @@ class DecoderBlock(_Block):
 
     kernels = (1, 3, 3, 3)
 
+    def forward_upsampled(self, x: torch.Tensor, upsample: nn.Module) -> torch.Tensor:
+        """``self(upsample(x))`` for nearest-neighbour ``upsample``, with a quarter of the work up front.
+
+        The ReLU, the 1x1 ``conv_1`` and the 1x1 ``id_path`` act on each pixel alone, so they commute with
+        nearest-neighbour upsampling and can run at the low resolution; the result is the same. This
+        saves about 15% of the decoder's arithmetic.
+        """
+        if not (isinstance(upsample, nn.Upsample) and upsample.mode == "nearest"):
+            return self(upsample(x))
+        identity = upsample(self.id_path(x))
+        h = upsample(self.res_path.conv_1(torch.relu(x)))
+        return self._rest(h, identity)
+
 
 def _to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _conv1x1_to_nchw(conv: Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` of channels-last ``h`` as one matrix product whose result is already NCHW.
+
+    Used for the encoder's vocabulary-sized output, where a channels-last convolution followed by a copy
+    to NCHW costs about twice as much on CPU.
+    """
+    dtype = conv.compute_dtype()
+    b, c, height, width = h.shape
+    rows = h.to(dtype).permute(0, 2, 3, 1).reshape(b, height * width, c)  # a view for channels-last h
+    w = conv.w.to(dtype).view(conv.n_out, conv.n_in)
+    out = torch.matmul(w, rows.transpose(1, 2))  # [B, n_out, H*W]
+    out = out + conv.b.to(dtype).view(1, -1, 1)
+    return out.view(b, conv.n_out, height, width)
 
 
 class _DVAEModule(nn.Module):
@@ -264,7 +301,8 @@ class _DVAEModule(nn.Module):
     group_count: int = 4
     # Run the convolutions on channels-last (NHWC) activations: 1.2-1.7x faster for the high-resolution
     # layers on CPU (oneDNN) and what tensor cores want on CUDA. Results differ from NCHW only by float
-    # rounding (~1e-7 relative). Set to False on an instance for OpenAI's exact NCHW kernels.
+    # rounding (~1e-6 relative). Set to False on an instance to run OpenAI's NCHW kernels (the encoder then
+    # reproduces OpenAI's outputs bit for bit on CPU).
     channels_last: bool = True
 
     def _init_precision(self, dtype: torch.dtype | str | None) -> None:
@@ -412,7 +450,13 @@ class Encoder(_DVAEModule):
         if x.dtype != torch.float32:
             raise ImageError(f"Encoder expects float32 input (map_pixels output), got {x.dtype}")
         self._check_spatial(x.shape[2], x.shape[3], "Encoder")
-        return self.blocks(_to_memory_format(x, self.channels_last)).float().contiguous()
+        h = _to_memory_format(x, self.channels_last)
+        for name, module in self.blocks.named_children():
+            if name == "output" and h.is_contiguous(memory_format=torch.channels_last):
+                h = _conv1x1_to_nchw(module.conv, module.relu(h))
+            else:
+                h = module(h)
+        return h.float().contiguous()
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -529,11 +573,26 @@ class Decoder(_DVAEModule):
         }
 
     def _body(self, h: torch.Tensor) -> torch.Tensor:
-        # Everything after the input (embedding) convolution.
+        # Everything after the input (embedding) convolution. Each group's upsampling is deferred into the
+        # next group's first block (DecoderBlock.forward_upsampled), which does its 1x1 work before it.
         h = _to_memory_format(h, self.channels_last)
-        for name, module in self.blocks.named_children():
-            if name != "input":
-                h = module(h)
+        pending: nn.Module | None = None
+        for name, group in self.blocks.named_children():
+            if name == "input":
+                continue
+            for module in group.children() if name.startswith("group_") else [group]:
+                if isinstance(module, nn.Upsample):
+                    if pending is not None:
+                        h = pending(h)
+                    pending = module
+                elif pending is not None and isinstance(module, DecoderBlock):
+                    h, pending = module.forward_upsampled(h, pending), None
+                else:
+                    if pending is not None:
+                        h, pending = pending(h), None
+                    h = module(h)
+        if pending is not None:
+            h = pending(h)
         return h.float().contiguous()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
