@@ -42,7 +42,7 @@ from dalle.errors import DownloadError, ModelLoadError, UnsafePickleError
 __all__ = [
     "load_model",
     "save_model",
-    "load_state_dict",
+    "read_weights",
     "model_from_state_dict",
     "infer_config",
     "cache_dir",
@@ -114,6 +114,10 @@ class _TensorRef:
         numel = 1
         for s in self.size:
             numel *= s
+        if numel > max(flat.numel(), 1):
+            # Only tensors with overlapping (e.g. zero) strides are larger than their storage; weights never
+            # are, and materialising one could exhaust memory.
+            raise ModelLoadError(f"{where}: a tensor is larger than its storage; the file is corrupt")
         if numel:
             extent = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride))
             if extent >= flat.numel():
@@ -486,10 +490,13 @@ def _read_torch_file(path: Path, source: str) -> Any:
     else:
         with open(path, "rb") as f:
             obj, _ = _read_legacy(f, source)
-    return _materialize(obj, source)
+    try:
+        return _materialize(obj, source)
+    except RecursionError:
+        raise ModelLoadError(f"{source}: objects nested too deeply; the file is corrupt") from None
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Read a weight file safely into (flat float tensors on CPU, config or None).
 
     The config is ``{"kind": "encoder" | "decoder", "config": {...}}`` when the file (or a JSON file beside
@@ -698,7 +705,7 @@ def load_model(
                 raise ModelLoadError(
                     f"{path}: SHA-256 is {actual}, expected {sha256.lower()}; the file differs"
                 )
-    tensors, meta = load_state_dict(path)
+    tensors, meta = read_weights(path)
     kind = meta.get("kind") if meta else None
     config = meta.get("config") if meta else None
     model = model_from_state_dict(tensors, kind, config, source=str(path))
@@ -808,6 +815,10 @@ def download(
         os.replace(tmp, target)
     except requests.RequestException as exc:
         raise DownloadError(f"could not download {url}: {exc}") from None
+    except DownloadError:
+        raise
+    except OSError as exc:  # e.g. a full disk or an unwritable cache folder
+        raise DownloadError(f"could not save {url} into {target.parent}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return target

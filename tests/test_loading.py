@@ -226,6 +226,12 @@ def test_wrong_files(tmp_path) -> None:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
             load_model(tmp_path / name)
+    # a tensor larger than its storage (zero strides) is refused rather than materialised
+    sd = Encoder(**SMALL_ENC).state_dict()
+    sd["blocks.input.b"] = torch.zeros(1).expand(8)
+    torch.save(sd, tmp_path / "overlap.pkl", _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelLoadError, match="larger than its storage"):
+        load_model(tmp_path / "overlap.pkl")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="not a dVAE"):
         load_model(tmp_path / "other.pt")

@@ -46,7 +46,7 @@ def _bundled_dir(name: str) -> Path:
 def load_dvae_dir(path: Path) -> tuple[Any, Any, int]:
     """(encoder, decoder, image_size) from a directory with config.json + encoder/decoder.safetensors."""
     from dalle.errors import ModelLoadError
-    from dalle.loading import load_state_dict, model_from_state_dict
+    from dalle.loading import model_from_state_dict, read_weights
 
     cfg_file = path / "config.json"
     try:
@@ -56,7 +56,7 @@ def load_dvae_dir(path: Path) -> tuple[Any, Any, int]:
         raise ModelLoadError(f"{cfg_file}: not a dVAE or model directory config ({exc})") from None
     models = []
     for kind, conf in (("encoder", enc_cfg), ("decoder", dec_cfg)):
-        tensors, _ = load_state_dict(path / f"{kind}.safetensors")
+        tensors, _ = read_weights(path / f"{kind}.safetensors")
         models.append(model_from_state_dict(tensors, kind, conf, source=str(path / f"{kind}.safetensors")))
     return models[0], models[1], size
 
