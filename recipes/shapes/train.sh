@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Reproduces the bundled `shapes` model (dalle/pretrained/shapes) from scratch with the project's own CLI.
+# Usage: recipes/shapes/train.sh [PYTHON]   (run from the repository root; writes runs/ and the model dir)
+# Every stage is seeded; on the same machine and torch build the weights come out the same.
+set -euo pipefail
+PY=${1:-.venv/bin/python}
+THREADS=${THREADS:-2}
+$PY -m dalle train-dvae --config recipes/shapes/dvae.json --out runs/shapes-dvae --threads "$THREADS" --no-progress
+$PY -m dalle encode-dataset --data shapes:1 --dvae runs/shapes-dvae/dvae --out runs/shapes-tokens \
+    --limit 20000 --batch-size 64 --threads "$THREADS" --no-progress
+$PY -m dalle train --config recipes/shapes/transformer.json --out runs/shapes-transformer --threads "$THREADS" \
+    --no-progress
+rm -rf dalle/pretrained/shapes && cp -r runs/shapes-transformer/model dalle/pretrained/shapes
+$PY -m dalle evaluate --model shapes --out runs/shapes-eval
