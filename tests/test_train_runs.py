@@ -238,3 +238,16 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     assert all(fsdp[s] == pytest.approx(one_t[s], rel=1e-4) for s in one_t)
     assert (tmp_path / "fsdp" / "model" / "transformer.safetensors").is_file()
     assert (tmp_path / "ddp" / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_posterior_collapse_is_reported(tmp_path) -> None:
+    import math
+
+    trainer = DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "run")}))
+    trainer._bar = None
+    for _ in range(19):
+        trainer.after_step({"kl": math.log(32)})
+    with pytest.warns(UserWarning, match="posterior collapse"):
+        trainer.after_step({"kl": math.log(32)})
+    trainer.after_step({"kl": 1.0})
+    assert trainer._collapsed_steps == 0

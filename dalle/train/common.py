@@ -623,6 +623,7 @@ def _write_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], 
 
     tmp = file.with_name(file.name + ".tmp")
     if isinstance(module_or_state, nn.Module):
+        module_or_state.to(memory_format=torch.contiguous_format)  # channels-last weights are not contiguous
         save_model(module_or_state, str(tmp))
     else:
         save_file(_saveable(module_or_state), str(tmp))
@@ -808,6 +809,9 @@ class Trainer:
     def batch_size_of(self, batch: Any) -> int:
         """Samples in this rank's batch."""
         return len(batch[0])
+
+    def after_step(self, record: Mapping[str, Any]) -> None:
+        """Called with each step's logged values (global means) on every rank."""
 
     def extra_state(self) -> dict[str, Any]:
         """Trainer-specific state to checkpoint."""
@@ -1014,6 +1018,7 @@ class Trainer:
                     batch = next(data)
                     self._account_skipped(batch)
                     rec = self.train_step(batch)
+                    self.after_step(rec)
                     if self._step_sleep:
                         time.sleep(self._step_sleep)
                     last = self.step >= lp.steps

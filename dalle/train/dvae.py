@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -85,10 +86,11 @@ def gumbel_noise(shape: tuple[int, ...], generators: list[torch.Generator], devi
 class DVAELoss(nn.Module):
     """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, straight_through: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.straight_through = straight_through
 
     def forward(
         self, x: torch.Tensor, noise: torch.Tensor, tau: float, beta: float
@@ -96,6 +98,9 @@ class DVAELoss(nn.Module):
         """Loss for mapped pixels ``x`` and gumbel ``noise`` shaped like the logits."""
         logits = self.encoder(x)
         z = F.softmax((logits + noise) / tau, dim=1)
+        if self.straight_through:  # an option outside the paper: the decoder sees the one-hot sample
+            hard = F.one_hot(z.argmax(dim=1), z.shape[1]).permute(0, 3, 1, 2).to(z.dtype)
+            z = hard - z.detach() + z
         stats = self.decoder(z).float()
         b, c, h, w = x.shape
         nll = logit_laplace_nll(x, stats).sum(dim=(1, 2, 3))
@@ -161,7 +166,9 @@ class DVAETrainer(Trainer):
             decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
                               vocab_size=cfg.vocab_size)
         self.vocab_size = encoder.vocab_size
-        self.net = DVAELoss(encoder, decoder).to(info.device)
+        self.net = DVAELoss(encoder, decoder, straight_through=cfg.straight_through).to(info.device)
+        self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.net.to(memory_format=self._memory_format)
         self.model: nn.Module = self.net
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
@@ -185,6 +192,7 @@ class DVAETrainer(Trainer):
             torch.stack([to_uint8_tensor(center_crop(im, cfg.image_size)) for im in imgs]) if imgs else None
         )
         self.last_eval: dict[str, float] = {}
+        self._collapsed_steps = 0
 
     # -------------------------------------------------------------- data
     def _transform(self, img: Any, rng: random.Random) -> Any:
@@ -232,11 +240,26 @@ class DVAETrainer(Trainer):
         from dalle.data.datasets import uint8_to_mapped
 
         dev = self.info.device
-        x = uint8_to_mapped(micro.images).to(dev, non_blocking=True)
+        x = uint8_to_mapped(micro.images).to(dev, non_blocking=True).contiguous(memory_format=self._memory_format)
         grid = (self.vocab_size, x.shape[2] // 8, x.shape[3] // 8)
         gens = [make_generator(dev, self.cfg.seed, "gumbel", step, p) for p in micro.positions]
         noise = gumbel_noise(grid, gens, dev)
         return self.model(x, noise, self._sched["tau"], self._sched["beta"])
+
+    def after_step(self, record: Mapping[str, Any]) -> None:
+        """Warn once when the posterior has collapsed: KL at ln K means every position is a one-hot on one
+        code, the softmax is saturated and the run cannot recover."""
+        collapsed = record.get("kl", 0.0) >= 0.995 * math.log(self.vocab_size)
+        self._collapsed_steps = self._collapsed_steps + 1 if collapsed else 0
+        if self._collapsed_steps == 20 and self.info.is_main:
+            msg = (
+                f"dVAE posterior collapse at step {self.step}: KL = ln {self.vocab_size} for 20 steps, so every "
+                "position is one code with certainty and training cannot recover. Restart with a lower --lr "
+                "and/or a shorter --kl-steps (the paper reaches the full KL weight after 5k of 3M updates)."
+            )
+            warnings.warn(msg, stacklevel=2)
+            if self._bar is not None:
+                self._bar.write("warning: " + msg)
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -262,7 +285,7 @@ class DVAETrainer(Trainer):
     # -------------------------------------------------------------- evaluation and outputs
     def _export_modules(self) -> tuple[nn.Module, nn.Module]:
         """Plain copies of encoder and decoder holding the EMA (or raw) weights, in eval mode."""
-        net = copy.deepcopy(self.net)
+        net = copy.deepcopy(self.net).to(memory_format=torch.contiguous_format)  # safetensors wants NCHW
         if self.ema is not None and self.cfg.export_ema:
             load_full_state_dict(net, self.ema.model_state(self.net))
         net.eval()
