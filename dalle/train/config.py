@@ -71,7 +71,7 @@ class DVAETrainConfig(LoopConfig):
     eval_data: str | None = None
     num_workers: int = 0
     device: str = "auto"
-    channels_last: bool = True  # NHWC convolutions: about 2x faster on CPU (oneDNN) and on GPUs
+    channels_last: bool = True  # NHWC convolutions (oneDNN / cuDNN); on this CPU 0-5% faster than NCHW
     init: str | None = None  # start from a trained dVAE directory
     export_ema: bool = True
 

@@ -70,7 +70,7 @@ class TransformerLoss(nn.Module):
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
 
-    Runs the encoder in channels-last layout (about twice as fast on CPU); every caller goes through here,
+    Runs the encoder in channels-last layout (a little faster on CPU); every caller goes through here,
     so ``encode-dataset`` and on-the-fly encoding give the same tokens.
     """
     from dalle.data.datasets import uint8_to_mapped
