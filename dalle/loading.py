@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from dalle.dvae import Decoder, Encoder
-from dalle.errors import DownloadError, ModelLoadError, UnsafePickleError
+from dalle.errors import ConfigError, DownloadError, ModelLoadError, UnsafePickleError
 
 __all__ = [
     "load_model",
@@ -651,16 +651,21 @@ def model_from_state_dict(
     return model
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """A torch.device from None (CPU), "auto" (CUDA when available, else CPU) or any torch device spec."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device == "auto":
+def resolve_device(device: torch.device | str | None = "auto") -> torch.device:
+    """A torch.device from "auto"/None (CUDA when available, else CPU) or any torch device spec.
+
+    Raises ConfigError for an unknown spec or a CUDA device on a machine without one. The one device rule of
+    the library: the pipeline, the trainers and :func:`load_model` all use it.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"invalid device {device!r}: {exc}") from None
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use cpu")
+    return dev
 
 
 def load_model(
@@ -711,7 +716,7 @@ def load_model(
     model = model_from_state_dict(tensors, kind, config, source=str(path))
     if dtype is not None:
         model.set_dtype(dtype)
-    model = model.to(resolve_device(device))
+    model = model.to(resolve_device("cpu" if device is None else device))
     model.requires_grad_(requires_grad)
     return model.eval()
 

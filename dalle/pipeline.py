@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError
+from dalle.loading import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
@@ -44,19 +45,6 @@ REGISTRY: dict[str, Path] = {"shapes": _PRETRAINED / "shapes"}
 _FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
 
 Scorer = Callable[[str, list[Image.Image]], torch.Tensor]
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu'")
-    return dev
 
 
 def resolve_model(name_or_dir: str | os.PathLike[str]) -> Path:

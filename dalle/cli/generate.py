@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +20,23 @@ DEMO_PROMPTS = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -208,29 +208,44 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_reconstruction(args: argparse.Namespace) -> int:
-    """Fallback demo while no trained model is installed: the bundled photo through a dVAE, side by side."""
+    """Demo while no trained text-to-image model is installed: rendered shapes scenes through a trained dVAE.
+
+    Uses the bundled shapes dVAE (``dalle/pretrained/shapes-dvae``, trained by ``recipes/shapes/dvae.json``)
+    when it is installed; otherwise the full-size OpenAI architecture with seeded random weights, and says so.
+    """
     import torch
 
+    from dalle.cli.reconstruct import load_dvae_dir
+    from dalle.data.shapes import render
     from dalle.dvae import Decoder, Encoder
     from dalle.images import make_grid, reconstruct, sample_image_path, save_png
-    from dalle.pipeline import resolve_device
+    from dalle.loading import resolve_device
 
     device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    # No trained weights ship yet and nothing may be downloaded, so this shows the full-size OpenAI
-    # architecture with seeded random weights: the output is noise, and the message says so.
-    encoder = Encoder().to(device).eval()
-    decoder = Decoder().to(device).eval()
-    original, rec = reconstruct(sample_image_path(), encoder, decoder, size=256)
+    dvae_dir = Path(__file__).resolve().parent.parent / "pretrained" / "shapes-dvae"
+    if (dvae_dir / "config.json").is_file():
+        encoder, decoder, size = load_dvae_dir(dvae_dir)
+        weights = f"the bundled shapes dVAE ({dvae_dir})"
+        sources = [render(caption, size=size, seed=args.seed) for caption in DEMO_PROMPTS]
+    else:
+        # Nothing trained is installed and nothing may be downloaded: show the architecture honestly.
+        torch.manual_seed(args.seed)
+        encoder, decoder, size = Encoder(), Decoder(), 256
+        weights = f"untrained random weights (seed {args.seed}): the reconstruction is noise"
+        sources = [sample_image_path()]
+    encoder, decoder = encoder.to(device).eval(), decoder.to(device).eval()
+    tiles, captions = [], []
+    for source in sources:
+        original, rec = reconstruct(source, encoder, decoder, size=size)
+        tiles += [original, rec]
+        captions += ["original", "reconstruction"]
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo-reconstruction.png"
-    grid = make_grid([original, rec], ncols=2, captions=["original", "reconstruction (random weights)"])
-    save_png(grid, path, {"weights": f"random (seed {args.seed})", "source": str(sample_image_path())})
+    save_png(make_grid(tiles, ncols=min(len(tiles), 4), captions=captions), path, {"weights": weights})
     print(
-        f"the bundled model {args.model!r} is not installed, so the demo reconstructs the bundled sample photo "
-        f"through a full-size dVAE with untrained, seeded random weights (seed {args.seed}); for a real "
-        "reconstruction run: dalle reconstruct --encoder encoder.pkl --decoder decoder.pkl"
+        f"the text-to-image model {args.model!r} is not installed yet, so the demo reconstructs images "
+        f"through a dVAE (encode to tokens, decode back) with {weights}"
     )
     print(f"wrote {path.resolve()}")
     return 0

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dalle.errors import CheckpointError, ConfigError, ModelLoadError
+from dalle.loading import resolve_device
 from dalle.train.config import LoopConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,19 +153,6 @@ class DistInfo:
     def distributed(self) -> bool:
         """True when running under torchrun with more than one process."""
         return self.world_size > 1
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; raises ConfigError for an unavailable CUDA device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
-    return dev
 
 
 def init_distributed(device: str | torch.device | None = "auto") -> DistInfo:
