@@ -112,3 +112,15 @@ def test_info(model_dir):
     r = run_cli("info", "--model", str(model_dir))
     assert r.returncode == 0, r.stderr
     assert "torch" in r.stdout and "cache" in r.stdout and "tiny-test" in r.stdout
+
+
+def test_demo_runs_offline(tmp_path):
+    r = run_cli("demo", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    written = list(tmp_path.glob("*.png"))
+    assert len(written) == 1
+    with Image.open(written[0]) as im:
+        meta = dict(im.text)
+    # the PNG and the console both say which model or weights produced it
+    assert ("weights" in meta) or ("model" in meta)
+    assert "wrote" in r.stdout
