@@ -184,11 +184,8 @@ def run_complete(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from dalle.images import make_grid, save_png
-    from dalle.pipeline import DALLE, REGISTRY
+    from dalle.pipeline import DALLE
 
-    registered = REGISTRY.get(args.model)
-    if registered is not None and not (registered / "config.json").is_file():
-        return _demo_reconstruction(args)
     start = time.perf_counter()
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     loaded = time.perf_counter()
@@ -206,46 +203,3 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"wrote {path.resolve()}")
     return 0
 
-
-def _demo_reconstruction(args: argparse.Namespace) -> int:
-    """Demo while no trained text-to-image model is installed: rendered shapes scenes through a trained dVAE.
-
-    Uses the bundled shapes dVAE (``dalle/pretrained/shapes-dvae``, trained by ``recipes/shapes/dvae.json``)
-    when it is installed; otherwise the full-size OpenAI architecture with seeded random weights, and says so.
-    """
-    import torch
-
-    from dalle.cli.reconstruct import load_dvae_dir
-    from dalle.data.shapes import render
-    from dalle.dvae import Decoder, Encoder
-    from dalle.images import make_grid, reconstruct, sample_image_path, save_png
-    from dalle.loading import resolve_device
-
-    device = resolve_device(args.device)
-    dvae_dir = Path(__file__).resolve().parent.parent / "pretrained" / "shapes-dvae"
-    if (dvae_dir / "config.json").is_file():
-        encoder, decoder, size = load_dvae_dir(dvae_dir)
-        weights = f"the bundled shapes dVAE ({dvae_dir})"
-        sources = [render(caption, size=size, seed=args.seed) for caption in DEMO_PROMPTS]
-    else:
-        # Nothing trained is installed and nothing may be downloaded: show the architecture honestly.
-        torch.manual_seed(args.seed)
-        encoder, decoder, size = Encoder(), Decoder(), 256
-        weights = f"untrained random weights (seed {args.seed}): the reconstruction is noise"
-        sources = [sample_image_path()]
-    encoder, decoder = encoder.to(device).eval(), decoder.to(device).eval()
-    tiles, captions = [], []
-    for source in sources:
-        original, rec = reconstruct(source, encoder, decoder, size=size)
-        tiles += [original, rec]
-        captions += ["original", "reconstruction"]
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "demo-reconstruction.png"
-    save_png(make_grid(tiles, ncols=min(len(tiles), 4), captions=captions), path, {"weights": weights})
-    print(
-        f"the text-to-image model {args.model!r} is not installed yet, so the demo reconstructs images "
-        f"through a dVAE (encode to tokens, decode back) with {weights}"
-    )
-    print(f"wrote {path.resolve()}")
-    return 0

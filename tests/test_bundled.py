@@ -1,0 +1,54 @@
+"""The bundled default model (`shapes`): installed with the package, loads and generates offline on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from dalle.pipeline import DALLE, REGISTRY, describe_model
+
+MiB = 2**20
+
+
+def test_bundled_files_fit_the_size_budget():
+    path = REGISTRY["shapes"]
+    files = [f for f in path.iterdir() if f.is_file()]
+    assert {f.name for f in files} >= {"config.json", "transformer.safetensors", "encoder.safetensors",
+                                       "decoder.safetensors", "tokenizer.model"}
+    assert all(f.stat().st_size <= 16 * MiB for f in files)
+    assert sum(f.stat().st_size for f in files) <= 40 * MiB
+    config = json.loads((path / "config.json").read_text())
+    assert config["image_size"] >= 128 and config["name"] == "shapes"
+    assert "shapes" in describe_model("shapes")
+
+
+def test_bundled_model_generates_on_cpu():
+    pipe = DALLE.from_pretrained("shapes", device="cpu")
+    out = pipe.generate(["a large red circle", "a blue square on the left"], num_images=1, seed=0,
+                        progress=False, return_tokens=True)
+    assert len(out.images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (pipe.image_size,) * 2 for im in out.images)
+    assert out.tokens.shape == (2, pipe.grid, pipe.grid)
+    assert int(out.tokens.max()) < pipe.transformer.config.image_vocab_size
+    again = pipe.generate("a blue square on the left", seed=0, progress=False, return_tokens=True)
+    assert torch.equal(again.tokens[0], out.tokens[1])
+    # the pictures are not blank: some pixels differ from the white background
+    assert any(min(im.convert("L").getextrema()) < 200 for im in out.images)
+
+
+def test_bundled_dvae_reconstructs_a_rendered_scene():
+    from dalle.data.shapes import render
+
+    pipe = DALLE.from_pretrained("shapes", device="cpu")
+    scene = render("a large blue square", size=pipe.image_size, seed=1)
+    rec = pipe.reconstruct(scene)
+    assert rec.size == scene.size
+    # the reconstruction keeps the object's colour where the object is
+    import numpy as np
+
+    a, b = np.asarray(scene, dtype=np.float32), np.asarray(rec, dtype=np.float32)
+    mse = float(((a - b) ** 2).mean())
+    psnr = 10 * np.log10(255.0**2 / mse)
+    assert psnr > 15, psnr
