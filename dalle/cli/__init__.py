@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on bad arguments
+    if not args.debug:
+        # warnings meant for users (caption truncated, ...) print as one line, not as a source excerpt
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
