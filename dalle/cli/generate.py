@@ -132,6 +132,21 @@ def _write(args: argparse.Namespace, pipe: Any, result: Any, prompts: list[str],
         print(path)
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments `generate` and `complete` share, from the common sampling flags."""
+    return {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "guidance_scale": args.guidance,
+        "batch_size": args.batch_size,
+        "progress": not args.quiet,
+        "return_tokens": True,
+    }
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from dalle.cli import UsageError
     from dalle.pipeline import DALLE
@@ -141,16 +156,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     result = pipe.generate(
         args.prompt,
-        num_images=args.num_images,
-        seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        guidance_scale=args.guidance,
+        **_sampling_kwargs(args),
         rerank=args.rerank,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        return_tokens=True,
     )
     _write(args, pipe, result, list(args.prompt), {})
     return 0
@@ -167,15 +174,7 @@ def run_complete(args: argparse.Namespace) -> int:
         args.image,
         args.prompt,
         rows=args.rows,
-        num_images=args.num_images,
-        seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        guidance_scale=args.guidance,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        return_tokens=True,
+        **_sampling_kwargs(args),
         allow_upscale=args.allow_upscale,
     )
     _write(args, pipe, result, [args.prompt], {"source_image": str(args.image)})
