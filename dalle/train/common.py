@@ -759,13 +759,23 @@ class Trainer:
         self._step_sleep = float(os.environ.get("DALLE_TRAIN_STEP_SLEEP", "0") or 0)
 
     # -------------------------------------------------------------- hooks for subclasses
-    def batches(self, start_step: int) -> Iterator[Any]:  # pragma: no cover - abstract
+    # Both trainers read batches the same way: from ``self.source`` with ``self.cfg`` (batch_size, seed,
+    # num_workers), a per-sample ``self._transform`` and the held-out samples excluded.
+    def batches(self, start_step: int) -> Iterator[Any]:
         """Yield the batches of steps ``start_step, start_step + 1, ...`` for this rank."""
-        raise NotImplementedError
+        from dalle.data.datasets import make_batches
 
-    def split(self, batch: Any, parts: int) -> list[Any]:  # pragma: no cover - abstract
+        return make_batches(
+            self.source, batch_size=self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
+            start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
+            exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
+        )
+
+    def split(self, batch: Any, parts: int) -> list[Any]:
         """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
-        raise NotImplementedError
+        from dalle.data.datasets import split_batch
+
+        return split_batch(batch, parts)
 
     def forward(self, micro: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
         """Loss of one micro-batch and named parts to log."""
@@ -795,8 +805,8 @@ class Trainer:
         return None
 
     def batch_size_of(self, batch: Any) -> int:
-        """Samples in this rank's batch."""
-        return len(batch[0])
+        """Samples in this rank's (micro-)batch."""
+        return len(batch)
 
     def after_step(self, record: Mapping[str, Any]) -> None:
         """Called with each step's logged values (global means) on every rank."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -270,26 +270,6 @@ class TransformerTrainer(Trainer):
         if self.cfg.augment:
             return transformer_augment(img, self.image_size, rng)
         return center_crop(img, self.image_size)
-
-    def batches(self, start_step: int) -> Iterator[Any]:
-        """This rank's batches from ``start_step`` on."""
-        from dalle.data.datasets import make_batches
-
-        return make_batches(
-            self.source, batch_size=self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
-            start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
-            exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
-        )
-
-    def split(self, batch: Any, parts: int) -> list[Any]:
-        """Micro-batches for gradient accumulation."""
-        from dalle.data.datasets import split_batch
-
-        return split_batch(batch, parts)
-
-    def batch_size_of(self, batch: Any) -> int:
-        """Samples in a (micro-)batch."""
-        return len(batch)
 
     def encode_text(self, captions: list[str], positions: list[int], train: bool = True) -> torch.Tensor:
         """Caption dropout (seeded per position), then BPE (with dropout in training) to [B, text_len]."""
