@@ -253,6 +253,34 @@ def test_held_out_pairs_never_appear_in_training_data():
         assert not any(S.is_held_out(o.colour, o.shape) for o in S.parse(img))
 
 
+def test_dense_scenes_hold_many_separate_seen_objects_and_no_held_out_pair():
+    counts = []
+    for i in range(3000):
+        scene = S.dense_scene(i, seed=i % 2)
+        assert scene.caption == ""
+        assert not any(S.is_held_out(o.colour, o.shape) for o in scene.objects)
+        objs = scene.objects
+        counts.append(len(objs))
+        for a in range(len(objs)):
+            o = objs[a]
+            assert S.SIZE_RANGES["small"][0] <= o.side <= S.SIZE_RANGES["large"][1]
+            assert S.EDGE_MARGIN <= o.cx - o.side / 2 and o.cx + o.side / 2 <= 1 - S.EDGE_MARGIN
+            for b in range(a):
+                gap = max(abs(o.cx - objs[b].cx), abs(o.cy - objs[b].cy)) - (o.side + objs[b].side) / 2
+                assert gap >= S.DENSE_GAP - 1e-12
+    assert min(counts) >= 3 and max(counts) <= S.DENSE_OBJECTS[1] and sum(counts) / len(counts) > 4.5
+    assert S.dense_scene(7, seed=1) == S.dense_scene(7, seed=1) != S.dense_scene(7, seed=2)
+    for i in range(100):  # the pixels agree: the checker finds exactly the drawn objects, none held out
+        scene = S.dense_scene(i, seed=5)
+        img, caption = S.dense_sample(i, seed=5, size=128)
+        assert caption == "" and np.array_equal(np.asarray(img), np.asarray(S.render(scene, size=128)))
+        found = S.parse(img)
+        assert sorted((o.colour, o.shape) for o in found) == sorted((o.colour, o.shape) for o in scene.objects)
+        assert not any(S.is_held_out(o.colour, o.shape) for o in found)
+    with pytest.raises(ConfigError):
+        S.dense_scene(-1)
+
+
 # ------------------------------------------------------------------------------------------------ checker
 
 

@@ -169,6 +169,48 @@ def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path) -> None:
         CheckpointManager.load(tmp_path / "ck" / "step-00000002")
 
 
+class _RunsCode:
+    """Pickles to a call of os.system: what a hostile checkpoint would hold."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_state_that_would_run_code_is_refused(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = mgr.save(2, _weights(2.0), {"step": 2})
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": _RunsCode(marker)}, path / "state.pt")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        CheckpointManager.load(path)
+    assert not marker.exists()
+
+
+def test_rng_state_is_plain_data_and_round_trips(tmp_path) -> None:
+    import random
+
+    import numpy as np
+
+    from dalle.train.common import rng_state, set_rng_state
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.standard_normal()  # leaves a cached gaussian in NumPy's state
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = mgr.save(1, _weights(1.0), {"step": 1, "rng": rng_state()})
+    expected = (random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3))
+    _, _, state = CheckpointManager.load(path)  # weights_only=True
+    set_rng_state(state["rng"])
+    got = (random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def test_metrics_truncate_after_resume_point(tmp_path) -> None:
     log = MetricsLogger(tmp_path / "m.jsonl")

@@ -120,6 +120,21 @@ def test_open_source_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no images"):
         open_source(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="no captions"):
+        open_source("shapes-dense")  # uncaptioned: dVAE only
+    with pytest.raises(ConfigError, match="must be an integer"):
+        open_source("shapes:x")
+
+
+def test_shapes_sources_and_dense_scenes() -> None:
+    from dalle.data import shapes
+
+    plain, dense = open_source("shapes:3", size=64), open_source("shapes-dense:3", require_captions=False, size=64)
+    img, caption, key = plain.get(5)
+    assert key == "shapes:3:5" and caption == shapes.sample(5, seed=3)[1] and img.size == (64, 64)
+    img, caption, key = dense.get(5)
+    assert key == "shapes-dense:3:5" and caption == "" and img.size == (64, 64)
+    assert img.tobytes() == shapes.dense_sample(5, seed=3, size=64)[0].tobytes()
 
 
 def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:

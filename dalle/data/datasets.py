@@ -136,10 +136,11 @@ class ImageTextFolder:
 class ShapesSource:
     """The shapes world (:mod:`dalle.data.shapes`) as an endless source: index ``i`` is ``sample(i, seed)``."""
 
-    def __init__(self, seed: int = 0, size: int = 128, offset: int = 0) -> None:
+    def __init__(self, seed: int = 0, size: int = 128, offset: int = 0, dense: bool = False) -> None:
         self.seed = int(seed)
         self.size = int(size)
         self.offset = int(offset)
+        self.dense = bool(dense)
 
     def __len__(self) -> int:  # pragma: no cover - endless; callers check `is_endless`
         raise TypeError("the shapes stream is endless")
@@ -148,8 +149,10 @@ class ShapesSource:
         """Rendered scene ``offset + index`` of stream ``seed``."""
         from dalle.data import shapes
 
-        image, caption = shapes.sample(self.offset + index, seed=self.seed, size=self.size)
-        return image, caption, f"shapes:{self.seed}:{self.offset + index}"
+        draw = shapes.dense_sample if self.dense else shapes.sample
+        image, caption = draw(self.offset + index, seed=self.seed, size=self.size)
+        name = "shapes-dense" if self.dense else "shapes"
+        return image, caption, f"{name}:{self.seed}:{self.offset + index}"
 
 
 class TokenShards:
@@ -258,14 +261,25 @@ def is_endless(source: Any) -> bool:
 def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, size: int = 128) -> Any:
     """Turn a data argument into a source.
 
-    ``shapes`` or ``shapes:SEED`` -> :class:`ShapesSource`; a directory with ``meta.json`` ->
+    ``shapes`` or ``shapes:SEED`` -> :class:`ShapesSource`; ``shapes-dense[:SEED]`` -> the dense scenes of
+    :func:`dalle.data.shapes.dense_scene` (uncaptioned, dVAE only); a directory with ``meta.json`` ->
     :class:`TokenShards`; a directory with ``.tar`` files, a ``.tar`` path or a glob -> :class:`TarShards`
     (several separated by commas); any other directory -> :class:`ImageTextFolder`.
     """
     text = str(spec)
-    if text == "shapes" or text.startswith("shapes:"):
-        seed = int(text.split(":", 1)[1]) if ":" in text else 0
-        return ShapesSource(seed=seed, size=size)
+    for name, dense in (("shapes", False), ("shapes-dense", True)):
+        if text == name or text.startswith(name + ":"):
+            seed_text = text.split(":", 1)[1] if ":" in text else "0"
+            try:
+                seed = int(seed_text)
+            except ValueError:
+                raise ConfigError(f"{text!r}: the seed after '{name}:' must be an integer") from None
+            if dense and require_captions:
+                raise ConfigError(
+                    "'shapes-dense' has no captions (dense scenes are for `dalle train-dvae`); "
+                    "train the transformer on 'shapes[:SEED]' or on its encoded tokens"
+                )
+            return ShapesSource(seed=seed, size=size, dense=dense)
     parts = [s for s in text.split(",") if s]
     if len(parts) > 1 or text.endswith(".tar") or any(ch in text for ch in "*?["):
         return TarShards(parts)

@@ -61,6 +61,12 @@ and the position each with probability 1/2; 70% of captions use the plain templa
 Python's ``random.Random(...).random()`` seeded by a hash of ``(seed, index)``, which Python keeps stable across
 versions and platforms. :data:`EVAL_SETS` holds the fixed evaluation prompts (plain template only).
 
+**Dense scenes** (dVAE only). :func:`dense_scene` / :func:`dense_sample` draw 4-9 non-overlapping seen objects
+(sides anywhere from the small to the large range, boxes at least 0.02·S apart) on the same background with an
+empty caption; ``--data shapes-dense`` trains the dVAE on them. A 1-2 object scene is about 90% background, so
+the dVAE sees colours and edges rarely and learns them slowly; dense scenes put five to ten times more
+foreground into every update. Held-out pairs never appear in them either.
+
 **Checker.** :func:`parse` finds the objects of an image in five steps (thresholds are the constants below):
 
 1. each pixel takes its nearest reference colour (the six colours and white) by RGB distance; the non-white
@@ -368,6 +374,46 @@ def sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str
     """Training example ``index`` of stream ``seed``: ``(image, caption)``, random-access and deterministic."""
     scene = sample_scene(index, seed)
     return render(scene, size=size), scene.caption
+
+
+DENSE_OBJECTS = (4, 9)  # dense scenes hold this many objects (inclusive), fewer when they do not fit
+DENSE_GAP = 0.02  # minimum gap between the bounding boxes of a dense scene, as a fraction of the side
+
+
+def dense_scene(index: int, seed: int = 0) -> Scene:
+    """Dense scene ``index`` of stream ``seed``, for training the dVAE only: 4-9 non-overlapping objects.
+
+    Every object is a seen colour-shape pair (never a held-out one) with a side drawn from the small range,
+    the large range or in between, placed by rejection sampling (boxes at least ``DENSE_GAP`` apart and
+    ``EDGE_MARGIN`` from the border). It puts five to ten times more foreground in each image than the
+    captioned stream, so the dVAE sees every colour and edge far more often per step. The caption is empty:
+    these scenes have no caption in the grammar, and the transformer never trains on them.
+    """
+    if index < 0:
+        raise ConfigError(f"sample index must be >= 0, got {index}")
+    rng = _rng("dense", int(seed), int(index))
+    want = DENSE_OBJECTS[0] + int(rng.random() * (DENSE_OBJECTS[1] - DENSE_OBJECTS[0] + 1))
+    lo_side, hi_side = SIZE_RANGES["small"][0], SIZE_RANGES["large"][1]
+    objects: list[ShapeObject] = []
+    for _ in range(want * 20):
+        if len(objects) >= want:
+            break
+        side = _uniform(rng, lo_side, hi_side)
+        lo, hi = EDGE_MARGIN + side / 2, 1 - EDGE_MARGIN - side / 2
+        cx, cy = _uniform(rng, lo, hi), _uniform(rng, lo, hi)
+        if any(
+            max(abs(cx - o.cx), abs(cy - o.cy)) < (side + o.side) / 2 + DENSE_GAP for o in objects
+        ):
+            continue
+        colour, shape = _choice(rng, SEEN_PAIRS)
+        size = "small" if side < SIZE_THRESHOLD else "large"
+        objects.append(ShapeObject(colour, shape, size, cx, cy, side))
+    return Scene("", tuple(objects))
+
+
+def dense_sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str]:
+    """Dense training image ``index`` of stream ``seed`` (:func:`dense_scene`) and its empty caption."""
+    return render(dense_scene(index, seed), size=size), ""
 
 
 def stream(
@@ -746,6 +792,7 @@ __all__ = [
     "ALL_PAIRS",
     "BACKGROUND",
     "COLOURS",
+    "DENSE_OBJECTS",
     "EVAL_SETS",
     "HELD_OUT",
     "POSITIONS",
@@ -762,6 +809,8 @@ __all__ = [
     "ShapeObject",
     "captions",
     "check",
+    "dense_sample",
+    "dense_scene",
     "describe",
     "eval_prompts",
     "is_held_out",

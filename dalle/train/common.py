@@ -18,6 +18,7 @@ Checkpoint layout (one directory per checkpoint, renamed into place when complet
     <run>/checkpoints/step-00001000/
         <name>.safetensors   one per weight group (e.g. encoder, decoder, ema_encoder, ...): full tensors
         state.pt             torch.save: optimizer, RNG states, data position, counters, trainer state
+                             (plain containers and tensors only: read back with weights_only=True)
         meta.json            {"step", "time", "files", "format": 1}; written last
 
 Randomness that shapes a step (augmentation, gumbel noise, caption dropout, data order) is drawn from
@@ -89,9 +90,12 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The global RNG states (Python, NumPy, torch CPU and CUDA), for checkpoints."""
+    # Only plain containers, numbers, strings and tensors, so that checkpoints load with weights_only=True:
+    # NumPy's key array travels as an int64 tensor.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -102,7 +106,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError):  # a different GPU count: keep the fresh states
@@ -425,8 +431,8 @@ class CheckpointManager:
             for name in meta["files"]:
                 if name.endswith(".safetensors"):
                     weights[name[: -len(".safetensors")]] = load_file(str(path / name))
-            # weights_only=False: the state holds RNG tuples and NumPy state written by this very code
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+            # weights_only=True: a checkpoint from elsewhere cannot run code when it is resumed
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         except (OSError, KeyError, ValueError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable or incomplete ({type(exc).__name__}: {exc}); "

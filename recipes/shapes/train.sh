@@ -7,7 +7,7 @@ PY=${1:-.venv/bin/python}
 THREADS=${THREADS:-2}
 $PY -m dalle train-dvae --config recipes/shapes/dvae.json --out runs/shapes-dvae --threads "$THREADS" --no-progress
 $PY -m dalle encode-dataset --data shapes:1 --dvae runs/shapes-dvae/dvae --out runs/shapes-tokens \
-    --limit 5000 --batch-size 64 --threads "$THREADS" --no-progress
+    --limit 30000 --batch-size 64 --threads "$THREADS" --no-progress
 $PY -m dalle train --config recipes/shapes/transformer.json --out runs/shapes-transformer --threads "$THREADS" \
     --no-progress
 rm -rf dalle/pretrained/shapes && cp -r runs/shapes-transformer/model dalle/pretrained/shapes
