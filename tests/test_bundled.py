@@ -52,3 +52,21 @@ def test_bundled_dvae_reconstructs_a_rendered_scene():
     mse = float(((a - b) ** 2).mean())
     psnr = 10 * np.log10(255.0**2 / mse)
     assert psnr > 15, psnr
+
+
+def test_bundled_model_draws_the_colour_and_shape_it_is_asked_for():
+    """A behavioural floor, far below the evaluation's targets: the model has learned colours and shapes."""
+    from dalle.data import shapes
+
+    pipe = DALLE.from_pretrained("shapes", device="cpu")
+    prompts = ["a large blue square", "a large red triangle", "a large yellow circle"]
+    images = pipe.generate(prompts, num_images=4, seed=0, progress=False)  # prompt-major: 4 per prompt
+    assert len(images) == 12
+    colour_right = shape_right = 0
+    for k, image in enumerate(images):
+        want = shapes.parse_caption(prompts[k // 4]).objects[0]
+        found = shapes.parse(image)
+        colour_right += any(o.colour == want.colour for o in found)
+        shape_right += any((o.colour, o.shape) == (want.colour, want.shape) for o in found)
+    assert colour_right >= 10, colour_right  # of 12
+    assert shape_right >= 6, shape_right
