@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from dalle._files import publish
 from dalle.dvae import Decoder, Encoder
 from dalle.errors import ConfigError, DownloadError, ModelLoadError, UnsafePickleError
 
@@ -740,7 +741,7 @@ def save_model(module: Encoder | Decoder, path: str | os.PathLike[str]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"dalle_config": json.dumps(meta)})
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _sidecar_path(path).write_text(json.dumps(meta, indent=2) + "\n")
@@ -817,7 +818,7 @@ def download(
             raise DownloadError(
                 f"{url}: SHA-256 is {digest}, expected {expected}; the download was discarded"
             )
-        os.replace(tmp, target)
+        publish(tmp, target)
     except requests.RequestException as exc:
         raise DownloadError(f"could not download {url}: {exc}") from None
     except DownloadError:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from dalle._files import publish
 from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError
 from dalle.loading import resolve_device
 
@@ -110,7 +111,7 @@ def _save_weights(module: torch.nn.Module, file: Path) -> None:
 
     tmp = file.with_name(file.name + ".tmp")
     save_model(module, str(tmp))
-    os.replace(tmp, file)
+    publish(tmp, file)
 
 
 def describe_model(name_or_dir: str | os.PathLike[str]) -> str:

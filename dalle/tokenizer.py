@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dalle._files import publish
 from dalle.errors import TokenizerError
 
 PAD_ID = 0
@@ -396,7 +397,7 @@ class BPETokenizer:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(self._model)
-                os.replace(tmp, p)
+                publish(tmp, p)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)

@@ -68,6 +68,21 @@ def _tokens(pipe, prompts, **kw):
     return pipe.generate(prompts, progress=False, return_tokens=True, **kw).tokens
 
 
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        build_tiny().save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    files = sorted(p for p in (tmp_path / "m").iterdir() if p.is_file())
+    assert {p.name for p in files} >= {"transformer.safetensors", "encoder.safetensors", "tokenizer.model"}
+    for p in files:  # not the 0600 of the temporary files they were written as
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p.name, oct(p.stat().st_mode))
+
+
 def test_save_load_round_trip(tiny_dir):
     original = build_tiny()
     loaded = DALLE.from_pretrained(tiny_dir, device="cpu")
