@@ -61,11 +61,12 @@ and the position each with probability 1/2; 70% of captions use the plain templa
 Python's ``random.Random(...).random()`` seeded by a hash of ``(seed, index)``, which Python keeps stable across
 versions and platforms. :data:`EVAL_SETS` holds the fixed evaluation prompts (plain template only).
 
-**Dense scenes** (dVAE only). :func:`dense_scene` / :func:`dense_sample` draw 4-9 non-overlapping seen objects
-(sides anywhere from the small to the large range, boxes at least 0.02·S apart) on the same background with an
-empty caption; ``--data shapes-dense`` trains the dVAE on them. A 1-2 object scene is about 90% background, so
-the dVAE sees colours and edges rarely and learns them slowly; dense scenes put five to ten times more
-foreground into every update. Held-out pairs never appear in them either.
+**Dense scenes** (dVAE only). :func:`dense_scene` / :func:`dense_sample` draw up to 4-9 non-overlapping seen
+objects (about 5 on average: placements that do not fit are dropped; sides anywhere from the small to the
+large range, boxes at least 0.02·S apart) on the same background with an empty caption; ``--data shapes-dense`` trains the dVAE on them. A 1-2 object scene is about 90% background, so
+the dVAE sees colours and edges rarely and learns them slowly; dense scenes are 26% foreground instead of
+11% (2.4 times as much, measured over 300 scenes each) and hold several objects per crop.
+Held-out pairs never appear in them either.
 
 **Checker.** :func:`parse` finds the objects of an image in five steps (thresholds are the constants below):
 
@@ -381,12 +382,12 @@ DENSE_GAP = 0.02  # minimum gap between the bounding boxes of a dense scene, as 
 
 
 def dense_scene(index: int, seed: int = 0) -> Scene:
-    """Dense scene ``index`` of stream ``seed``, for training the dVAE only: 4-9 non-overlapping objects.
+    """Dense scene ``index`` of stream ``seed``, for training the dVAE only: up to 4-9 non-overlapping objects.
 
     Every object is a seen colour-shape pair (never a held-out one) with a side drawn from the small range,
-    the large range or in between, placed by rejection sampling (boxes at least ``DENSE_GAP`` apart and
-    ``EDGE_MARGIN`` from the border). It puts five to ten times more foreground in each image than the
-    captioned stream, so the dVAE sees every colour and edge far more often per step. The caption is empty:
+    the large range or in between, placed by rejection sampling (20 tries per wanted object, so about 5 on average; boxes at least ``DENSE_GAP`` apart and
+    ``EDGE_MARGIN`` from the border). Its images are 26% foreground against 11% for the
+    captioned stream, so the dVAE sees colours and edges far more often per step. The caption is empty:
     these scenes have no caption in the grammar, and the transformer never trains on them.
     """
     if index < 0:
