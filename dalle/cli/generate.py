@@ -201,4 +201,3 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"wrote {path.resolve()}")
     return 0
-

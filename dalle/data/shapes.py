@@ -793,6 +793,7 @@ __all__ = [
     "ALL_PAIRS",
     "BACKGROUND",
     "COLOURS",
+    "DENSE_GAP",
     "DENSE_OBJECTS",
     "EVAL_SETS",
     "HELD_OUT",

@@ -220,7 +220,7 @@ class DVAETrainer(Trainer):
         from dalle.data.datasets import uint8_to_mapped
 
         dev = self.info.device
-        x = uint8_to_mapped(micro.images).to(dev, non_blocking=True).contiguous(memory_format=self._memory_format)
+        x = uint8_to_mapped(micro.images).to(dev, non_blocking=True)  # the encoder makes it channels-last
         grid = (self.vocab_size, x.shape[2] // 8, x.shape[3] // 8)
         gens = [make_generator(dev, self.cfg.seed, "gumbel", step, p) for p in micro.positions]
         noise = gumbel_noise(grid, gens, dev)

@@ -70,15 +70,15 @@ class TransformerLoss(nn.Module):
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
 
-    Runs the encoder in channels-last layout (a little faster on CPU); every caller goes through here,
-    so ``encode-dataset`` and on-the-fly encoding give the same tokens.
+    Runs the encoder with channels-last weights (a little faster on CPU; the encoder already turns its
+    input channels-last itself); every caller goes through here, so ``encode-dataset`` and on-the-fly
+    encoding give the same tokens.
     """
     from dalle.data.datasets import uint8_to_mapped
 
     device = next(encoder.parameters()).device
     encoder.to(memory_format=torch.channels_last)
-    x = uint8_to_mapped(images).to(device).contiguous(memory_format=torch.channels_last)
-    tokens = encoder.encode(x)
+    tokens = encoder.encode(uint8_to_mapped(images).to(device))
     return tokens.reshape(tokens.shape[0], -1)
 
 
