@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -70,3 +71,22 @@ def test_bundled_model_draws_the_colour_and_shape_it_is_asked_for():
         shape_right += any((o.colour, o.shape) == (want.colour, want.shape) for o in found)
     assert colour_right >= 10, colour_right  # of 12
     assert shape_right >= 6, shape_right
+
+
+def test_the_recipe_configs_are_valid_and_used_by_the_script() -> None:
+    """Every config of the bundled model's recipe parses into its trainer's settings (so a renamed field cannot
+    silently break the recipe), and train.sh runs each of them."""
+    from dalle.cli import build_parser
+    from dalle.cli.train import build_config
+    from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    script = (recipe / "train.sh").read_text()
+    configs = sorted(recipe.glob("*.json"))
+    assert len(configs) >= 3
+    for path in configs:
+        command, cls = ("train-dvae", DVAETrainConfig) if path.stem == "dvae" else ("train", TransformerTrainConfig)
+        cfg = build_config(cls, build_parser().parse_args([command, "--config", str(path)]), command)
+        if isinstance(cfg, DVAETrainConfig):
+            cfg.validate()
+        assert f"--config recipes/shapes/{path.name}" in script

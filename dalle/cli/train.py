@@ -265,13 +265,13 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     )
     from dalle.errors import ConfigError
     from dalle.train.common import resolve_device
-    from dalle.train.transformer import encode_images, load_dvae_any
+    from dalle.train.transformer import encode_images, load_dvae_any, prepare_encoder
 
     if not (cfg.data and cfg.dvae and cfg.out_dir):
         raise ConfigError("encode-dataset needs --data, --dvae and --out")
     device = resolve_device(cfg.device)
     encoder, _, image_size = load_dvae_any(cfg.dvae, device)
-    encoder.eval().requires_grad_(False)
+    prepare_encoder(encoder)
     source = open_source(cfg.data, require_captions=True, size=image_size)
     if isinstance(source, TokenShards):
         raise ConfigError(f"{cfg.data} is already token shards")

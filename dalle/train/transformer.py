@@ -67,17 +67,22 @@ class TransformerLoss(nn.Module):
 
 
 @torch.no_grad()
+def prepare_encoder(encoder: nn.Module) -> nn.Module:
+    """Freeze ``encoder`` for tokenizing images (eval mode, no gradients) and give it channels-last weights,
+    a little faster on CPU (the encoder turns its input channels-last itself). ``encode-dataset`` and the
+    trainer both prepare their encoder with this, so pre-encoded and on-the-fly tokens are the same."""
+    encoder.eval().requires_grad_(False)
+    return encoder.to(memory_format=torch.channels_last)
+
+
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
 
-    Runs the encoder with channels-last weights (a little faster on CPU; the encoder already turns its
-    input channels-last itself); every caller goes through here, so ``encode-dataset`` and on-the-fly
-    encoding give the same tokens.
+    ``encoder`` is used as it is (see :func:`prepare_encoder` for the setting every caller here uses).
     """
     from dalle.data.datasets import uint8_to_mapped
 
     device = next(encoder.parameters()).device
-    encoder.to(memory_format=torch.channels_last)
     tokens = encoder.encode(uint8_to_mapped(images).to(device))
     return tokens.reshape(tokens.shape[0], -1)
 
@@ -156,8 +161,8 @@ class TransformerTrainer(Trainer):
             self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
         else:
             self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
-        for m in (self.encoder, self.decoder):
-            m.eval().requires_grad_(False)
+        prepare_encoder(self.encoder)
+        self.decoder.eval().requires_grad_(False)
         if isinstance(self.source, ShapesSource):
             self.source = ShapesSource(seed=self.source.seed, size=self.image_size)
         grid = self.image_size // 8
@@ -411,5 +416,6 @@ __all__ = [
     "caption_dropped",
     "encode_images",
     "load_dvae_any",
+    "prepare_encoder",
     "train_transformer",
 ]
