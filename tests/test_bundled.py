@@ -83,7 +83,7 @@ def test_the_recipe_configs_are_valid_and_used_by_the_script() -> None:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
     script = (recipe / "train.sh").read_text()
     configs = sorted(recipe.glob("*.json"))
-    assert len(configs) >= 3
+    assert len(configs) >= 2
     for path in configs:
         command, cls = ("train-dvae", DVAETrainConfig) if path.stem == "dvae" else ("train", TransformerTrainConfig)
         cfg = build_config(cls, build_parser().parse_args([command, "--config", str(path)]), command)
