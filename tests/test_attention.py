@@ -10,14 +10,7 @@ from dalle.attention import ATTN_TYPES, AttentionMasks, build_mask, paper_schedu
 from dalle.errors import ConfigError
 from dalle.transformer import DALLETransformer, TransformerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 3-4x faster single-threaded on a shared 2-core machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_allowed(q: int, k: int, text_len: int, grid: int, attn_type: str, kernel: int = 11) -> bool:

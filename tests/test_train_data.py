@@ -26,13 +26,7 @@ from dalle.data.datasets import (
 from dalle.errors import ConfigError
 from dalle.train.testing import make_image_folder, make_tar_shards, make_tiny_dvae_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _take(it, n):

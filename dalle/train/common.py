@@ -738,10 +738,11 @@ def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
 class Trainer:
     """The loop the dVAE and transformer trainers share.
 
-    Subclasses build ``self.model`` (the module that is wrapped for DDP/FSDP and whose ``forward`` returns
-    ``(loss, parts)``), ``self.optimizer``, ``self.ema`` (or None) and implement :meth:`batches`,
-    :meth:`forward`, :meth:`schedule`, :meth:`checkpoint_weights`, :meth:`load_checkpoint_weights`,
-    :meth:`evaluate`, :meth:`write_samples` and :meth:`finish`.
+    Subclasses build ``self.net`` (the module whose weights are checkpointed and whose ``forward`` returns
+    ``(loss, parts)``), ``self.model`` (``net`` or its DDP wrapper; FSDP2 shards ``net`` in place),
+    ``self.optimizer``, ``self.ema`` (or None) and implement :meth:`forward`, :meth:`schedule`,
+    :meth:`evaluate`, :meth:`write_samples` and :meth:`finish` (and :meth:`checkpoint_weights` /
+    :meth:`load_checkpoint_weights` when more than ``net`` and the EMA must be saved).
     """
 
     kind = "base"
@@ -758,7 +759,8 @@ class Trainer:
         self.samples_seen = 0
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=loop.keep_checkpoints)
         self.metrics = MetricsLogger(self.out / "metrics.jsonl", enabled=info.is_main)
-        self.model: nn.Module
+        self.net: nn.Module  # the unwrapped module whose weights are checkpointed
+        self.model: nn.Module  # what the step calls: ``net`` or its DDP wrapper
         self.optimizer: torch.optim.Optimizer
         self.ema: EMA | None = None
         # a test hook: seconds to sleep after each step, so a subprocess can be killed mid-run
@@ -791,13 +793,16 @@ class Trainer:
         """Set step-dependent values (learning rate, ...) for step ``step`` (0-based); return them for logs."""
         raise NotImplementedError
 
-    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
-        """Full weight groups to checkpoint (collective under FSDP2)."""
-        raise NotImplementedError
+    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Full weight groups to checkpoint: ``net``'s raw weights and the EMA (collective under FSDP2)."""
+        out = {"model": full_state_dict(self.net)}
+        if self.ema is not None:
+            out["ema"] = self.ema.full_state()
+        return out
 
-    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:  # pragma: no cover
-        """Load what :meth:`checkpoint_weights` produced."""
-        raise NotImplementedError
+    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Inverse of :meth:`checkpoint_weights` (the EMA is restored by :meth:`resume`)."""
+        load_full_state_dict(self.net, weights["model"])
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics (collective; every rank calls it)."""

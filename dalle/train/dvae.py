@@ -39,7 +39,6 @@ from dalle.train.common import (
     DistInfo,
     Trainer,
     cosine_schedule,
-    full_state_dict,
     load_full_state_dict,
     make_generator,
     save_dvae_dir,
@@ -241,18 +240,7 @@ class DVAETrainer(Trainer):
             if self._bar is not None:
                 self._bar.write("warning: " + msg)
 
-    # -------------------------------------------------------------- checkpoints
-    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Raw weights (encoder.* / decoder.*) and the EMA."""
-        out = {"model": full_state_dict(self.net)}
-        if self.ema is not None:
-            out["ema"] = self.ema.full_state()
-        return out
-
-    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Inverse of :meth:`checkpoint_weights` (the EMA is restored by the base class)."""
-        load_full_state_dict(self.net, weights["model"])
-
+    # -------------------------------------------------------------- settings
     def config_dict(self) -> dict[str, Any]:
         """Resolved settings (and the keys a resume must match)."""
         d = asdict(self.cfg)

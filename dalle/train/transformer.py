@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -307,18 +306,7 @@ class TransformerTrainer(Trainer):
         text = self.encode_text(micro.captions, micro.positions).to(dev)
         return self.model(text, image)
 
-    # -------------------------------------------------------------- checkpoints
-    def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Raw weights and the EMA (full tensors; collective under FSDP2)."""
-        out = {"model": full_state_dict(self.net)}
-        if self.ema is not None:
-            out["ema"] = self.ema.full_state()
-        return out
-
-    def load_checkpoint_weights(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Inverse of :meth:`checkpoint_weights` (the EMA is restored by the base class)."""
-        load_full_state_dict(self.net, weights["model"])
-
+    # -------------------------------------------------------------- settings
     def config_dict(self) -> dict[str, Any]:
         """Resolved settings (and the keys a resume must match)."""
         d = asdict(self.cfg)
