@@ -32,8 +32,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dalle tests benchmarks
 
+# The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). OpenAI's dall_e is the dVAE
+# reference; it imports attrs without declaring it.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PIP) install DALL-E attrs
+	$(PY) benchmarks/bench_dvae.py
+	$(PY) benchmarks/bench_transformer.py --points 6 --threads 1
+	$(PY) benchmarks/bench_tokenizer.py --repeats 51
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info
