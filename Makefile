@@ -32,10 +32,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dalle tests benchmarks
 
-# The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). OpenAI's dall_e is the dVAE
-# reference; it imports attrs without declaring it.
+# The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). The references: OpenAI's dall_e
+# for the dVAE (it imports attrs without declaring it), transformers and DALLE-pytorch for sampling.
 bench: $(STAMP)
-	$(PIP) install DALL-E attrs
+	$(PIP) install DALL-E attrs transformers dalle-pytorch "pytorch-lightning<2" "setuptools<81"
+	$(PY) benchmarks/bench_peers.py --threads 2
 	$(PY) benchmarks/bench_dvae.py
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 1
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dalle._files import publish
 from dalle.errors import CheckpointError, ConfigError, ModelLoadError
 from dalle.loading import resolve_device
 from dalle.train.config import LoopConfig
@@ -621,7 +622,7 @@ def _write_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], 
         save_model(module_or_state, str(tmp))
     else:
         save_file(_saveable(module_or_state), str(tmp))
-    os.replace(tmp, file)
+    publish(tmp, file)  # safetensors writes 0600 files
 
 
 def _write_json(obj: Any, file: Path) -> None:

@@ -10,5 +10,10 @@ $PY -m dalle encode-dataset --data shapes:1 --dvae runs/shapes-dvae/dvae --out r
     --limit 30000 --batch-size 64 --threads "$THREADS" --no-progress
 $PY -m dalle train --config recipes/shapes/transformer.json --out runs/shapes-transformer --threads "$THREADS" \
     --no-progress
-rm -rf dalle/pretrained/shapes && cp -r runs/shapes-transformer/model dalle/pretrained/shapes
+# stage 4: continue from that model on twice the data (the first 30,000 scenes again plus 30,000 new ones)
+$PY -m dalle encode-dataset --data shapes:1 --dvae runs/shapes-dvae/dvae --out runs/shapes-tokens-60k \
+    --limit 60000 --batch-size 64 --threads "$THREADS" --no-progress
+$PY -m dalle train --config recipes/shapes/transformer-finetune.json --out runs/shapes-transformer-ft \
+    --threads "$THREADS" --no-progress
+rm -rf dalle/pretrained/shapes && cp -r runs/shapes-transformer-ft/model dalle/pretrained/shapes
 $PY -m dalle evaluate --model shapes --out runs/shapes-eval
