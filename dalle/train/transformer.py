@@ -65,7 +65,6 @@ class TransformerLoss(nn.Module):
         return self.transformer.loss(text, image)
 
 
-@torch.no_grad()
 def prepare_encoder(encoder: nn.Module) -> nn.Module:
     """Freeze ``encoder`` for tokenizing images (eval mode, no gradients) and give it channels-last weights,
     a little faster on CPU (the encoder turns its input channels-last itself). ``encode-dataset`` and the
@@ -74,6 +73,7 @@ def prepare_encoder(encoder: nn.Module) -> nn.Module:
     return encoder.to(memory_format=torch.channels_last)
 
 
+@torch.no_grad()
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
 
