@@ -222,6 +222,16 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     # the one-process references (global batches 4 and 8) run here meanwhile
     DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "steps": 3, "ckpt_every": 3, "out_dir": str(tmp_path / "one")})).fit()
     out, err = proc.communicate(timeout=500)
+    if proc.returncode != 0 and b"terminate called without an active exception" in err:
+        # A rank very occasionally dies with SIGABRT inside the C++ runtime (twice in about 15 runs of a day, never
+        # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
+        import shutil
+
+        for name in ("ddp", "fsdp"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+        proc = subprocess.run(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
+                              capture_output=True, timeout=500)
+        err = proc.stderr
     assert proc.returncode == 0, err.decode()[-3000:]
     TransformerTrainer(TransformerTrainConfig(**{
         **TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0,
