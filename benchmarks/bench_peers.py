@@ -27,23 +27,13 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from bench_transformer import _timed  # same folder: run as `python benchmarks/bench_peers.py`
 
 from dalle.transformer import DALLETransformer, TransformerConfig
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
