@@ -145,6 +145,37 @@ def test_reconstruction_psnr_measures_the_error():
     assert bad["psnr_mean"] < 10 and bad["checker_accuracy"] == 0.0
 
 
+class BlankEveryThirdDecoder(FakeDecoder):
+    """Decodes batches of one image; every third call from the second on comes back blank (white)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = super().decode(z)
+        return torch.ones_like(out) if self.calls % 3 == 2 else out
+
+
+def test_reconstruction_accuracy_is_reported_per_evaluation_set():
+    # scenes cycle through the sets in EVAL_SETS order, so the blanked calls 2 and 5 are both two-object scenes
+    model = FakeModel()
+    model.decoder = BlankEveryThirdDecoder()
+    rec = reconstruction_psnr(model, num_images=7, batch_size=1)
+    names = list(shapes.EVAL_SETS)
+    assert names[1] == "two_objects_seen"
+    assert rec["checker_by_set"] == {
+        names[0]: {"accepted": 3, "images": 3, "accuracy": 1.0},
+        names[1]: {"accepted": 0, "images": 2, "accuracy": 0.0},
+        names[2]: {"accepted": 2, "images": 2, "accuracy": 1.0},
+    }
+    assert rec["checker_accuracy"] == pytest.approx(5 / 7)
+    res = {"settings": evaluate(FakeModel(), prompts_per_set=1, psnr_images=0)["settings"], "sets": {}}
+    text = format_results({**res, "reconstruction": rec})
+    assert "by set: one_object_seen 100% (3/3), two_objects_seen 0% (0/2), one_object_held_out 100% (2/2)" in text
+
+
 def test_bad_arguments_raise():
     for kwargs in (
         dict(sets=["nope"]),
