@@ -266,7 +266,9 @@ def _reconstruction(
         "psnr_min": float(np.min(psnrs)),
         "psnr_max": float(np.max(psnrs)),
         "checker_accuracy": accepted / num_images,
-        "checker_by_set": {name: {**c, "accuracy": c["accepted"] / c["images"]} for name, c in by_set.items()},
+        "checker_by_set": {
+            name: {**c, "accuracy": c["accepted"] / c["images"]} for name, c in by_set.items()
+        },
     }
     return result, examples
 
@@ -324,7 +326,10 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(
                 " " * 23
                 + "by set: "
-                + ", ".join(f"{name} {c['accuracy']:.0%} ({c['accepted']}/{c['images']})" for name, c in by_set.items())
+                + ", ".join(
+                    f"{name} {c['accuracy']:.0%} ({c['accepted']}/{c['images']})"
+                    for name, c in by_set.items()
+                )
             )
     for kind, path in results.get("files", {}).items():
         lines.append(f"wrote {kind}: {path}")

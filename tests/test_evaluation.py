@@ -173,7 +173,10 @@ def test_reconstruction_accuracy_is_reported_per_evaluation_set():
     assert rec["checker_accuracy"] == pytest.approx(5 / 7)
     res = {"settings": evaluate(FakeModel(), prompts_per_set=1, psnr_images=0)["settings"], "sets": {}}
     text = format_results({**res, "reconstruction": rec})
-    assert "by set: one_object_seen 100% (3/3), two_objects_seen 0% (0/2), one_object_held_out 100% (2/2)" in text
+    assert (
+        "by set: one_object_seen 100% (3/3), two_objects_seen 0% (0/2), one_object_held_out 100% (2/2)"
+        in text
+    )
 
 
 def test_bad_arguments_raise():
