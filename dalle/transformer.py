@@ -551,6 +551,8 @@ class DALLETransformer(nn.Module):
             state = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{weights_path} is not a readable safetensors file ({exc})") from exc
+        # half-precision files (``weights_dtype``) come back as float32 parameters
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         with torch.device("meta"):
             model = cls(config)
         try:

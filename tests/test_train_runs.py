@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle.errors import CheckpointError
+from dalle.errors import CheckpointError, ConfigError
 from dalle.train.common import CheckpointManager, TrainingInterrupted, read_metrics
 from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 from dalle.train.dvae import DVAETrainer
@@ -96,6 +96,36 @@ def test_transformer_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, d
     except ImportError as exc:  # a part of the pipeline not written yet
         pytest.skip(f"pipeline not importable: {exc}")
     assert pipe.image_size == 32 and pipe.trained_with_caption_dropout
+
+
+def test_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path, dvae_dir) -> None:
+    from safetensors import safe_open
+
+    from dalle.pipeline import DALLE
+    from dalle.transformer import DALLETransformer
+
+    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
+                                    "steps": 2, "eval_every": 0, "sample_every": 0, "plot_every": 0,
+                                    "weights_dtype": "float16"})
+    trainer = TransformerTrainer(cfg)
+    out = trainer.fit()
+    exported = {k: v.cpu() for k, v in trainer.export_transformer().state_dict().items()}
+    with safe_open(str(out / "transformer.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    fp32_bytes = sum(v.numel() * 4 for v in exported.values() if v.is_floating_point())
+    assert (out / "transformer.safetensors").stat().st_size < 0.6 * fp32_bytes
+    pipe = DALLE.from_pretrained(out, device="cpu")
+    loaded = pipe.transformer.state_dict()
+    for key, value in exported.items():
+        assert loaded[key].dtype == torch.float32
+        torch.testing.assert_close(loaded[key], value.half().float())  # the stored values, widened
+    (out / "transformer_config.json").write_text(json.dumps(pipe.transformer.config.to_dict()))
+    direct = DALLETransformer.load(out)  # the standalone loader widens half-precision files too
+    assert all(p.dtype == torch.float32 for p in direct.parameters())
+    bad = TransformerTrainConfig(**{**TINY_TRANSFORMER, "dvae": str(dvae_dir), "weights_dtype": "int8"})
+    with pytest.raises(ConfigError, match="weights_dtype must be one of float32, float16, bfloat16"):
+        bad.validate()
 
 
 def test_caption_dropout_gives_the_empty_caption(tmp_path, dvae_dir) -> None:

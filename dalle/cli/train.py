@@ -62,6 +62,7 @@ _HELP: dict[str, str] = {
     "name": "model name stored in config.json",
     "init": "start from these weights (a dVAE directory for train-dvae, a model directory for train)",
     "num_workers": "DataLoader worker processes for image decoding",
+    "weights_dtype": "precision of the exported transformer weights: float32, float16 (half the file) or bfloat16",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)",
 }
 

@@ -640,8 +640,12 @@ def write_model_dir(
     image_size: int,
     name: str,
     trained_with_caption_dropout: bool,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write the model directory :meth:`dalle.pipeline.DALLE.from_pretrained` loads.
+
+    ``weights_dtype`` ("float32", "float16" or "bfloat16") is the precision of ``transformer.safetensors``;
+    loading casts it back to the model's float32 parameters (half precision halves the file).
 
     Files: ``config.json`` (``{"format_version": 1, "transformer", "encoder", "decoder", "image_size",
     "text_len", "name", "trained_with_caption_dropout"}``), ``transformer.safetensors``,
@@ -653,7 +657,12 @@ def write_model_dir(
     tcfg = transformer.config
     if int(image_size) != 8 * int(tcfg.image_grid):
         raise ConfigError(f"image_size {image_size} does not match the {tcfg.image_grid}x{tcfg.image_grid} token grid")
-    _write_safetensors(transformer, path / "transformer.safetensors")
+    if weights_dtype == "float32":
+        _write_safetensors(transformer, path / "transformer.safetensors")
+    else:
+        dtype = getattr(torch, weights_dtype)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in transformer.state_dict().items()}
+        _write_safetensors(state, path / "transformer.safetensors")
     _write_safetensors(encoder, path / "encoder.safetensors")
     _write_safetensors(decoder, path / "decoder.safetensors")
     tmp = path / "tokenizer.model.tmp"

@@ -103,6 +103,8 @@ class DVAETrainConfig(LoopConfig):
 
 
 PAPER_WARMUP_FRAC = 5_000 / 430_000
+# precisions the exported transformer weights may be stored in; loading always gives float32 (or the asked dtype)
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -148,6 +150,7 @@ class TransformerTrainConfig(LoopConfig):
     name: str = "custom"
     init: str | None = None  # start from an existing model directory (fine-tuning)
     export_ema: bool = True
+    weights_dtype: str = "float32"  # precision of the exported transformer.safetensors (float16 halves the file)
 
     def resolved(self) -> dict[str, Any]:
         """Warm-up length and final learning rate actually used."""
@@ -165,7 +168,11 @@ class TransformerTrainConfig(LoopConfig):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_decay must be cosine, linear or constant, got {self.lr_decay!r}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ConfigError(
+                f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}"
+            )
 
 
 
-__all__ = ["DVAETrainConfig", "LoopConfig", "TransformerTrainConfig"]
+__all__ = ["WEIGHTS_DTYPES", "DVAETrainConfig", "LoopConfig", "TransformerTrainConfig"]

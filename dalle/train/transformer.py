@@ -387,6 +387,7 @@ class TransformerTrainer(Trainer):
         return write_model_dir(
             self.out / "model", self.tokenizer, self.encoder.cpu(), self.decoder.cpu(), model.cpu(),
             self.image_size, self.cfg.name, trained_with_caption_dropout=self.cfg.caption_dropout > 0,
+            weights_dtype=self.cfg.weights_dtype,
         )
 
 
