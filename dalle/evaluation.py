@@ -217,7 +217,9 @@ def reconstruction_psnr(
     Scenes cycle through the evaluation sets (held-out pairs and two-object scenes included), drawn at
     ``model.image_size`` with seeds ``seed, seed + 1, ...``. Also reports the checker's accuracy on the
     reconstructions, a check that the dVAE keeps what the checker reads, overall and per evaluation set
-    (``checker_by_set``): the accuracy no transformer on top of this dVAE can beat on that set.
+    (``checker_by_set``): a guide to what a transformer on top of this dVAE can reach on that set. It is not
+    a strict bound: a transformer may emit token grids that decode more cleanly than the encoder's argmax
+    codes of a rendered scene.
     """
     return _reconstruction(model, num_images, seed, batch_size)[0]
 

@@ -13,16 +13,20 @@ Rules (the same in training and encoding, so a caption is always cut up the way 
 * **Words**: text is split on spaces and merges are learned and applied inside words; a word's first piece
   carries the "▁" marker. (The paper's tokenizer also kept digits and punctuation from merging with letters;
   this one does not.) Training uses dalle's own deterministic BPE learner by default (youtokentome's trainer
-  breaks ties by thread timing); the model file is youtokentome's format and encoding runs in youtokentome.
+  breaks ties by thread timing); the model file is youtokentome's format and encoding runs in youtokentome,
+  or, where youtokentome is not installed, in dalle's pure-Python reader of that format (:mod:`dalle._pybpe`),
+  which gives the same ids (tested against youtokentome) and, caching words, is about as fast on captions.
 * **Unknown characters**: characters that were not in the training text have no id. Each maximal run of such
   characters inside a word becomes a single ``unk_id`` (1); :meth:`BPETokenizer.decode` shows it as ``<UNK>``.
 * **Special ids**: ``pad_id`` 0, ``unk_id`` 1, ``bos_id`` 2, ``eos_id`` 3 (youtokentome's layout). BOS and EOS
   exist in the vocabulary but :meth:`BPETokenizer.encode` never emits them.
 * **BPE dropout** only when ``encode(..., dropout=p)`` asks for it (training); its random draws come from
-  youtokentome's own generator, which torch seeds do not control.
+  youtokentome's own generator (or, without youtokentome, an unseeded Python generator), which torch seeds do
+  not control.
 
-The youtokentome package is imported only when a tokenizer is trained or loaded, so ``import dalle`` works
-without it.
+youtokentome is optional: it is imported only when a tokenizer is loaded or trained, and without it everything
+but ``BPETokenizer.train(..., deterministic=False)`` (youtokentome's own trainer) still works, through the
+pure-Python reader. ``import dalle`` never needs it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ _MODEL_HEADER = re.compile(rb"\s*\d+\s+\d+\s")
 
 class TruncationWarning(UserWarning):
     """A caption had more tokens than ``text_len`` and was cut to fit."""
+
+
+def _have_yttm() -> bool:
+    """True when youtokentome can be imported (its C++ encoder is faster than the pure-Python one)."""
+    try:
+        import youtokentome  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _yttm() -> Any:
@@ -300,7 +313,12 @@ class BPETokenizer:
         self._bpe_dropout: Any = None  # single-threaded instance for BPE dropout, made on first use
 
     def _open(self, n_threads: int) -> Any:
-        """Load the (already validated) model bytes into a youtokentome BPE object."""
+        """Load the (already validated) model bytes into a youtokentome BPE object, or the pure-Python reader
+        of the same format when youtokentome is not installed."""
+        if not _have_yttm():
+            from dalle._pybpe import PyBPE
+
+            return PyBPE(self._model)
         yttm = _yttm()
         with tempfile.TemporaryDirectory(prefix="dalle-bpe-") as tmp:
             path = os.path.join(tmp, "tokenizer.model")
@@ -342,7 +360,8 @@ class BPETokenizer:
         multi-threaded C++ trainer instead: much faster on millions of captions, but its tie-breaking depends
         on thread timing, so two runs can differ. ``n_threads`` and ``verbose`` (show its log; otherwise file
         descriptor 2 is silenced while it runs, hiding other threads' stderr too) apply to that trainer only.
-        Either way the model is youtokentome's file format and encoding runs in youtokentome.
+        Either way the model is youtokentome's file format; encoding runs in youtokentome where it is
+        installed, else in dalle's pure-Python reader (same ids).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
@@ -350,7 +369,8 @@ class BPETokenizer:
             raise TokenizerError(f"vocab_size must be a positive int below 2**31, got {vocab_size}")
         if not 0.0 < coverage <= 1.0:
             raise TokenizerError(f"coverage must be in (0, 1], got {coverage}")
-        _yttm()  # fail early, before reading the text, when youtokentome is missing
+        if not deterministic:
+            _yttm()  # fail early, before reading the text, when youtokentome is missing
         texts = _iter_training_texts(texts_or_path)
         if deterministic:
             model, n_captions = _learn_bpe(texts, vocab_size, coverage)
@@ -456,10 +476,12 @@ class BPETokenizer:
     # --------------------------------------------------------------------------------------- encoding
     def tokenize(self, text: str) -> list[str]:
         """The subword pieces of one caption, after normalisation (unknown runs appear as themselves)."""
-        yttm = _yttm()
         if not isinstance(text, str):
             raise TypeError(f"tokenize() expects a str, got {type(text).__name__}")
-        return self._bpe.encode([normalize(text)], output_type=yttm.OutputType.SUBWORD)[0]
+        from dalle._pybpe import OutputType, PyBPE
+
+        subword = OutputType.SUBWORD if isinstance(self._bpe, PyBPE) else _yttm().OutputType.SUBWORD
+        return self._bpe.encode([normalize(text)], output_type=subword)[0]
 
     def encode_ids(self, text: str | Sequence[str], dropout: float = 0.0) -> list[list[int]]:
         """Token ids of each caption, unpadded and untruncated (one list per caption)."""

@@ -73,12 +73,50 @@ def test_import_is_lazy_and_training_is_quiet() -> None:
     assert proc.stdout.strip() == "done" and proc.stderr == ""
 
 
-def test_missing_youtokentome_gives_install_hint(monkeypatch: pytest.MonkeyPatch, model_file: Path) -> None:
+def test_without_youtokentome_the_pure_python_reader_gives_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, tok: BPETokenizer, model_file: Path, captions: list[str]
+) -> None:
+    from dalle._pybpe import PyBPE
+
+    texts = [*captions[:50], "a red circl\u00e9 ☃☃ zzz", "", "the the the"]
+    expected_ids = tok.encode_ids(texts)
+    expected_pieces = [tok.tokenize(t) for t in texts]
+    expected_tensor = tok.encode(texts, text_len=32)
     monkeypatch.setitem(sys.modules, "youtokentome", None)  # makes `import youtokentome` fail
-    with pytest.raises(TokenizerError, match="pip install .*youtokentome"):
-        BPETokenizer.train(["a red circle"], vocab_size=30)
-    with pytest.raises(TokenizerError, match="pip install .*youtokentome"):
-        BPETokenizer.load(model_file)
+    py = BPETokenizer.load(model_file)
+    assert isinstance(py._bpe, PyBPE)
+    assert py.encode_ids(texts) == expected_ids
+    assert [py.tokenize(t) for t in texts] == expected_pieces
+    assert torch.equal(py.encode(texts, text_len=32), expected_tensor)
+    assert py.decode(expected_tensor) == tok.decode(expected_tensor)
+    assert py.vocab() == tok.vocab() and py.token_to_id("<UNK>") == tok.token_to_id("<UNK>")
+    no_merges = py.encode_ids(texts[:5], dropout=1.0)  # dropout 1 skips every merge: one id per character
+    assert [len(ids) for ids in no_merges] == [len(t.replace(" ", "")) + t.count(" ") + 1 for t in texts[:5]]
+    assert BPETokenizer.train(captions, vocab_size=120) == tok  # dalle's own trainer needs no youtokentome
+    with pytest.raises(TokenizerError, match="pip install .*youtokentome"):  # youtokentome's trainer does
+        BPETokenizer.train(["a red circle"], vocab_size=30, deterministic=False)
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "abcde"])
+def test_pure_python_reader_matches_youtokentome_on_random_text(alphabet: str) -> None:
+    """Many merges over a tiny alphabet: overlapping pairs, repeats, unknown runs, decoding arbitrary ids."""
+    import youtokentome as yttm
+
+    from dalle._pybpe import OutputType, PyBPE
+
+    rng = random.Random(len(alphabet))
+    def words(k: int) -> str:
+        return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(k))
+
+    tok = BPETokenizer.train([words(rng.randint(1, 6)) for _ in range(1500)], vocab_size=80)
+    ref, py = tok._bpe, PyBPE(tok._model)
+    assert py.vocab() == list(ref.vocab())
+    texts = [normalize("".join(rng.choice(alphabet + "xy ☃") for _ in range(rng.randint(0, 40)))) for _ in range(1500)]
+    assert py.encode(texts) == ref.encode(texts)
+    assert py.encode(texts, output_type=OutputType.SUBWORD) == ref.encode(texts, output_type=yttm.OutputType.SUBWORD)
+    rows = [[rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 12))] for _ in range(1000)]
+    assert py.decode(rows, ignore_ids=[0, 2, 3]) == ref.decode(rows, ignore_ids=[0, 2, 3])
+    assert [py.subword_to_id(p) for p in [*py.vocab(), "zz"]] == [ref.subword_to_id(p) for p in [*py.vocab(), "zz"]]
 
 
 # ---------------------------------------------------------------------------------------- normalize

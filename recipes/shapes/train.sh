@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the bundled `shapes` model (dalle/pretrained/shapes) from scratch with the project's own CLI.
+# Part 1 of the bundled `shapes` model (dalle/pretrained/shapes), from scratch with the project's own CLI, on a
+# CPU: its dVAE and tokenizer, and the 4-layer transformer bundled until the 5th session. Part 2,
+# recipes/shapes/gpu/train.sh, then trains the bundled 8-layer transformer on top of them.
 # Usage: recipes/shapes/train.sh [PYTHON]   (run from the repository root; writes runs/ and the model dir)
 # Every stage is seeded; on the same machine and torch build the weights come out the same.
 set -euo pipefail
