@@ -22,5 +22,11 @@ def publish(tmp: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     copied into a package or shared on a server must be readable like any file the user creates, so the
     mode becomes ``0666 & ~umask`` before the atomic rename.
     """
-    os.chmod(tmp, 0o666 & ~_umask())
+    ordinary_permissions(tmp)
     os.replace(tmp, dst)
+
+
+def ordinary_permissions(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a file the user creates would have (``0666 & ~umask``), e.g. after safetensors
+    wrote it private (0600)."""
+    os.chmod(path, 0o666 & ~_umask())

@@ -65,7 +65,9 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
     assert size == 32 and enc.vocab_size == 32
     mask = os.umask(0o022)
     os.umask(mask)
-    for f in out.iterdir():  # ordinary permissions, not the 0600 safetensors gives its files
+    checkpoint_files = list((tmp_path / "run" / "checkpoints").glob("step-*/*"))
+    assert any(f.suffix == ".safetensors" for f in checkpoint_files)
+    for f in [*out.iterdir(), *checkpoint_files]:  # ordinary permissions, not the 0600 safetensors gives its files
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f.name, oct(f.stat().st_mode))
     assert (tmp_path / "run" / "samples" / "step-00000040.png").is_file()
     if pytest.importorskip("matplotlib"):

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dalle._files import publish
+from dalle._files import ordinary_permissions, publish
 from dalle.errors import CheckpointError, ConfigError, ModelLoadError
 from dalle.loading import resolve_device
 from dalle.train.config import LoopConfig
@@ -396,6 +396,7 @@ class CheckpointManager:
             meta = {"format": CHECKPOINT_FORMAT, "step": int(step), "time": time.time(), "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
             for name in files + ["meta.json"]:
+                ordinary_permissions(tmp / name)  # safetensors writes 0600; checkpoints get shared too
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
             _fsync_dir(tmp)
