@@ -8,7 +8,9 @@ the same ids as youtokentome (the tests compare the two on generated text wherev
 * characters missing from the model are unknown; each maximal run of them is one ``unk`` piece that never merges;
 * merges apply inside a word, the earliest-learned rule first (rules are numbered in the order they were
   learned, so a rule's merged id is its rank), and among equal rules the leftmost pair first;
-* with dropout ``p``, each merge is skipped with probability ``p`` (decided when the pair is about to merge).
+* with dropout ``p`` (BPE-dropout, as youtokentome does it): each candidate merge, taken in the order above, is
+  skipped with probability ``p``; skipped candidates return after the next merge that is made, and the word is
+  finished when every remaining candidate has been skipped in a row.
 
 The model file has been validated (:func:`dalle.tokenizer._validate_model`) before it reaches this class.
 """
@@ -139,13 +141,20 @@ class PyBPE:
 
         for i in range(n - 1):
             push(i)
+        skipped: list[tuple[int, int, int, int]] = []
         while heap:
-            merged, i, left, right = heapq.heappop(heap)
+            event = heapq.heappop(heap)
+            if dropout > 0.0:
+                if rng.random() < dropout:
+                    skipped.append(event)  # dropped for now; back in the queue after the next merge
+                    continue
+                for e in skipped:
+                    heapq.heappush(heap, e)
+                skipped.clear()
+            merged, i, left, right = event
             j = nxt[i] if alive[i] else n
             if j >= n or symbols[i][0] != left or symbols[j][0] != right:
                 continue  # stale: one side has merged since
-            if dropout > 0.0 and rng.random() < dropout:
-                continue
             symbols[i] = [merged, symbols[i][1] + symbols[j][1]]
             alive[j] = False
             nxt[i] = nxt[j]

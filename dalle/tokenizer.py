@@ -20,9 +20,9 @@ Rules (the same in training and encoding, so a caption is always cut up the way 
   characters inside a word becomes a single ``unk_id`` (1); :meth:`BPETokenizer.decode` shows it as ``<UNK>``.
 * **Special ids**: ``pad_id`` 0, ``unk_id`` 1, ``bos_id`` 2, ``eos_id`` 3 (youtokentome's layout). BOS and EOS
   exist in the vocabulary but :meth:`BPETokenizer.encode` never emits them.
-* **BPE dropout** only when ``encode(..., dropout=p)`` asks for it (training); its random draws come from
-  youtokentome's own generator (or, without youtokentome, an unseeded Python generator), which torch seeds do
-  not control.
+* **BPE dropout** only when ``encode(..., dropout=p)`` asks for it (training). With ``seeds=`` (one int per
+  caption; the trainer derives them from the run seed and each sample's position) the draws are reproducible;
+  without, they come from youtokentome's own generator (or an unseeded Python one), which nothing seeds.
 
 youtokentome is optional: it is imported only when a tokenizer is loaded or trained, and without it everything
 but ``BPETokenizer.train(..., deterministic=False)`` (youtokentome's own trainer) still works, through the
@@ -35,6 +35,7 @@ import contextlib
 import heapq
 import itertools
 import os
+import random
 import re
 import sys
 import tempfile
@@ -311,6 +312,7 @@ class BPETokenizer:
         self._n_threads = int(n_threads)
         self._bpe = self._open(n_threads)
         self._bpe_dropout: Any = None  # single-threaded instance for BPE dropout, made on first use
+        self._py_dropout: Any = None  # dalle's encoder for seeded BPE dropout, made on first use
 
     def _open(self, n_threads: int) -> Any:
         """Load the (already validated) model bytes into a youtokentome BPE object, or the pure-Python reader
@@ -483,12 +485,33 @@ class BPETokenizer:
         subword = OutputType.SUBWORD if isinstance(self._bpe, PyBPE) else _yttm().OutputType.SUBWORD
         return self._bpe.encode([normalize(text)], output_type=subword)[0]
 
-    def encode_ids(self, text: str | Sequence[str], dropout: float = 0.0) -> list[list[int]]:
-        """Token ids of each caption, unpadded and untruncated (one list per caption)."""
+    def encode_ids(
+        self, text: str | Sequence[str], dropout: float = 0.0, seeds: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """Token ids of each caption, unpadded and untruncated (one list per caption).
+
+        ``seeds`` (one int per caption) makes BPE dropout reproducible: caption ``i`` draws its dropout
+        decisions from ``random.Random(seeds[i])`` (in dalle's own encoder), so the same seeds give the same ids.
+        """
         texts = _check_texts(text, "encode()")
         if not 0.0 <= dropout <= 1.0:
             raise TokenizerError(f"dropout must be in [0, 1], got {dropout}")
         normalized = [normalize(t) for t in texts]
+        if seeds is not None:
+            seeds = list(seeds)
+            if len(seeds) != len(normalized) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in seeds
+            ):
+                raise TokenizerError(f"seeds must be {len(normalized)} ints, one per caption, got {seeds!r:.80}")
+        if dropout > 0.0 and seeds is not None:
+            from dalle._pybpe import PyBPE
+
+            if self._py_dropout is None:
+                self._py_dropout = PyBPE(self._model)
+            return [
+                self._py_dropout.encode([t], dropout_prob=float(dropout), rng=random.Random(seed))[0]
+                for t, seed in zip(normalized, seeds)
+            ]
         if dropout > 0.0:
             # youtokentome draws dropout decisions from one global generator; a single-threaded instance
             # keeps encoding threads from racing on it.
@@ -503,6 +526,7 @@ class BPETokenizer:
         text_len: int = 256,
         truncate: bool = True,
         dropout: float = 0.0,
+        seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Encode captions into a ``LongTensor[B, text_len]``: caption tokens, then ``pad_id`` (0).
 
@@ -512,14 +536,15 @@ class BPETokenizer:
         ``truncate=False``. A non-str caption raises TypeError naming its position in the batch.
 
         ``dropout``: BPE dropout probability (each merge is skipped with this probability, giving varied
-        segmentations); use it only for training (the paper uses 0.1). The draws come from youtokentome's
-        own generator, which torch seeds do not control. The default 0 is deterministic.
+        segmentations); use it only for training (the paper uses 0.1). The default 0 is deterministic. With
+        ``seeds`` (one int per caption) the draws are reproducible (see :meth:`encode_ids`); without, they come
+        from youtokentome's own generator, which nothing seeds.
         """
         if isinstance(text_len, bool) or not isinstance(text_len, int):
             raise TypeError(f"text_len must be an int, got {type(text_len).__name__}")
         if text_len < 1:
             raise TokenizerError(f"text_len must be at least 1, got {text_len}")
-        rows = self.encode_ids(text, dropout=dropout)
+        rows = self.encode_ids(text, dropout=dropout, seeds=seeds)
         return self._pad(rows, text_len, truncate, single=isinstance(text, str))
 
     @staticmethod

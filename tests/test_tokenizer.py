@@ -97,6 +97,35 @@ def test_without_youtokentome_the_pure_python_reader_gives_the_same_results(
         BPETokenizer.train(["a red circle"], vocab_size=30, deterministic=False)
 
 
+def test_seeded_bpe_dropout_is_reproducible(tok: BPETokenizer, captions: list[str]) -> None:
+    texts = captions[:40]
+    plain = tok.encode_ids(texts)
+    first = tok.encode_ids(texts, dropout=0.3, seeds=list(range(40)))
+    assert tok.encode_ids(texts, dropout=0.3, seeds=list(range(40))) == first  # same seeds, same ids
+    assert tok.encode_ids(texts, dropout=0.3, seeds=list(range(40, 80))) != first
+    assert first != plain and all(len(a) >= len(b) for a, b in zip(first, plain))  # skipped merges: more pieces
+    assert tok.decode(tok.encode(texts, text_len=64, dropout=0.3, seeds=list(range(40)))) == tok.decode(
+        tok.encode(texts, text_len=64)
+    )  # any segmentation spells the same caption
+    singles = tok.encode_ids(texts[:3], dropout=1.0, seeds=[1, 2, 3])
+    assert [len(ids) for ids in singles] == [len(t.replace(" ", "")) + t.count(" ") + 1 for t in texts[:3]]
+    assert tok.encode_ids(texts[:2], dropout=0.0, seeds=[5, 6]) == plain[:2]
+    with pytest.raises(TokenizerError, match="seeds must be 2 ints"):
+        tok.encode_ids(texts[:2], dropout=0.1, seeds=[1])
+    with pytest.raises(TokenizerError, match="seeds must be 2 ints"):
+        tok.encode_ids(texts[:2], dropout=0.1, seeds=[1, "2"])
+
+
+def test_seeded_bpe_dropout_has_youtokentome_statistics(tok: BPETokenizer) -> None:
+    """Same algorithm as youtokentome's dropout (skipped merges come back after the next merge): the mean
+    number of pieces agrees at every rate."""
+    texts = make_captions(1500, seed=9)
+    for p in (0.1, 0.4):
+        ours = sum(map(len, tok.encode_ids(texts, dropout=p, seeds=list(range(len(texts))))))
+        theirs = sum(map(len, tok._bpe.encode([normalize(t) for t in texts], dropout_prob=p)))
+        assert abs(ours / theirs - 1) < 0.03, (p, ours, theirs)
+
+
 @pytest.mark.parametrize("alphabet", ["ab", "abcde"])
 def test_pure_python_reader_matches_youtokentome_on_random_text(alphabet: str) -> None:
     """Many merges over a tiny alphabet: overlapping pairs, repeats, unknown runs, decoding arbitrary ids."""

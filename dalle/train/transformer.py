@@ -17,9 +17,8 @@ Data: token shards from ``dalle encode-dataset`` (no encoder at training time), 
 noise: trap 9 of the spec). The output is a model directory (:func:`dalle.train.common.write_model_dir`)
 that :meth:`dalle.pipeline.DALLE.from_pretrained` loads.
 
-Determinism: caption-dropout decisions, augmentation and data order are seeded by (seed, global position);
-BPE dropout draws from youtokentome's own generator, which cannot be seeded, so exact resumption needs
-``bpe_dropout=0``.
+Determinism: caption-dropout and BPE-dropout decisions, augmentation and data order are seeded by (seed,
+global position), so a resumed run, or N ranks, see exactly what one uninterrupted process sees.
 """
 
 from __future__ import annotations
@@ -276,16 +275,19 @@ class TransformerTrainer(Trainer):
         return center_crop(img, self.image_size)
 
     def encode_text(self, captions: list[str], positions: list[int], train: bool = True) -> torch.Tensor:
-        """Caption dropout (seeded per position), then BPE (with dropout in training) to [B, text_len]."""
+        """Caption dropout, then BPE (with BPE dropout in training) to [B, text_len]; both seeded per position."""
         from dalle.tokenizer import TruncationWarning
 
+        seeds = None
         if train:
             captions = ["" if caption_dropped(self.cfg.seed, p, self.cfg.caption_dropout) else c
                         for c, p in zip(captions, positions)]
+            if self.cfg.bpe_dropout > 0:
+                seeds = [derive_seed(self.cfg.seed, "bpe-dropout", p) for p in positions]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)  # long captions keep their first text_len tokens
             return self.tokenizer.encode(captions, text_len=self.tcfg.text_len,
-                                         dropout=self.cfg.bpe_dropout if train else 0.0)
+                                         dropout=self.cfg.bpe_dropout if train else 0.0, seeds=seeds)
 
     # -------------------------------------------------------------- step
     def schedule(self, step: int) -> dict[str, float]:
