@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import operator
 import os
 import random
 import re
@@ -498,11 +499,15 @@ class BPETokenizer:
             raise TokenizerError(f"dropout must be in [0, 1], got {dropout}")
         normalized = [normalize(t) for t in texts]
         if seeds is not None:
-            seeds = list(seeds)
-            if len(seeds) != len(normalized) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in seeds
-            ):
-                raise TokenizerError(f"seeds must be {len(normalized)} ints, one per caption, got {seeds!r:.80}")
+            given = list(seeds)
+            try:
+                if any(isinstance(x, bool) for x in given):
+                    raise TypeError
+                seeds = [operator.index(x) for x in given]  # ints, numpy ints, 0-d integer tensors
+            except TypeError:
+                seeds = None
+            if seeds is None or len(seeds) != len(normalized):
+                raise TokenizerError(f"seeds must be {len(normalized)} ints, one per caption, got {given!r:.80}")
         if dropout > 0.0 and seeds is not None:
             from dalle._pybpe import PyBPE
 
