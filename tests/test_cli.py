@@ -114,6 +114,16 @@ def test_info(model_dir):
     assert "torch" in r.stdout and "cache" in r.stdout and "tiny-test" in r.stdout
 
 
+def test_info_says_youtokentome_is_optional(monkeypatch, capsys):
+    import dalle.cli.info as info
+    from dalle.cli import main
+
+    monkeypatch.setattr(info, "_version", lambda dist: "not installed" if dist == "youtokentome" else "1.0")
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("youtokentome"))
+    assert "not installed (optional" in line and "pure-Python" in line
+
+
 def test_demo_runs_offline(tmp_path):
     r = run_cli("demo", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr

@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"python       {platform.python_version()} ({platform.platform()})")
     print(f"torch        {torch.__version__}")
     for dist in ("torchvision", "youtokentome", "safetensors", "numpy", "pillow"):
-        print(f"{dist:<12} {_version(dist)}")
+        found = _version(dist)
+        if dist == "youtokentome" and found == "not installed":
+            found += " (optional: captions use dalle's pure-Python BPE encoder, same ids)"
+        print(f"{dist:<12} {found}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"device       cuda ({names})")
