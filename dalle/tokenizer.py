@@ -313,7 +313,17 @@ class BPETokenizer:
         self._n_threads = int(n_threads)
         self._bpe = self._open(n_threads)
         self._bpe_dropout: Any = None  # single-threaded instance for BPE dropout, made on first use
-        self._py_dropout: Any = None  # dalle's encoder for seeded BPE dropout, made on first use
+        self._py_bpe: Any = None  # dalle's own encoder for seeded BPE dropout (self._bpe when it is one)
+
+    def _python_bpe(self) -> Any:
+        """dalle's own encoder of this model (the one in use when youtokentome is missing), made once."""
+        from dalle._pybpe import PyBPE
+
+        if isinstance(self._bpe, PyBPE):
+            return self._bpe
+        if self._py_bpe is None:
+            self._py_bpe = PyBPE(self._model)
+        return self._py_bpe
 
     def _open(self, n_threads: int) -> Any:
         """Load the (already validated) model bytes into a youtokentome BPE object, or the pure-Python reader
@@ -509,19 +519,16 @@ class BPETokenizer:
             if seeds is None or len(seeds) != len(normalized):
                 raise TokenizerError(f"seeds must be {len(normalized)} ints, one per caption, got {given!r:.80}")
         if dropout > 0.0 and seeds is not None:
-            from dalle._pybpe import PyBPE
-
-            if self._py_dropout is None:
-                self._py_dropout = PyBPE(self._model)
+            py = self._python_bpe()
             return [
-                self._py_dropout.encode([t], dropout_prob=float(dropout), rng=random.Random(seed))[0]
+                py.encode([t], dropout_prob=float(dropout), rng=random.Random(seed))[0]
                 for t, seed in zip(normalized, seeds)
             ]
         if dropout > 0.0:
             # youtokentome draws dropout decisions from one global generator; a single-threaded instance
             # keeps encoding threads from racing on it.
             if self._bpe_dropout is None:
-                self._bpe_dropout = self._open(1)
+                self._bpe_dropout = self._open(1) if _have_yttm() else self._python_bpe()
             return self._bpe_dropout.encode(normalized, dropout_prob=float(dropout))
         return self._bpe.encode(normalized)
 

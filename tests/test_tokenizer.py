@@ -82,9 +82,12 @@ def test_without_youtokentome_the_pure_python_reader_gives_the_same_results(
     expected_ids = tok.encode_ids(texts)
     expected_pieces = [tok.tokenize(t) for t in texts]
     expected_tensor = tok.encode(texts, text_len=32)
+    expected_seeded = tok.encode_ids(texts, dropout=0.3, seeds=list(range(len(texts))))
     monkeypatch.setitem(sys.modules, "youtokentome", None)  # makes `import youtokentome` fail
     py = BPETokenizer.load(model_file)
     assert isinstance(py._bpe, PyBPE)
+    assert py.encode_ids(texts, dropout=0.3, seeds=list(range(len(texts)))) == expected_seeded
+    assert py._python_bpe() is py._bpe and py._py_bpe is None  # one encoder, not a second copy
     assert py.encode_ids(texts) == expected_ids
     assert [py.tokenize(t) for t in texts] == expected_pieces
     assert torch.equal(py.encode(texts, text_len=32), expected_tensor)
