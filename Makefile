@@ -37,8 +37,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PIP) install DALL-E attrs transformers dalle-pytorch "pytorch-lightning<2" "setuptools<81"
 	$(PY) benchmarks/bench_peers.py --threads 2
+	$(PY) benchmarks/bench_peers.py --threads 2 --batch 4 --repeats 2
 	$(PY) benchmarks/bench_dvae.py
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 1
+	$(PY) benchmarks/bench_transformer.py --points 6 --threads 2
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51
 
 clean:

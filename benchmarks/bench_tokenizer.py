@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=-1, help="youtokentome encode threads (-1: all cores)")
     args = parser.parse_args(argv)
 
+    try:
+        import youtokentome  # noqa: F401
+    except ImportError:
+        sys.exit("bench_tokenizer.py measures dalle's tokenizer against youtokentome, which is not installed: "
+                 "`make setup` installs it (or pip install cython setuptools wheel && "
+                 "pip install --no-build-isolation youtokentome)")
     captions = make_captions(args.n)
     t0 = time.perf_counter()
     tok = BPETokenizer.train(make_captions(2000, seed=1), vocab_size=args.vocab_size, strict=True)

@@ -17,14 +17,16 @@ device). Numerical differences between batch shapes are far below what flips a s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -46,6 +48,38 @@ REGISTRY: dict[str, Path] = {"shapes": _PRETRAINED / "shapes"}
 _FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
 
 Scorer = Callable[[str, list[Image.Image]], torch.Tensor]
+
+# how allocators word running out of memory: CUDA's caching allocator, and the CPU allocator on Linux / Windows
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def _base_seed(seed: int | None) -> int:
+    """The given seed, or a random one; rejects what is not an integer (seeds of image k are seed + k)."""
+    if seed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(what: str, n: int, device: torch.device) -> Iterator[None]:
+    """Turn an allocator failure inside the block into :class:`OutOfMemoryError` naming ``batch_size``."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise OutOfMemoryError(
+            f"out of memory while {what} a batch of {n} images on {device}; "
+            f"pass a smaller batch_size (e.g. {max(1, n // 2)}) or fewer images"
+        ) from exc
 
 
 def resolve_model(name_or_dir: str | os.PathLike[str]) -> Path:
@@ -191,6 +225,10 @@ class DALLE:
         self.encoder = encoder.to(self.device).eval()
         self.decoder = decoder.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
+        # the modules' own CUDA precision follows the pipeline's (they would otherwise pick bfloat16 themselves)
+        self.encoder.set_dtype(dtype)
+        self.decoder.set_dtype(dtype)
+        self.transformer.cuda_dtype = dtype
 
     # ------------------------------------------------------------------ properties
     @property
@@ -284,15 +322,32 @@ class DALLE:
         return self.tokenizer.encode(list(prompts), text_len=self.text_len).to(self.device)
 
     @torch.inference_mode()
-    def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """Decode image token grids [B, grid, grid] to PIL images."""
+    def decode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None) -> list[Image.Image]:
+        """Decode image token grids ([B, grid, grid] or [B, grid * grid]) to PIL images, ``batch_size`` at a time."""
         from dalle.images import to_pil
 
-        tokens = tokens.to(self.device).reshape(-1, self.grid, self.grid)
-        with self._autocast():
-            pixels = self.decoder.decode(tokens)
-        out = to_pil(pixels.float().clamp(0, 1).cpu())
-        return out if isinstance(out, list) else [out]
+        cells = self.grid * self.grid
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
+            raise ConfigError(f"tokens must be an integer tensor of image token ids, got {type(tokens).__name__}"
+                              + (f" of {tokens.dtype}" if isinstance(tokens, torch.Tensor) else ""))
+        if tokens.numel() == 0 or tokens.numel() % cells:
+            raise ConfigError(
+                f"tokens of shape {tuple(tokens.shape)} are not image token grids of this model: expected "
+                f"[B, {self.grid}, {self.grid}] or [B, {cells}]"
+            )
+        tokens = tokens.reshape(-1, self.grid, self.grid)
+        vocab = self.decoder.vocab_size
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise ConfigError(f"image token ids must lie in [0, {vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+        bs = batch_size or self._default_batch_size()
+        images: list[Image.Image] = []
+        for i in range(0, len(tokens), bs):
+            chunk = tokens[i : i + bs].to(self.device)
+            with _out_of_memory_as_error("decoding", len(chunk), self.device), self._autocast():
+                pixels = self.decoder.decode(chunk)
+            out = to_pil(pixels.float().clamp(0, 1).cpu())
+            images.extend(out if isinstance(out, list) else [out])
+        return images
 
     @torch.inference_mode()
     def encode_image(self, image: Any, *, allow_upscale: bool = False) -> torch.Tensor:
@@ -310,6 +365,12 @@ class DALLE:
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], tokens: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Mean log-likelihood per image token of each grid given its prompt (the built-in rerank score)."""
+        cells = self.grid * self.grid
+        if not isinstance(tokens, torch.Tensor) or tokens.numel() != len(prompts) * cells:
+            raise ConfigError(
+                f"score needs one {self.grid}x{self.grid} token grid per prompt: {len(prompts)} prompts, got "
+                f"tokens of shape {tuple(getattr(tokens, 'shape', ()))}"
+            )
         tokens = tokens.reshape(len(prompts), -1)
         bs = batch_size or self._default_batch_size()
         out = []
@@ -358,19 +419,12 @@ class DALLE:
             text = self.encode_text(prompts[i : i + bs])
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
             p = None if prime is None else prime[i : i + bs].to(self.device)
-            try:
-                with self._autocast():
-                    out = self.transformer.sample(
-                        text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
-                    )
-            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-                if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
-                    raise
-                raise OutOfMemoryError(
-                    f"out of memory while sampling a batch of {len(gens)} images on {self.device}; "
-                    f"pass a smaller batch_size (e.g. {max(1, len(gens) // 2)}) or fewer images"
-                ) from exc
+            with _out_of_memory_as_error("sampling", len(gens), self.device), self._autocast():
+                out = self.transformer.sample(
+                    text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
+                )
             grids.append(out.reshape(-1, self.grid, self.grid).cpu())
+        self.transformer.reset_cache()  # the KV cache can be large; the next call reallocates it
         return torch.cat(grids)
 
     # ------------------------------------------------------------------ generation
@@ -422,7 +476,7 @@ class DALLE:
                 raise ConfigError(f"rerank ({rerank!r}) must be an integer >= num_images ({num_images})")
             candidates = rerank
         self._check_sampling_args(temperature, top_k, top_p, guidance_scale)
-        base = secrets.randbelow(2**31) if seed is None else int(seed)
+        base = _base_seed(seed)
 
         rows = [p for p in prompt_list for _ in range(candidates)]
         seeds = [base + k for _ in prompt_list for k in range(candidates)]
@@ -441,7 +495,7 @@ class DALLE:
         scores = None
         if rerank is not None:
             tokens, seeds, scores = self._rerank(prompt_list, tokens, seeds, candidates, num_images, scorer, batch_size)
-        images = self.decode_tokens(tokens)
+        images = self.decode_tokens(tokens, batch_size)
         if return_tokens:
             kept_prompts = [p for p in prompt_list for _ in range(num_images)]
             return GenerationOutput(images, tokens, seeds, kept_prompts, scores)
@@ -463,7 +517,7 @@ class DALLE:
             if scorer is None:
                 s = self.score([prompt] * candidates, cand, batch_size)
             else:
-                s = torch.as_tensor(scorer(prompt, self.decode_tokens(cand)), dtype=torch.float32).flatten().cpu()
+                s = torch.as_tensor(scorer(prompt, self.decode_tokens(cand, batch_size)), dtype=torch.float32).flatten().cpu()
                 if s.numel() != candidates:
                     raise ConfigError(f"scorer returned {s.numel()} scores for {candidates} images")
             order = torch.argsort(s, descending=True, stable=True)[:keep]
@@ -506,7 +560,7 @@ class DALLE:
         self._check_sampling_args(temperature, top_k, top_p, guidance_scale)
         source = self.encode_image(image, allow_upscale=allow_upscale).cpu()
         prime = source[:, :rows].reshape(1, -1).repeat(num_images, 1)
-        base = secrets.randbelow(2**31) if seed is None else int(seed)
+        base = _base_seed(seed)
         seeds = [base + k for k in range(num_images)]
         tokens = self._sample_rows(
             [prompt] * num_images,
@@ -520,7 +574,7 @@ class DALLE:
             top_p=top_p,
             guidance_scale=guidance_scale,
         )
-        images = self.decode_tokens(tokens)
+        images = self.decode_tokens(tokens, batch_size)
         if return_tokens:
             return GenerationOutput(images, tokens, seeds, [prompt] * num_images)
         return images

@@ -11,8 +11,10 @@ Rules (the same in training and encoding, so a caption is always cut up the way 
   is a fixed point), U+2581 "▁" (youtokentome's word marker) becomes a space, lone surrogates become U+FFFD,
   every run of whitespace becomes one space, and leading/trailing whitespace is dropped.
 * **Words**: text is split on spaces and merges are learned and applied inside words; a word's first piece
-  carries the "▁" marker. (The paper's tokenizer also kept digits and punctuation from merging with letters;
-  this one does not.) Training uses dalle's own deterministic BPE learner by default (youtokentome's trainer
+  carries the "▁" marker. As in the paper's tokenizer, only the letters a-z merge: every other character
+  (digits, punctuation, accented letters) stays a token of its own, so ``42`` is ``4`` ``2`` and ``cat's`` is
+  ``▁cat`` ``'`` ``s`` (``split_non_letters=False`` in :meth:`BPETokenizer.train` lifts this). Unlike the
+  paper's, the word marker merges with a word's first letters (one token per word fewer). Training uses dalle's own deterministic BPE learner by default (youtokentome's trainer
   breaks ties by thread timing); the model file is youtokentome's format and encoding runs in youtokentome,
   or, where youtokentome is not installed, in dalle's pure-Python reader of that format (:mod:`dalle._pybpe`),
   which gives the same ids (tested against youtokentome) and, caching words, is about as fast on captions.
@@ -352,6 +354,7 @@ class BPETokenizer:
         coverage: float = 1.0,
         strict: bool = False,
         deterministic: bool = True,
+        split_non_letters: bool = True,
         n_threads: int = -1,
         verbose: bool = False,
     ) -> BPETokenizer:
@@ -375,6 +378,10 @@ class BPETokenizer:
         descriptor 2 is silenced while it runs, hiding other threads' stderr too) apply to that trainer only.
         Either way the model is youtokentome's file format; encoding runs in youtokentome where it is
         installed, else in dalle's pure-Python reader (same ids).
+
+        ``split_non_letters`` (default, the paper's rule; dalle's trainer only): merges join only the letters
+        a-z (and the word marker before them); digits, punctuation and other characters never merge.
+        youtokentome's trainer (``deterministic=False``) has no such rule and merges whatever is frequent.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
@@ -386,7 +393,7 @@ class BPETokenizer:
             _yttm()  # fail early, before reading the text, when youtokentome is missing
         texts = _iter_training_texts(texts_or_path)
         if deterministic:
-            model, n_captions = _learn_bpe(texts, vocab_size, coverage)
+            model, n_captions = _learn_bpe(texts, vocab_size, coverage, split_non_letters)
         else:
             model, n_captions = _learn_bpe_yttm(texts, vocab_size, coverage, n_threads, verbose)
         tok = cls(model, source="the freshly trained tokenizer model")
@@ -692,13 +699,17 @@ def _merge_pair(seq: list[int], left: int, right: int, merged: int) -> list[int]
     return out
 
 
-def _learn_bpe(texts: Iterable[str], vocab_size: int, coverage: float) -> tuple[bytes, int]:
+def _learn_bpe(
+    texts: Iterable[str], vocab_size: int, coverage: float, split_non_letters: bool = True
+) -> tuple[bytes, int]:
     """Deterministic BPE training; returns (model file bytes, number of non-empty captions).
 
     Words are the space-separated parts of normalised captions, each starting with the "▁" marker (as in
     youtokentome). Each step merges the most frequent adjacent pair, ties going to the smallest (left, right)
     ids; character ids follow frequency (most frequent first), ties by code point. Only the pairs of words
-    that contain the merged pair are recounted, so a step costs time in proportion to those words.
+    that contain the merged pair are recounted, so a step costs time in proportion to those words. With
+    ``split_non_letters`` a pair counts only when both sides are made of the letters a-z (the left side may
+    begin with the marker), so no other character ever merges.
     """
     word_counts: dict[str, int] = {}
     n_captions = total_chars = 0
@@ -730,6 +741,12 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int, coverage: float) -> tuple[
         raise error
 
     char_id = {ch: _N_SPECIAL + 1 + i for i, ch in enumerate(alphabet)}
+    # ids that may take part in a merge: the marker (always a word's first piece), letters, and merged pieces
+    mergeable = {_N_SPECIAL} | {i for ch, i in char_id.items() if not split_non_letters or "a" <= ch <= "z"}
+
+    def countable(pair: tuple[int, int]) -> bool:
+        return pair[0] in mergeable and pair[1] in mergeable
+
     seqs: list[list[int]] = []
     counts: list[int] = []
     for word, count in sorted(word_counts.items()):
@@ -738,7 +755,7 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int, coverage: float) -> tuple[
     pair_count: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for idx, seq in enumerate(seqs):
-        for pair in zip(seq, seq[1:]):
+        for pair in filter(countable, zip(seq, seq[1:])):
             pair_count[pair] = pair_count.get(pair, 0) + counts[idx]
             where.setdefault(pair, set()).add(idx)
     heap = [(-c, pair) for pair, c in pair_count.items()]
@@ -752,6 +769,7 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int, coverage: float) -> tuple[
             continue
         left, right = pair
         rules.append((left, right, next_id))
+        mergeable.add(next_id)
         changed: set[tuple[int, int]] = set()
         for idx in where.pop(pair):
             seq = seqs[idx]
@@ -759,10 +777,10 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int, coverage: float) -> tuple[
             if len(new) == len(seq):  # the word lost this pair in an earlier merge
                 continue
             count = counts[idx]
-            for old_pair in zip(seq, seq[1:]):
+            for old_pair in filter(countable, zip(seq, seq[1:])):
                 pair_count[old_pair] -= count
                 changed.add(old_pair)
-            for new_pair in zip(new, new[1:]):
+            for new_pair in filter(countable, zip(new, new[1:])):
                 pair_count[new_pair] = pair_count.get(new_pair, 0) + count
                 where.setdefault(new_pair, set()).add(idx)
                 changed.add(new_pair)

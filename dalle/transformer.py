@@ -266,6 +266,8 @@ class DALLETransformer(nn.Module):
         self.image_head = nn.Linear(d, config.image_vocab_size, bias=False)
         self.masks = AttentionMasks(t, g, config.conv_kernel)
         self.cache: KVCache | None = None
+        #: CUDA compute precision; None follows ``config.cuda_autocast`` (bfloat16 or float32). DALLE sets it.
+        self.cuda_dtype: torch.dtype | None = None
         self.register_buffer("_cell_rows", torch.arange(g * g) // g, persistent=False)
         self.register_buffer("_cell_cols", torch.arange(g * g) % g, persistent=False)
         self.reset_parameters()
@@ -305,10 +307,16 @@ class DALLETransformer(nn.Module):
         """Number of parameters (works on the meta device)."""
         return sum(p.numel() for p in self.parameters())
 
+    def cuda_compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of CUDA forward passes, None for plain float32 (:attr:`cuda_dtype` or the config)."""
+        dtype = self.cuda_dtype
+        if dtype is None:
+            dtype = torch.bfloat16 if self.config.cuda_autocast else None
+        return None if dtype == torch.float32 else dtype
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if device.type == "cuda" and self.config.cuda_autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = self.cuda_compute_dtype() if device.type == "cuda" else None
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         """Validate text ids [B, t<=text_len]; right-pad with the pad id to text_len (documented rule)."""
@@ -447,7 +455,8 @@ class DALLETransformer(nn.Module):
         c = self.config
         device = self.device
         if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" and c.cuda_autocast else self.text_emb.weight.dtype
+            autocast = self.cuda_compute_dtype() if device.type == "cuda" else None
+            dtype = autocast or self.text_emb.weight.dtype
         if self.cache is None or not self.cache.matches(batch_size, device, dtype):
             self.cache = KVCache(c.depth, batch_size, c.heads, c.seq_len, c.head_dim, device, dtype)
         for attn_type in set(c.layer_types):  # build decode tables eagerly, never inside a compiled step

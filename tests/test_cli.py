@@ -132,5 +132,6 @@ def test_demo_runs_offline(tmp_path):
     with Image.open(written[0]) as im:
         meta = dict(im.text)
     # the PNG and the console both say which model or weights produced it
-    assert ("weights" in meta) or ("model" in meta)
+    assert meta["model"] == "shapes" and meta["software"].startswith("dalle ")
+    assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == 4
     assert "wrote" in r.stdout

@@ -209,6 +209,73 @@ def test_out_of_memory_is_reported_with_batch_size(pipe, monkeypatch):
         pipe.generate("a red circle", num_images=4, batch_size=4, progress=False)
 
 
+def test_cpu_allocator_failures_are_out_of_memory_errors(pipe, monkeypatch):
+    def no_memory(*args, **kwargs):  # how the CPU allocator reports it: no "out of memory" in the message
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 40000000000 bytes.")
+
+    monkeypatch.setattr(pipe.transformer, "sample", no_memory)
+    with pytest.raises(OutOfMemoryError, match="sampling a batch of 3 .*batch_size"):
+        pipe.generate("a red circle", num_images=3, batch_size=3, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipe.decoder, "decode", no_memory)
+    with pytest.raises(OutOfMemoryError, match="decoding a batch of 2 .*batch_size"):
+        pipe.generate("a red circle", num_images=2, batch_size=2, progress=False)
+    monkeypatch.undo()
+
+    def other_error(*args, **kwargs):
+        raise RuntimeError("some unrelated failure")
+
+    monkeypatch.setattr(pipe.decoder, "decode", other_error)
+    with pytest.raises(RuntimeError, match="unrelated"):
+        pipe.generate("a red circle", progress=False)
+
+
+def test_decoding_goes_in_batches_and_the_cache_is_freed(pipe, monkeypatch):
+    sizes = []
+    decode = pipe.decoder.decode
+
+    def counting(tokens, *args, **kwargs):
+        sizes.append(len(tokens))
+        return decode(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.decoder, "decode", counting)
+    out = pipe.generate("a red circle", num_images=5, batch_size=2, seed=3, progress=False, return_tokens=True)
+    assert sizes == [2, 2, 1] and len(out.images) == 5
+    assert pipe.transformer.cache is None  # the KV cache does not outlive the call
+    monkeypatch.undo()
+    whole = pipe.decode_tokens(out.tokens)
+    for a, b in zip(whole, out.images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    flat = pipe.decode_tokens(out.tokens.reshape(5, -1)[:1])
+    assert np.array_equal(np.asarray(flat[0]), np.asarray(whole[0]))
+
+
+def test_bad_tokens_and_seeds_are_reported(pipe):
+    g = pipe.grid
+    with pytest.raises(ConfigError, match="not image token grids"):
+        pipe.decode_tokens(torch.zeros(g * g + 1, dtype=torch.long))
+    with pytest.raises(ConfigError, match="integer tensor"):
+        pipe.decode_tokens(torch.zeros(1, g, g))
+    with pytest.raises(ConfigError, match=r"\[0, 32\)"):
+        pipe.decode_tokens(torch.full((1, g, g), 32))
+    with pytest.raises(ConfigError, match="one 4x4 token grid per prompt"):
+        pipe.score(["a", "b"], torch.zeros(1, g, g, dtype=torch.long))
+    for seed in ("7", 1.5, -1, True):
+        with pytest.raises(ConfigError, match="seed"):
+            pipe.generate("a red circle", seed=seed, progress=False)
+    assert len(pipe.generate("a red circle", seed=np.int64(4), progress=False)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_pipeline_dtype_reaches_every_module(tiny_dir, dtype):
+    pipe = DALLE.from_pretrained(tiny_dir, device="cpu", dtype=dtype)
+    assert pipe.encoder.dtype == dtype and pipe.decoder.dtype == dtype  # their CUDA precision
+    assert pipe.transformer.cuda_compute_dtype() == (None if dtype == torch.float32 else dtype)
+    default = DALLE.from_pretrained(tiny_dir, device="cpu")
+    assert default.transformer.cuda_compute_dtype() is None  # float32 on CPU
+
+
 def test_directory_errors(tiny_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="no model directory"):
         DALLE.from_pretrained(tmp_path / "nope", device="cpu")

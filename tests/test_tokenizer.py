@@ -571,3 +571,18 @@ def test_cli_as_a_process(tmp_path: Path, tok: BPETokenizer) -> None:
     proc = subprocess.run([sys.executable, "-m", "dalle", "tokenizer", "encode", "--model", str(model), "A red circle"],
                           check=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert list(map(int, proc.stdout.split())) == tok.encode_ids("a red circle")[0]
+
+
+def test_only_letters_merge_as_in_the_paper():
+    caps = ["the cat's 42 toys, cats! caf\u00e9 2024", "cats and dogs 42", "it's 3.5 km"] * 50
+    with pytest.warns(UserWarning, match="supports only"):
+        tok = BPETokenizer.train(caps, vocab_size=200)
+    for piece in tok.vocab()[4:]:
+        word = piece.removeprefix("\u2581")
+        assert len(word) <= 1 or word.isascii() and word.isalpha(), piece  # digits, punctuation, é stay single
+    ids = tok.encode(["the cat's 42 toys"], text_len=16)[0].tolist()
+    assert [tok.vocab()[i] for i in ids if i] == ["\u2581the", "\u2581cat", "'", "s", "\u2581", "4", "2", "\u2581toys"]
+    assert tok.decode(ids) == "the cat's 42 toys"
+    with pytest.warns(UserWarning, match="supports only"):
+        merged = BPETokenizer.train(caps, vocab_size=200, split_non_letters=False)
+    assert "\u258142" in merged.vocab() and "\u258142" not in tok.vocab()

@@ -74,6 +74,33 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
         assert (tmp_path / "run" / "loss.png").is_file()
 
 
+def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir) -> None:
+    from dalle.data.shapes import sample
+    from dalle.images import preprocess
+    from dalle.train.common import load_dvae
+
+    settings = {**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True, "new_decoder": True, "n_hid": 12,
+                "n_blk_per_group": 2, "n_init": 16, "steps": 30, "ckpt_every": 30, "lr": 1e-2}
+    out = DVAETrainer(DVAETrainConfig(**{**settings, "out_dir": str(tmp_path / "run")})).fit()
+    losses = list(_losses(tmp_path / "run").values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.05
+    enc0, _, _ = load_dvae(dvae_dir)
+    enc, dec, _ = load_dvae(out)
+    assert dec.n_hid == 12 and dec.n_blk_per_group == 2 and dec.n_init == 16  # the new decoder's size
+    for (name, a), b in zip(enc0.state_dict().items(), enc.state_dict().values()):
+        assert torch.equal(a, b), name  # the encoder, hence every token, is unchanged
+    x = torch.cat([preprocess(sample(i, size=32)[0], 32) for i in range(4)])
+    assert torch.equal(enc0.encode(x), enc.encode(x))
+    # the decoder learned from one-hot codes: the gumbel temperature does not change a run
+    other = DVAETrainer(DVAETrainConfig(**{**settings, "steps": 3, "tau_start": 0.5, "tau_end": 0.5,
+                                           "out_dir": str(tmp_path / "tau")})).fit()
+    again = DVAETrainer(DVAETrainConfig(**{**settings, "steps": 3, "out_dir": str(tmp_path / "again")})).fit()
+    assert _losses(tmp_path / "tau") == _losses(tmp_path / "again")
+    assert other is not None and again is not None
+    with pytest.raises(ConfigError, match="--init"):
+        DVAETrainConfig(**{**TINY_DVAE, "freeze_encoder": True, "out_dir": str(tmp_path / "x")}).validate()
+
+
 def test_transformer_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, dvae_dir) -> None:
     cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
                                     "steps": 24, "grad_accum": 2, "caption_dropout": 0.2, "eval_every": 24,

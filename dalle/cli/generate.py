@@ -182,6 +182,7 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import dalle
     from dalle.images import make_grid, save_png
     from dalle.pipeline import DALLE
 
@@ -194,7 +195,11 @@ def run_demo(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = make_grid(result.images, ncols=len(DEMO_PROMPTS), captions=list(DEMO_PROMPTS))
     path = out_dir / "demo.png"
-    save_png(grid, path, {"model": pipe.name, "prompt": " | ".join(DEMO_PROMPTS), "seed": str(args.seed)})
+    settings = {"command": "demo", "num_images": 1, "temperature": 1.0, "device": str(pipe.device)}
+    save_png(grid, path, {
+        "model": pipe.name, "prompt": " | ".join(DEMO_PROMPTS), "seed": ",".join(str(s) for s in result.seeds),
+        "settings": json.dumps(settings, sort_keys=True), "software": f"dalle {dalle.__version__}",
+    })
     print(
         f"model {pipe.name!r} on {pipe.device}: loaded in {loaded - start:.1f} s, "
         f"{len(result.images)} images in {done - loaded:.1f} s"

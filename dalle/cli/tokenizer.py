@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fast", action="store_true",
                    help="use youtokentome's multi-threaded trainer: faster on large corpora, not reproducible")
     t.add_argument("--verbose", action="store_true", help="show youtokentome's training log (with --fast)")
+    t.add_argument("--merge-non-letters", action="store_true",
+                   help="let digits and punctuation merge too (by default only the letters a-z merge, as in the "
+                   "paper; --fast always merges everything)")
     t.set_defaults(func=run)
 
     e = actions.add_parser("encode", help="print the token ids of captions (one line each)")
@@ -66,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tok = BPETokenizer.train(source, vocab_size=args.vocab_size, coverage=args.coverage,
-                                 strict=args.strict, deterministic=not args.fast, verbose=args.verbose)
+                                 strict=args.strict, deterministic=not args.fast, verbose=args.verbose,
+                                 split_non_letters=not args.merge_non_letters)
     _print_warnings(caught)
     path = tok.save(args.output)
     print(f"wrote {path}: vocab_size={tok.vocab_size} (pad 0, unk 1, bos 2, eos 3)")

@@ -65,6 +65,8 @@ class DVAETrainConfig(LoopConfig):
     ema_decay: float = 0.999
     ema_every: int = 1
     straight_through: bool = False  # NOT the paper: one-hot forward, soft backward
+    freeze_encoder: bool = False  # NOT the paper: train only the decoder, on the init encoder's argmax codes
+    new_decoder: bool = False  # with init: a fresh decoder of n_init / n_hid / n_blk_per_group, not init's
     augment: bool = True
     hflip: bool = True
     eval_images: int = 64
@@ -98,6 +100,11 @@ class DVAETrainConfig(LoopConfig):
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
+        if (self.freeze_encoder or self.new_decoder) and not self.init:
+            raise ConfigError(
+                "freeze_encoder and new_decoder work on a trained dVAE: also pass --init DVAE_DIR "
+                "(a `dalle train-dvae` output or a model directory)"
+            )
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"need 0 < tau_end <= tau_start, got {self.tau_end} and {self.tau_start}")
 

@@ -85,19 +85,29 @@ def gumbel_noise(shape: tuple[int, ...], generators: list[torch.Generator], devi
 class DVAELoss(nn.Module):
     """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, straight_through: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, straight_through: bool = False, freeze_encoder: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.straight_through = straight_through
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            encoder.requires_grad_(False)
 
     def forward(
         self, x: torch.Tensor, noise: torch.Tensor, tau: float, beta: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for mapped pixels ``x`` and gumbel ``noise`` shaped like the logits."""
-        logits = self.encoder(x)
-        z = F.softmax((logits + noise) / tau, dim=1)
-        if self.straight_through:  # an option outside the paper: the decoder sees the one-hot sample
+        if self.freeze_encoder:  # decoder training: it sees the one-hot codes that `encode` gives
+            with torch.no_grad():
+                logits = self.encoder(x)
+            z = F.one_hot(logits.argmax(dim=1), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+        else:
+            logits = self.encoder(x)
+            z = F.softmax((logits + noise) / tau, dim=1)
+        if self.straight_through and not self.freeze_encoder:  # an option outside the paper: the decoder sees the one-hot sample
             hard = F.one_hot(z.argmax(dim=1), z.shape[1]).permute(0, 3, 1, 2).to(z.dtype)
             z = hard - z.detach() + z
         stats = self.decoder(z).float()
@@ -160,12 +170,17 @@ class DVAETrainer(Trainer):
             from dalle.train.common import load_dvae
 
             encoder, decoder, _ = load_dvae(cfg.init)
+            if cfg.new_decoder:
+                decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
+                                  vocab_size=encoder.vocab_size)
         else:
             encoder = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
             decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
                               vocab_size=cfg.vocab_size)
         self.vocab_size = encoder.vocab_size
-        self.net = DVAELoss(encoder, decoder, straight_through=cfg.straight_through).to(info.device)
+        self.net = DVAELoss(
+            encoder, decoder, straight_through=cfg.straight_through, freeze_encoder=cfg.freeze_encoder
+        ).to(info.device)
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net.to(memory_format=self._memory_format)
         self.model: nn.Module = self.net
@@ -174,7 +189,8 @@ class DVAETrainer(Trainer):
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         decay, no_decay = [], []
         for p in self.net.parameters():
-            (decay if p.dim() > 1 else no_decay).append(p)
+            if p.requires_grad:  # a frozen encoder (freeze_encoder) stays out of the optimizer
+                (decay if p.dim() > 1 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
