@@ -669,6 +669,16 @@ def resolve_device(device: torch.device | str | None = "auto") -> torch.device:
     return dev
 
 
+_PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+#: names :func:`load_model` accepts besides paths and URLs
+MODEL_NAMES: dict[str, str | Path] = {
+    "openai/encoder": "https://cdn.openai.com/dall-e/encoder.pkl",
+    "openai/decoder": "https://cdn.openai.com/dall-e/decoder.pkl",
+    "shapes/encoder": _PRETRAINED / "shapes" / "encoder.safetensors",
+    "shapes/decoder": _PRETRAINED / "shapes" / "decoder.safetensors",
+}
+
+
 def load_model(
     path_or_url: str | os.PathLike[str],
     device: torch.device | str | None = None,
@@ -682,8 +692,11 @@ def load_model(
 
     Args:
         path_or_url: OpenAI's ``encoder.pkl`` / ``decoder.pkl`` (legacy or zip torch format), a state-dict
-            file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, or an ``http(s)://`` URL of
-            any of these (downloaded once into :func:`cache_dir`).
+            file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a ``.safetensors`` file, an ``http(s)://`` URL of
+            any of these (downloaded once into :func:`cache_dir`), or a name of :data:`MODEL_NAMES`:
+            ``openai/encoder`` / ``openai/decoder`` (OpenAI's released files, from their URLs) or
+            ``shapes/encoder`` / ``shapes/decoder`` (the bundled model's dVAE). An existing file of the same
+            name wins over a name.
         device: where to put the model; None means CPU, "auto" means CUDA when available.
         sha256: expected SHA-256 hex digest of the file; checked for local files and downloads.
         dtype: CUDA compute dtype (float32, float16 = OpenAI's behaviour, bfloat16; None = default policy).
@@ -699,12 +712,15 @@ def load_model(
         DownloadError: the download failed or network access is disabled.
     """
     text = os.fspath(path_or_url)
+    if text in MODEL_NAMES and not Path(text).exists():
+        text = os.fspath(MODEL_NAMES[text])
     if text.startswith(("http://", "https://")):
         path = download(text, sha256=sha256, progress=progress)
     else:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise ModelLoadError(f"{path}: no such file (expected a dVAE weight file or an http(s) URL)")
+            names = ", ".join(MODEL_NAMES)
+            raise ModelLoadError(f"{path}: no such file (expected a dVAE weight file, an http(s) URL or one of {names})")
         if sha256 is not None:
             actual = sha256_file(path)
             if actual != sha256.lower():

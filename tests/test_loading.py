@@ -516,3 +516,32 @@ def test_openai_notebook_flow(official_files, monkeypatch) -> None:
 def _write_script(path: Path) -> Path:
     path.write_text(NOTEBOOK)
     return path
+
+
+def test_names_load_the_bundled_dvae_and_point_at_openai(tmp_path, monkeypatch) -> None:
+    import dalle.loading as loading
+    from dalle.pipeline import DALLE
+
+    pipe = DALLE.from_pretrained("shapes", device="cpu")
+    enc, dec = load_model("shapes/encoder"), load_model("shapes/decoder")
+    assert isinstance(enc, Encoder) and isinstance(dec, Decoder) and dec.n_init == 64
+    for a, b in ((enc, pipe.encoder), (dec, pipe.decoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    asked = []
+
+    def fake_download(url, sha256=None, progress=None):
+        asked.append(url)
+        raise DownloadError(f"{url}: network access is off in this test")
+
+    monkeypatch.setattr(loading, "download", fake_download)
+    with pytest.raises(DownloadError):
+        load_model("openai/decoder")
+    assert asked == ["https://cdn.openai.com/dall-e/decoder.pkl"]
+    with pytest.raises(ModelLoadError, match="openai/encoder"):  # the error lists the names
+        load_model("openai/nothing")
+    # an existing file wins over a name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    saved = save_model(Encoder(n_hid=8, n_blk_per_group=1, vocab_size=32), tmp_path / "shapes" / "encoder")
+    saved.rename(tmp_path / "shapes" / "encoder")
+    assert load_model("shapes/encoder").vocab_size == 32
