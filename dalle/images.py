@@ -345,12 +345,13 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- reconstruction
 @torch.no_grad()
 def reconstruct(
-    image: ImageLike, encoder: Encoder, decoder: Decoder, size: int = 256, allow_upscale: bool = True
+    image: ImageLike, encoder: Encoder, decoder: Decoder, size: int = 256, allow_upscale: bool = False
 ) -> tuple[Image.Image, Image.Image]:
     """(preprocessed original, reconstruction) of ``image`` through the dVAE, both ``size`` x ``size`` RGB.
 
     The original is the centre crop the encoder sees; the reconstruction is ``decoder.decode(encoder.encode
-    (x))``. Small images are enlarged unless ``allow_upscale`` is False.
+    (x))``. An image smaller than ``size`` is an ImageError unless ``allow_upscale`` (as in :func:`preprocess`
+    and ``DALLE.reconstruct``; the ``dalle reconstruct`` command enlarges unless ``--no-upscale``).
     """
     if encoder.vocab_size != decoder.vocab_size:
         raise ImageError(

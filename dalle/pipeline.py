@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +84,13 @@ def _out_of_memory_as_error(what: str, n: int, device: torch.device) -> Iterator
 
 
 def resolve_model(name_or_dir: str | os.PathLike[str]) -> Path:
-    """Return the model directory for a registered name (e.g. ``"shapes"``) or a directory path."""
+    """Return the model directory for a directory path or a registered name (e.g. ``"shapes"``).
+
+    A model directory (one holding ``config.json``) at the given path wins over a registered name, as a
+    local folder does in Hugging Face's ``from_pretrained``; pass ``"./shapes"`` style paths to be explicit.
+    """
     key = str(name_or_dir)
-    if key in REGISTRY:
+    if key in REGISTRY and not (Path(key).expanduser() / "config.json").is_file():
         path = REGISTRY[key]
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -215,6 +220,10 @@ class DALLE:
                 f"{cfg.text_vocab_size}"
             )
         self.tokenizer = tokenizer
+        from dalle.tokenizer import PAD_ID, UNK_ID, WORD_MARK
+
+        vocab = tokenizer.vocab()  # pads, unknowns and a bare word marker say nothing about the image
+        self._no_info_ids = torch.tensor([PAD_ID, UNK_ID] + ([vocab.index(WORD_MARK)] if WORD_MARK in vocab else []))
         self.image_size = int(image_size)
         self.name = name
         self.trained_with_caption_dropout = bool(trained_with_caption_dropout)
@@ -399,6 +408,18 @@ class DALLE:
                 "for classifier-free guidance; leave guidance_scale unset or train with --caption-dropout"
             )
 
+    def _warn_if_no_text(self, prompts: list[str], text: torch.Tensor) -> None:
+        """Warn when a prompt has no known token: the model then draws from its caption-free mode, which only a
+        model trained with caption dropout has learned."""
+        empty = torch.isin(text.cpu(), self._no_info_ids).all(dim=1).tolist()
+        for prompt in dict.fromkeys(p for p, e in zip(prompts, empty) if e):
+            what = "is empty" if not prompt.strip() else "holds no character the tokenizer knows"
+            mode = (
+                "an unconditional sample" if self.trained_with_caption_dropout
+                else "arbitrary images (this model was not trained with empty captions)"
+            )
+            warnings.warn(f"prompt {prompt!r} {what}, so the model produces {mode}", UserWarning, stacklevel=4)
+
     def _sample_rows(
         self,
         prompts: list[str],
@@ -417,6 +438,7 @@ class DALLE:
         grids = []
         for i in range(0, len(prompts), bs):
             text = self.encode_text(prompts[i : i + bs])
+            self._warn_if_no_text(prompts[i : i + bs], text)
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
             p = None if prime is None else prime[i : i + bs].to(self.device)
             with _out_of_memory_as_error("sampling", len(gens), self.device), self._autocast():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,29 @@ def test_the_pipeline_dtype_reaches_every_module(tiny_dir, dtype):
     assert pipe.transformer.cuda_compute_dtype() == (None if dtype == torch.float32 else dtype)
     default = DALLE.from_pretrained(tiny_dir, device="cpu")
     assert default.transformer.cuda_compute_dtype() is None  # float32 on CPU
+
+
+def test_prompts_without_known_tokens_warn(pipe):
+    with pytest.warns(UserWarning, match="'' is empty.*not trained with empty captions"):
+        pipe.generate("", progress=False, seed=0)
+    with pytest.warns(UserWarning, match="no character the tokenizer knows"):
+        pipe.generate("\u4e2d\u6587", progress=False, seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("a red circle", progress=False, seed=0)
+
+
+def test_a_local_model_directory_wins_over_a_registered_name(tiny_dir, tmp_path, monkeypatch):
+    from dalle.pipeline import REGISTRY, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()  # a folder without config.json (say, data) does not hide the bundled model
+    assert resolve_model("shapes") == REGISTRY["shapes"]
+    shutil.copytree(tiny_dir, tmp_path / "shapes", dirs_exist_ok=True)
+    assert resolve_model("shapes") == Path("shapes")
+    assert DALLE.from_pretrained("shapes", device="cpu").name == "tiny-test"
 
 
 def test_directory_errors(tiny_dir, tmp_path):
