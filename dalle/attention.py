@@ -22,7 +22,10 @@ Masks (``True`` = the query may attend to the key), all causal (key slot <= quer
   - ``conv``: an ``k x k`` (default 11) causal convolutional neighbourhood: row offsets ``dr`` in
     ``[-(k//2), 0]``, column offsets ``dc`` in ``[-(k//2), k//2]``, keeping only cells that precede or equal
     the query in raster order (so on the query's own row only ``dc <= 0``). No wraparound: cells that would
-    fall outside the grid are absent. For k = 11 that is at most 5 * 11 + 6 = 61 image keys.
+    fall outside the grid are absent. For k = 11 that is at most 5 * 11 + 6 = 61 image keys. This is a
+    deliberate reading: the paper says its convolutional mask wraps around "like the row mask" but gives no
+    offsets; a window that wrapped past the right edge would attend to cells at the far left of the next row,
+    which are not neighbours, so this one keeps the 2-D neighbourhood a convolution has.
 
 Masks are built once per (text_len, grid, type, kernel) on the CPU, then cached per device, length and dtype.
 """
@@ -33,11 +36,15 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from dalle.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.nn.attention.flex_attention import BlockMask
 
 ATTN_TYPES: tuple[str, ...] = ("full", "row", "column", "conv")
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
@@ -163,7 +170,7 @@ class AttentionMasks:
                 self._cache[key] = DecodeTable(table.index.to(device), table.valid.to(device), table.dense)
         return self._cache[key]  # type: ignore[return-value]
 
-    def block_mask(self, attn_type: str, length: int, device: torch.device):  # -> BlockMask
+    def block_mask(self, attn_type: str, length: int, device: torch.device) -> BlockMask:
         """FlexAttention block mask equal to :meth:`bool_mask` (the mask_mod reads the dense mask)."""
         key = ("flex", attn_type, length, str(device))
         if key not in self._cache:

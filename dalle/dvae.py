@@ -174,6 +174,7 @@ class Conv2d(nn.Module):
         return torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` ("same" padding), in the compute dtype the module chose for this device."""
         dtype = self.compute_dtype()
         w, b = self.w, self.b
         if w.dtype != dtype:

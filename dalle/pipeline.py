@@ -37,6 +37,7 @@ from dalle.loading import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
+    from dalle.images import ImageLike
     from dalle.tokenizer import BPETokenizer
     from dalle.transformer import DALLETransformer
 
@@ -359,7 +360,7 @@ class DALLE:
         return images
 
     @torch.inference_mode()
-    def encode_image(self, image: Any, *, allow_upscale: bool = False) -> torch.Tensor:
+    def encode_image(self, image: ImageLike, *, allow_upscale: bool = False) -> torch.Tensor:
         """Encode an image (path, PIL, array or tensor) to its token grid [1, grid, grid]."""
         from dalle.images import preprocess
 
@@ -367,7 +368,7 @@ class DALLE:
         with self._autocast():
             return self.encoder.encode(x)
 
-    def reconstruct(self, image: Any, *, allow_upscale: bool = False) -> Image.Image:
+    def reconstruct(self, image: ImageLike, *, allow_upscale: bool = False) -> Image.Image:
         """dVAE round trip of one image: encode to tokens, decode back."""
         return self.decode_tokens(self.encode_image(image, allow_upscale=allow_upscale))[0]
 
@@ -550,7 +551,7 @@ class DALLE:
 
     def complete(
         self,
-        image: Any,
+        image: ImageLike,
         prompt: str,
         rows: int | None = None,
         num_images: int = 1,
@@ -615,7 +616,11 @@ def load_default(device: str | torch.device | None = "auto") -> DALLE:
 
 
 def generate(
-    prompt: str | Sequence[str], *, model: str | os.PathLike[str] | DALLE | None = None, device: str = "auto", **kwargs: Any
+    prompt: str | Sequence[str],
+    *,
+    model: str | os.PathLike[str] | DALLE | None = None,
+    device: str | torch.device = "auto",
+    **kwargs: Any,
 ) -> list[Image.Image] | GenerationOutput:
     """Generate images with the default model (or ``model``: a DALLE, a directory or a registered name).
 

@@ -22,6 +22,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dalle`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="dalle",
         description="DALL-E in PyTorch: generate images from text, reconstruct images, train models.",

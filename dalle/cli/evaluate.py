@@ -11,6 +11,7 @@ DEFAULT_IMAGES_PER_PROMPT = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dalle evaluate`` to the subcommand parsers."""
     p = sub.add_parser(
         "evaluate",
         help="measure how often generated images match their shapes-world prompts",
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``dalle evaluate``: score a model on the shapes prompt sets; returns the exit code."""
     import sys
 
     from dalle.cli import UsageError

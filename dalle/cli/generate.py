@@ -72,6 +72,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dalle generate``, ``dalle complete`` and ``dalle demo`` to the subcommand parsers."""
     p = sub.add_parser("generate", help="generate images from a text prompt")
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     _add_sampling_args(p)
@@ -148,6 +149,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Run ``dalle generate``: sample images for the prompts and write them; returns the exit code."""
     from dalle.cli import UsageError
     from dalle.pipeline import DALLE
 
@@ -164,6 +166,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_complete(args: argparse.Namespace) -> int:
+    """Run ``dalle complete``: keep the top token rows of an image and sample the rest; returns the exit code."""
     from dalle.cli import UsageError
     from dalle.pipeline import DALLE
 
@@ -182,6 +185,7 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Run ``dalle demo``: one image for each demo prompt with the bundled model, as a grid; returns 0."""
     import dalle
     from dalle.images import make_grid, save_png
     from dalle.pipeline import DALLE

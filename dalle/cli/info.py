@@ -9,6 +9,7 @@ ORDER = 90
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dalle info`` to the subcommand parsers."""
     p = sub.add_parser("info", help="print versions, the compute device and where the cache is")
     p.add_argument("--model", default=None, help="also describe this model directory or registered name")
     p.set_defaults(func=run)
@@ -24,6 +25,7 @@ def _version(dist: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``dalle info``: print versions, devices, the cache and a model summary; returns 0."""
     import torch
 
     import dalle

@@ -6,12 +6,16 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dalle.dvae import Decoder, Encoder
 
 ORDER = 30
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dalle reconstruct`` to the subcommand parsers."""
     p = sub.add_parser(
         "reconstruct",
         help="encode an image to dVAE tokens and decode it back; writes original | reconstruction",
@@ -43,7 +47,7 @@ def _bundled_dir(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "pretrained" / name
 
 
-def load_dvae_dir(path: Path) -> tuple[Any, Any, int]:
+def load_dvae_dir(path: Path) -> tuple[Encoder, Decoder, int]:
     """(encoder, decoder, image_size) from a directory with config.json + encoder/decoder.safetensors."""
     from dalle.errors import ModelLoadError
     from dalle.loading import model_from_state_dict, read_weights
@@ -62,6 +66,7 @@ def load_dvae_dir(path: Path) -> tuple[Any, Any, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``dalle reconstruct``: a dVAE round trip of one image, written side by side; returns the exit code."""
     from dalle.cli import UsageError
     from dalle.dvae import Decoder, Encoder
     from dalle.errors import ModelLoadError

@@ -109,6 +109,7 @@ def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``dalle train-dvae``, ``dalle encode-dataset`` and ``dalle train`` to the subcommand parsers."""
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 
     p = sub.add_parser(
