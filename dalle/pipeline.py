@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
     from dalle.images import ImageLike
     from dalle.tokenizer import BPETokenizer
-    from dalle.transformer import DALLETransformer
+    from dalle.transformer import DALLETransformer, TransformerConfig
 
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "shapes"
@@ -68,6 +68,17 @@ def _base_seed(seed: int | None) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
     return int(seed)
+
+
+def kv_cache_bytes(config: TransformerConfig, dtype: torch.dtype) -> int:
+    """Bytes of the static KV cache for one sampled row: keys and values of every layer over the stream."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.depth * config.heads * config.seq_len * config.head_dim * itemsize
+
+
+def batch_size_for_memory(free_bytes: int, cache_bytes_per_row: int, cap: int = 32) -> int:
+    """Rows to sample at once so that two caches per row fit in half of ``free_bytes`` (1..``cap``)."""
+    return int(max(1, min(cap, free_bytes // 2 // max(1, 2 * cache_bytes_per_row))))
 
 
 @contextlib.contextmanager
@@ -392,7 +403,12 @@ class DALLE:
         return torch.cat(out) / tokens.shape[1]
 
     def _default_batch_size(self) -> int:
-        return 32 if self.device.type == "cuda" else 8
+        """8 on CPU; on CUDA as many rows (at most 32) as half the free memory holds, counting two KV caches
+        per row (guidance samples two streams per image)."""
+        if self.device.type != "cuda":
+            return 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return batch_size_for_memory(free, kv_cache_bytes(self.transformer.config, self.dtype))
 
     def _check_sampling_args(
         self, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None
@@ -479,7 +495,8 @@ class DALLE:
             guidance_scale: classifier-free guidance strength (models trained with caption dropout only).
             rerank: draw this many candidates per prompt and keep the ``num_images`` best by ``scorer``
                 (default: the model's own mean image-token log-likelihood).
-            batch_size: images sampled at once (default 8 on CPU, 32 on CUDA).
+            batch_size: images sampled at once (default 8 on CPU; on CUDA up to 32, as many as half the free
+                memory holds with two KV caches per image).
             progress: show a tqdm bar over image tokens.
             return_tokens: return a :class:`GenerationOutput` with token grids, seeds and scores.
             scorer: ``score(prompt, images) -> tensor`` of one score per image, higher is better (e.g. CLIP).

@@ -336,3 +336,16 @@ def test_directory_errors(tiny_dir, tmp_path):
 def test_top_level_generate_with_model_dir(tiny_dir):
     images = generate("a red circle", model=str(tiny_dir), device="cpu", seed=0, progress=False)
     assert len(images) == 1 and images[0].size == (32, 32)
+
+
+def test_cuda_default_batch_follows_free_memory():
+    from dalle.pipeline import batch_size_for_memory, kv_cache_bytes
+    from dalle.transformer import TransformerConfig
+
+    paper = TransformerConfig.preset("paper")
+    per_row = kv_cache_bytes(paper, torch.bfloat16)
+    assert per_row == 2 * 64 * 62 * 1280 * 64 * 2  # 1.3 GB of keys and values per sampled image
+    assert batch_size_for_memory(60 * 2**30, per_row) == 12
+    assert batch_size_for_memory(2 * 2**30, per_row) == 1  # never below one; OutOfMemoryError says what to do
+    small = kv_cache_bytes(TransformerConfig.preset("tiny"), torch.float32)
+    assert batch_size_for_memory(60 * 2**30, small) == 32
