@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_peers.py --threads 2
 	$(PY) benchmarks/bench_peers.py --threads 2 --batch 4 --repeats 2
 	$(PY) benchmarks/bench_dvae.py
+	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_memory.py --batch 4
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 1
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 2
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51
