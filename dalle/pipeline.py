@@ -453,17 +453,19 @@ class DALLE:
         if bs < 1:
             raise ConfigError(f"batch_size must be >= 1, got {bs}")
         grids = []
-        for i in range(0, len(prompts), bs):
-            text = self.encode_text(prompts[i : i + bs])
-            self._warn_if_no_text(prompts[i : i + bs], text)
-            gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
-            p = None if prime is None else prime[i : i + bs].to(self.device)
-            with _out_of_memory_as_error("sampling", len(gens), self.device), self._autocast():
-                out = self.transformer.sample(
-                    text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
-                )
-            grids.append(out.reshape(-1, self.grid, self.grid).cpu())
-        self.transformer.reset_cache()  # the KV cache can be large; the next call reallocates it
+        try:
+            for i in range(0, len(prompts), bs):
+                text = self.encode_text(prompts[i : i + bs])
+                self._warn_if_no_text(prompts[i : i + bs], text)
+                gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
+                p = None if prime is None else prime[i : i + bs].to(self.device)
+                with _out_of_memory_as_error("sampling", len(gens), self.device), self._autocast():
+                    out = self.transformer.sample(
+                        text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
+                    )
+                grids.append(out.reshape(-1, self.grid, self.grid).cpu())
+        finally:
+            self.transformer.reset_cache()  # the KV cache can be large (also after a failure); calls reallocate it
         return torch.cat(grids)
 
     # ------------------------------------------------------------------ generation
