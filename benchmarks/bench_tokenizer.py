@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10000, help="captions per encode call (default 10000)")
     parser.add_argument("--repeats", type=int, default=21, help="timed runs per row (default 21)")
     parser.add_argument("--text-len", type=int, default=256, help="text positions (default 256)")
-    parser.add_argument("--vocab-size", type=int, default=256, help="tokenizer vocabulary (default 256)")
+    parser.add_argument("--vocab-size", type=int, default=200, help="tokenizer vocabulary (default 200)")
     parser.add_argument("--threads", type=int, default=-1, help="youtokentome encode threads (-1: all cores)")
     args = parser.parse_args(argv)
 
