@@ -15,6 +15,9 @@ Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented 
 Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6, each
 over a fraction of the run: the paper's 5k, 150k and 1.2M of 3M updates unless set. AdamW (0.9, 0.999),
 eps 1e-8, weight decay 1e-4; EMA of the weights (decay 0.999) is what gets exported and evaluated.
+Not in the paper: ``freeze_encoder`` (with ``init``) trains only the decoder, on the one-hot argmax codes of the
+frozen encoder, i.e. the codes ``encode`` gives and a transformer samples; the token space stays the same, so a
+transformer trained on it keeps working with the new decoder. ``new_decoder`` starts that decoder afresh.
 Evaluation: hard (argmax) reconstructions of held-out images -> PSNR, and the perplexity of the code
 histogram (exp of its entropy; K means every code equally used) plus the number of codes used.
 """
@@ -107,7 +110,7 @@ class DVAELoss(nn.Module):
         else:
             logits = self.encoder(x)
             z = F.softmax((logits + noise) / tau, dim=1)
-        if self.straight_through and not self.freeze_encoder:  # an option outside the paper: the decoder sees the one-hot sample
+        if self.straight_through and not self.freeze_encoder:  # outside the paper: the decoder sees the one-hot sample
             hard = F.one_hot(z.argmax(dim=1), z.shape[1]).permute(0, 3, 1, 2).to(z.dtype)
             z = hard - z.detach() + z
         stats = self.decoder(z).float()
