@@ -16,8 +16,9 @@ Rules (the same in training and encoding, so a caption is always cut up the way 
   ``▁cat`` ``'`` ``s`` (``split_non_letters=False`` in :meth:`BPETokenizer.train` lifts this). Unlike the
   paper's, the word marker merges with a word's first letters (one token per word fewer). Training uses
   dalle's own deterministic BPE learner by default (youtokentome's trainer breaks ties by thread timing); the
-  model file is youtokentome's format and encoding runs in youtokentome, or, where youtokentome is not installed, in dalle's pure-Python reader of that format (:mod:`dalle._pybpe`),
-  which gives the same ids (tested against youtokentome) and, caching words, is about as fast on captions.
+  model file is youtokentome's format and encoding runs in youtokentome, or, where youtokentome is not
+  installed, in dalle's pure-Python reader of that format (:mod:`dalle._pybpe`), which gives the same ids
+  (tested against youtokentome) and, caching words, is about as fast on captions.
 * **Unknown characters**: characters that were not in the training text have no id. Each maximal run of such
   characters inside a word becomes a single ``unk_id`` (1); :meth:`BPETokenizer.decode` shows it as ``<UNK>``.
 * **Special ids**: ``pad_id`` 0, ``unk_id`` 1, ``bos_id`` 2, ``eos_id`` 3 (youtokentome's layout). BOS and EOS
