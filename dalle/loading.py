@@ -669,13 +669,14 @@ def resolve_device(device: torch.device | str | None = "auto") -> torch.device:
     return dev
 
 
-_PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+#: where the bundled models live inside the installed package
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 #: names :func:`load_model` accepts besides paths and URLs
 MODEL_NAMES: dict[str, str | Path] = {
     "openai/encoder": "https://cdn.openai.com/dall-e/encoder.pkl",
     "openai/decoder": "https://cdn.openai.com/dall-e/decoder.pkl",
-    "shapes/encoder": _PRETRAINED / "shapes" / "encoder.safetensors",
-    "shapes/decoder": _PRETRAINED / "shapes" / "decoder.safetensors",
+    "shapes/encoder": PRETRAINED_DIR / "shapes" / "encoder.safetensors",
+    "shapes/decoder": PRETRAINED_DIR / "shapes" / "decoder.safetensors",
 }
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dalle._files import publish
 from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError
-from dalle.loading import resolve_device
+from dalle.loading import PRETRAINED_DIR, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
@@ -43,9 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "shapes"
-_PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 #: registered model names -> model directories shipped inside the package
-REGISTRY: dict[str, Path] = {"shapes": _PRETRAINED / "shapes"}
+REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes"}
 
 _FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
 

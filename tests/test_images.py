@@ -333,3 +333,7 @@ def test_reconstruct_cli(tmp_path, capsys) -> None:
         ]
     )
     assert rc != 0
+    capsys.readouterr()
+    assert main(["reconstruct", "--model", str(tmp_path / "no-such-model"), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no dVAE weights" in err and "no-such-model" in err and "--encoder" in err

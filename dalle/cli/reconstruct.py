@@ -43,10 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _bundled_dir(name: str) -> Path:
-    return Path(__file__).resolve().parent.parent / "pretrained" / name
-
-
 def load_dvae_dir(path: Path) -> tuple[Encoder, Decoder, int]:
     """(encoder, decoder, image_size) from a directory with config.json + encoder/decoder.safetensors."""
     from dalle.errors import ModelLoadError
@@ -72,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from dalle.errors import ModelLoadError
     from dalle.images import make_grid, reconstruct, sample_image_path, save_png
     from dalle.loading import load_model, resolve_device
+    from dalle.pipeline import resolve_model
 
     if (args.encoder is None) != (args.decoder is None):
         raise UsageError("pass both --encoder and --decoder (they must come from the same dVAE)")
@@ -89,15 +86,14 @@ def run(args: argparse.Namespace) -> int:
         size, weights = args.size or 256, f"encoder {args.encoder}, decoder {args.decoder}"
     else:
         name = args.model or "shapes"
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            path = _bundled_dir(name)
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"no dVAE weights: {name!r} is neither a directory nor an installed model; pass "
-                    "--encoder and --decoder (files or URLs, e.g. https://cdn.openai.com/dall-e/encoder.pkl "
-                    "and https://cdn.openai.com/dall-e/decoder.pkl) or --model DIR"
-                )
+        try:
+            path = resolve_model(name)  # a directory, or a registered name such as the bundled "shapes"
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"no dVAE weights: {exc}; pass --encoder and --decoder (files or URLs, e.g. "
+                "https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl) "
+                "or --model DIR"
+            ) from exc
         enc, dec, model_size = load_dvae_dir(path)
         encoder, decoder = enc.to(device).eval(), dec.to(device).eval()
         size, weights = args.size or model_size, f"model {name} ({path})"
