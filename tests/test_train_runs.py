@@ -321,3 +321,17 @@ def test_posterior_collapse_is_reported(tmp_path) -> None:
         trainer.after_step({"kl": math.log(32)})
     trainer.after_step({"kl": 1.0})
     assert trainer._collapsed_steps == 0
+
+
+def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) -> None:
+    import math
+    import warnings
+
+    cfg = DVAETrainConfig(**{**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True,
+                             "out_dir": str(tmp_path / "run")})
+    trainer = DVAETrainer(cfg)
+    trainer._bar = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-hot codes sit at KL = ln K by construction: nothing to report
+        for _ in range(25):
+            trainer.after_step({"kl": math.log(32)})
