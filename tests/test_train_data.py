@@ -170,3 +170,45 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
         assert np.array_equal(by_caption[caption], tokens.numpy())
     with pytest.raises(ConfigError, match="already holds token shards"):
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
+
+
+def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
+    from dalle.cli import main
+    from dalle.data import shapes
+    from dalle.train.common import load_dvae
+    from dalle.train.config import TransformerTrainConfig
+    from dalle.train.transformer import TransformerTrainer, encode_images
+
+    dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
+    make_image_folder(tmp_path / "imgs", n=7, corrupt=(4,))
+    base = ["--dvae", str(dvae), "--batch-size", "3", "--no-progress"]
+    for name, extra in (("serial", []), ("workers", ["--workers", "2"])):
+        assert main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / name), *base,
+                     *extra]) == 0
+    serial, parallel = TokenShards(tmp_path / "serial"), TokenShards(tmp_path / "workers")
+    assert len(serial) == len(parallel) == 6 and parallel.meta["skipped_images"] == 1
+    for i in range(6):  # same samples, same order, same tokens
+        a, b = serial.get(i), parallel.get(i)
+        assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+    # a larger side than the dVAE's own: a larger grid, equal to encoding the larger render directly
+    out = tmp_path / "big"
+    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(out), "--image-size", "48",
+                 "--workers", "2", *base]) == 0
+    shards = TokenShards(out)
+    assert shards.grid == 6 and shards.meta["image_size"] == 48
+    encoder, _, _ = load_dvae(dvae)
+    img, caption = shapes.sample(3, seed=2, size=48)
+    tokens, stored_caption, _ = shards.get(3)
+    assert stored_caption == caption
+    assert np.array_equal(tokens, encode_images(encoder, to_uint8_tensor(img)[None])[0].numpy())
+    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(tmp_path / "bad"),
+                 "--image-size", "50", *base]) != 0
+    assert "multiple of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # the transformer trainer works at that side when told, and refuses shards of another grid otherwise
+    settings = dict(data=str(out), dvae=str(dvae), tokenizer_vocab=40, text_len=8, preset="tiny", batch_size=2,
+                    eval_samples=0, bpe_dropout=0.0, progress=False)
+    trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run"), image_size=48, **settings))
+    assert trainer.image_size == 48 and trainer.net.transformer.config.image_grid == 6
+    with pytest.raises(ConfigError, match="6x6"):
+        TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run2"), **settings))

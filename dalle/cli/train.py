@@ -34,7 +34,8 @@ _HELP: dict[str, str] = {
     "steps": "optimizer steps; the schedules scale with this",
     "batch_size": "samples per rank and step (the global batch is this times the number of ranks)",
     "grad_accum": "split each rank's batch into this many micro-batches (same result, less memory)",
-    "image_size": "training image side in pixels (a multiple of 8)",
+    "image_size": "image side in pixels, a multiple of 8 (`dalle train`: default the dVAE's own; the dVAE is "
+    "fully convolutional, so a larger side gives a larger token grid)",
     "crop_size": "train on random crops of this side (the dVAE is fully convolutional; faster)",
     "seed": "seed for the initial weights, data order, augmentation and noise",
     "lr": "peak learning rate",
@@ -132,6 +133,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="encode at most this many samples")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per encoder batch (32)")
     p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help="samples per shard (50000)")
+    p.add_argument("--image-size", type=int, default=argparse.SUPPRESS,
+                   help="image side to encode at, a multiple of 8 (default: the dVAE's own; the dVAE is fully "
+                   "convolutional, so a larger side gives a larger token grid)")
+    p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
+                   help="processes that read, render and crop images while the encoder runs (0: in this process); "
+                   "the output is the same for any number")
     p.add_argument("--device", default=argparse.SUPPRESS, help=_HELP["device"])
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     p.set_defaults(func=run_encode_dataset, _command="encode-dataset")
@@ -247,6 +254,8 @@ class EncodeConfig:
     limit: int | None = None
     batch_size: int = 32
     shard_size: int = 50_000
+    image_size: int | None = None
+    workers: int = 0
     device: str = "auto"
     progress: bool = True
 
@@ -257,22 +266,18 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
 
     import torch
 
-    from dalle.data.datasets import (
-        TokenShards,
-        TokenShardWriter,
-        center_crop,
-        iter_source_once,
-        open_source,
-        to_uint8_tensor,
-    )
+    from dalle.data.datasets import TokenShards, TokenShardWriter, open_source
     from dalle.errors import ConfigError
-    from dalle.train.common import resolve_device
+    from dalle.train.common import check_image_size, resolve_device
     from dalle.train.transformer import encode_images, load_dvae_any, prepare_encoder
 
     if not (cfg.data and cfg.dvae and cfg.out_dir):
         raise ConfigError("encode-dataset needs --data, --dvae and --out")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     device = resolve_device(cfg.device)
     encoder, _, image_size = load_dvae_any(cfg.dvae, device)
+    image_size = check_image_size(cfg.image_size, image_size)
     prepare_encoder(encoder)
     source = open_source(cfg.data, require_captions=True, size=image_size)
     if isinstance(source, TokenShards):
@@ -302,11 +307,11 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
             images.clear()
             captions.clear()
 
-    for img, caption, name in iter_source_once(source, cfg.limit):
-        if img is None:
+    for pixels, caption, name in _prepared_samples(source, cfg.limit, image_size, cfg.workers):
+        if pixels is None:
             skipped.append(name)
             continue
-        images.append(to_uint8_tensor(center_crop(img, image_size)))
+        images.append(pixels)
         captions.append(caption)
         if len(images) >= cfg.batch_size:
             flush()
@@ -317,6 +322,37 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     writer.meta["skipped_examples"] = skipped[:20]
     out = writer.close()
     return out, writer.count, len(skipped)
+
+
+class _PreparedSamples:
+    """Index-addressable samples as (uint8 CHW tensor or None, caption, name), centre-cropped to ``size``; a
+    map-style dataset, so that DataLoader workers can render or decode them in order."""
+
+    def __init__(self, source: Any, size: int) -> None:
+        self.source, self.size = source, size
+
+    def __getitem__(self, index: int) -> tuple[Any, str, str]:
+        from dalle.data.datasets import center_crop, get_once, to_uint8_tensor
+
+        img, caption, name = get_once(self.source, index)
+        return (None if img is None else to_uint8_tensor(center_crop(img, self.size))), caption, name
+
+
+def _prepared_samples(source: Any, limit: int | None, size: int, workers: int) -> Any:
+    """Yield (pixels or None, caption, name) of every sample once, in the source's order."""
+    from dalle.data.datasets import TarShards, center_crop, count_once, iter_source_once, to_uint8_tensor
+
+    if isinstance(source, TarShards) or workers == 0:  # tar shards are a stream: read in this process
+        for img, caption, name in iter_source_once(source, limit):
+            yield (None if img is None else to_uint8_tensor(center_crop(img, size))), caption, name
+        return
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        _PreparedSamples(source, size), sampler=range(count_once(source, limit)), batch_size=None,
+        num_workers=workers, prefetch_factor=64,
+    )
+    yield from loader
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:

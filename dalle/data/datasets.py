@@ -705,20 +705,28 @@ def iter_source_once(source: Any, limit: int | None = None) -> Iterator[RawSampl
                 return
             yield (_open_image(data) if data is not None else None), _pick_caption(text, random.Random(0)), key
         return
+    for i in range(count_once(source, limit)):
+        yield get_once(source, i)
+
+
+def count_once(source: Any, limit: int | None = None) -> int:
+    """How many samples :func:`iter_source_once` yields for an index-addressable (non-tar) source."""
     if is_endless(source):
         if limit is None:
             raise ConfigError("the shapes stream is endless: give --limit N to encode N samples")
-        n = limit
-    else:
-        n = len(source) if limit is None else min(limit, len(source))
-    for i in range(n):
-        img, cap, name = source.get(i, random.Random(0))
-        if isinstance(source, ImageTextFolder):
-            txt = Path(name).with_suffix(".txt")
-            # keep every alternative caption, so transformer training can pick one per sample
-            cap = "\n".join(line.strip() for line in txt.read_text(errors="replace").splitlines()
-                            if line.strip()) if txt.is_file() else ""
-        yield img, cap, name
+        return limit
+    return len(source) if limit is None else min(limit, len(source))
+
+
+def get_once(source: Any, index: int) -> RawSample:
+    """Sample ``index`` of an index-addressable source as :func:`iter_source_once` yields it (a folder's
+    sample keeps all of its caption lines, so transformer training can pick one per sample)."""
+    img, cap, name = source.get(index, random.Random(0))
+    if isinstance(source, ImageTextFolder):
+        txt = Path(name).with_suffix(".txt")
+        cap = "\n".join(line.strip() for line in txt.read_text(errors="replace").splitlines()
+                        if line.strip()) if txt.is_file() else ""
+    return img, cap, name
 
 
 __all__ = [
@@ -729,7 +737,9 @@ __all__ = [
     "TokenShardWriter",
     "TokenShards",
     "center_crop",
+    "count_once",
     "dvae_augment",
+    "get_once",
     "held_out",
     "iter_source_once",
     "make_batches",

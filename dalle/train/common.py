@@ -1085,6 +1085,16 @@ class Trainer:
 _RESUME_MUST_MATCH = ("model", "image_size", "global_batch", "seed", "data")
 
 
+def check_image_size(asked: int | None, native: int) -> int:
+    """The image side to work at: ``asked`` (validated) or the dVAE's ``native`` one. The dVAE is fully
+    convolutional, so any multiple of 8 works; the token grid is a eighth of it."""
+    if asked is None:
+        return int(native)
+    if asked < 8 or asked % 8:
+        raise ConfigError(f"image_size must be a positive multiple of 8 (the dVAE downsamples by 8), got {asked}")
+    return int(asked)
+
+
 def describe_params(module: nn.Module) -> str:
     """'12.3M parameters' for logs."""
     n = sum(p.numel() for p in module.parameters())
@@ -1106,6 +1116,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "close_distributed",
+    "check_image_size",
     "cosine_schedule",
     "derive_seed",
     "init_distributed",

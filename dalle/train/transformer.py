@@ -39,6 +39,7 @@ from dalle.train.common import (
     DistInfo,
     Trainer,
     barrier,
+    check_image_size,
     derive_seed,
     full_state_dict,
     load_dvae,
@@ -159,6 +160,7 @@ class TransformerTrainer(Trainer):
             self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
         else:
             self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
+        self.image_size = check_image_size(cfg.image_size, self.image_size)
         prepare_encoder(self.encoder)
         self.decoder.eval().requires_grad_(False)
         if isinstance(self.source, ShapesSource):
