@@ -335,3 +335,30 @@ def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) ->
         warnings.simplefilter("error")  # one-hot codes sit at KL = ln K by construction: nothing to report
         for _ in range(25):
             trainer.after_step({"kl": math.log(32)})
+
+
+def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_clock(tmp_path, dvae_dir) -> None:
+    from dalle.train.common import CheckpointManager
+
+    settings = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 100_000, "time_limit": 0.03, "log_every": 1,
+                "warmup_steps": 2, "ckpt_every": 0, "eval_every": 0, "sample_every": 0, "plot_every": 0}
+    run = tmp_path / "run"
+    out = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)})).fit()
+    assert out is not None and (out / "transformer.safetensors").is_file()  # exported as at a normal end
+    records = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    last_step = records[-1]["step"]
+    assert 2 < last_step < 100_000
+    lr = TINY_TRANSFORMER["lr"]
+    lr_end = lr / 32
+    assert records[0]["lr"] == pytest.approx(lr / 2)  # the first warm-up step: no time spent yet
+    lrs = [r["lr"] for r in records[1:]]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
+    assert lrs[-1] < lr_end + 0.2 * (lr - lr_end)  # ... and nearly to its end by the last step
+    step, _, state = CheckpointManager.load(CheckpointManager(run / "checkpoints").latest())
+    assert step == last_step and state["train_seconds"] >= 0.03 * 60
+    # resuming a run whose time is spent only finishes it: no further step
+    again = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}), resume=True)
+    assert again.fit(resume=True) is not None and again.step == last_step
+    assert again.schedule_position() == 100_000
+    with pytest.raises(ConfigError, match="time_limit"):
+        TransformerTrainConfig(**{**settings, "time_limit": 0, "out_dir": str(tmp_path / "x")}).validate()

@@ -51,6 +51,9 @@ _HELP: dict[str, str] = {
     "eval_samples": "held-out samples for the evaluation loss",
     "ckpt_every": "write a checkpoint every this many steps (and at the end / on SIGTERM or Ctrl-C)",
     "keep_checkpoints": "how many checkpoints to keep",
+    "time_limit": "end the run after this many minutes of training, as at its last step (checkpoint, "
+    "evaluation, export); the schedules follow the further of the step and the share of the time spent, so "
+    "they complete (not reproducible step for step)",
     "max_nonfinite": "stop after this many non-finite losses in a row (the last good checkpoint stays)",
     "dvae": "trained dVAE: a `dalle train-dvae` output or model directory, or ENC.pkl,DEC.pkl",
     "tokenizer": "a tokenizer.model; by default one is trained on the training captions",

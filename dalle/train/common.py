@@ -768,6 +768,7 @@ class Trainer:
         self.skipped_images = 0
         self.skipped_names: set[str] = set()
         self.samples_seen = 0
+        self.train_seconds = 0.0  # time spent in the training loop, over all resumptions (for time_limit)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=loop.keep_checkpoints)
         self.metrics = MetricsLogger(self.out / "metrics.jsonl", enabled=info.is_main)
         self.net: nn.Module  # the unwrapped module whose weights are checkpointed
@@ -800,7 +801,7 @@ class Trainer:
         """Loss of one micro-batch and named parts to log."""
         raise NotImplementedError
 
-    def schedule(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+    def schedule(self, step: float) -> dict[str, float]:  # pragma: no cover - abstract
         """Set step-dependent values (learning rate, ...) for step ``step`` (0-based); return them for logs."""
         raise NotImplementedError
 
@@ -880,6 +881,7 @@ class Trainer:
                 "skipped_images": self.skipped_images,
                 "skipped_names": sorted(self.skipped_names)[:1000],
                 "samples_seen": self.samples_seen,
+                "train_seconds": self.train_seconds,
                 "world_size": self.info.world_size,
                 "config": self.config_dict(),
                 "extra": self.extra_state(),
@@ -921,6 +923,7 @@ class Trainer:
         self.skipped_images = int(state.get("skipped_images", 0))
         self.skipped_names = set(state.get("skipped_names", []))
         self.samples_seen = int(state.get("samples_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.load_extra_state(state.get("extra", {}))
         self.metrics.truncate_after(step)
         return step
@@ -941,9 +944,24 @@ class Trainer:
             norm = norm.full_tensor()
         return norm.detach().float().cpu()
 
+    def schedule_position(self) -> float:
+        """Where the schedules stand, in steps: the step, or under ``time_limit`` the further of the step and
+        the share of the time limit spent times ``steps`` (so that they complete when the time is up)."""
+        lp = self.loop
+        if not lp.time_limit:
+            return float(self.step)
+        return max(float(self.step), lp.steps * min(self.train_seconds / (lp.time_limit * 60.0), 1.0))
+
+    def _time_is_up(self) -> bool:
+        lp = self.loop
+        if not lp.time_limit:
+            return False
+        flag = torch.tensor([1.0 if self.train_seconds >= lp.time_limit * 60.0 else 0.0])
+        return all_reduce_sum(flag, self.info).item() > 0  # rank 0's clock may differ: any rank ends them all
+
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step on this rank's batch (with accumulation); returns global means to log."""
-        sched = self.schedule(self.step)
+        sched = self.schedule(self.schedule_position())
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         micro = self.split(batch, self.loop.grad_accum)
@@ -1005,7 +1023,8 @@ class Trainer:
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
 
     def fit(self, resume: bool | str = False) -> Path | None:
-        """Train to ``loop.steps``; returns the final artefact's path (rank 0), None elsewhere."""
+        """Train to ``loop.steps`` (or until ``loop.time_limit``); returns the final artefact's path (rank 0),
+        None elsewhere."""
         lp = self.loop
         self._bar = None
         if self.info.is_main:
@@ -1031,17 +1050,20 @@ class Trainer:
             bar = tqdm(total=lp.steps, initial=start, desc=f"train {self.kind}", dynamic_ncols=True, file=sys.stderr)
         self._bar = bar
         t_last, samples_last = time.perf_counter(), self.samples_seen
+        t_start, seconds_before = t_last, self.train_seconds
         try:
             with StopSignal() as stop:
                 data = self.batches(start)
-                while self.step < lp.steps:
+                last = self.step >= lp.steps or self._time_is_up()
+                while not last:
                     batch = next(data)
                     self._account_skipped(batch)
                     rec = self.train_step(batch)
                     self.after_step(rec)
                     if self._step_sleep:
                         time.sleep(self._step_sleep)
-                    last = self.step >= lp.steps
+                    self.train_seconds = seconds_before + time.perf_counter() - t_start
+                    last = self.step >= lp.steps or self._time_is_up()
                     if lp.log_every and (self.step % lp.log_every == 0 or last or self.step == start + 1):
                         now = time.perf_counter()
                         rate = (self.samples_seen - samples_last) / max(now - t_last, 1e-9)

@@ -29,6 +29,9 @@ class LoopConfig:
     max_nonfinite: int = 20
     progress: bool = True
     seed: int = 0
+    # minutes of training after which the run ends as if at its last step; the schedules then follow the
+    # further of the step and the share of this time spent (so they complete), which is not reproducible
+    time_limit: float | None = None
 
 
 # the paper's run: 3M updates; beta warm-up 5k, tau annealing 150k, step-size annealing 1.2M
@@ -98,6 +101,8 @@ class DVAETrainConfig(LoopConfig):
             )
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"time_limit is in minutes and must be > 0, got {self.time_limit}")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
         if (self.freeze_encoder or self.new_decoder) and not self.init:
@@ -169,6 +174,8 @@ class TransformerTrainConfig(LoopConfig):
         """Raise ConfigError for inconsistent values."""
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"time_limit is in minutes and must be > 0, got {self.time_limit}")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
         for name in ("bpe_dropout", "caption_dropout"):

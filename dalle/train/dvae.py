@@ -51,7 +51,7 @@ from dalle.train.common import (
 from dalle.train.config import PAPER_BETA_FRAC, PAPER_LR_FRAC, PAPER_TAU_FRAC, DVAETrainConfig  # noqa: F401
 
 
-def schedules(step: int, cfg: DVAETrainConfig) -> dict[str, float]:
+def schedules(step: float, cfg: DVAETrainConfig) -> dict[str, float]:
     """beta (KL weight), tau (temperature) and the learning rate at ``step`` (0-based), all cosine."""
     n = cfg.resolved_steps()
     return {
@@ -225,7 +225,7 @@ class DVAETrainer(Trainer):
         return img
 
     # -------------------------------------------------------------- step
-    def schedule(self, step: int) -> dict[str, float]:
+    def schedule(self, step: float) -> dict[str, float]:
         """Set the learning rate; remember beta and tau for :meth:`forward`."""
         s = schedules(step, self.cfg)
         for group in self.optimizer.param_groups:

@@ -292,7 +292,7 @@ class TransformerTrainer(Trainer):
                                          dropout=self.cfg.bpe_dropout if train else 0.0, seeds=seeds)
 
     # -------------------------------------------------------------- step
-    def schedule(self, step: int) -> dict[str, float]:
+    def schedule(self, step: float) -> dict[str, float]:
         """Warm-up then decay of the learning rate."""
         r = self.cfg.resolved()
         lr = warmup_lr(step, self.cfg.lr, r["warmup_steps"], self.cfg.steps, r["lr_end"], self.cfg.lr_decay)
