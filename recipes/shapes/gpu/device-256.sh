@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call of the workplace's GPU tool (`device` run: the project's source tree, Python 3.12, no youtokentome,
+# results under $OUT): train-256.sh, then the evaluation on the GPU. Eight files come back: the transformer and
+# its config.json (drop them into a copy of dalle/pretrained/shapes with image_size 256 to use it), the
+# training metrics, loss curve and log, the evaluation log (plain, guidance 3, rerank 8), its results.json and
+# example grid. About 8 minutes on an H200 with MINUTES=5 (start-up, encoding and evaluation around training).
+# Usage (from the repository root): OUT=/some/dir recipes/shapes/gpu/device-256.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/train.log"
+recipes/shapes/gpu/train-256.sh "$PY" cuda runs 2>&1 | tee -a "$OUT/train.log"
+M=runs/g256-tf/model
+cp "$M/transformer.safetensors" "$M/config.json" runs/g256-tf/metrics.jsonl "$OUT/"
+cp runs/g256-tf/loss.png "$OUT/" 2>/dev/null
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval --device cuda --quiet 2>&1 | tee "$OUT/eval.log"
+cp runs/g256-eval/results.json runs/g256-eval/examples.png "$OUT/"
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval-g --device cuda --guidance 3 --psnr-images 0 --quiet 2>&1 \
+    | tee -a "$OUT/eval.log"
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval-r --device cuda --rerank 8 --psnr-images 0 --quiet 2>&1 \
+    | tee -a "$OUT/eval.log"
