@@ -13,9 +13,9 @@ recipes/shapes/gpu/train-256.sh "$PY" cuda runs 2>&1 | tee -a "$OUT/train.log"
 M=runs/g256-tf/model
 cp "$M/transformer.safetensors" "$M/config.json" runs/g256-tf/metrics.jsonl "$OUT/"
 cp runs/g256-tf/loss.png "$OUT/" 2>/dev/null
-$PY -m dalle evaluate --model "$M" --out runs/g256-eval --device cuda --quiet 2>&1 | tee "$OUT/eval.log"
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval --device cuda --batch-size 128 --quiet 2>&1 | tee "$OUT/eval.log"
 cp runs/g256-eval/results.json runs/g256-eval/examples.png "$OUT/"
-$PY -m dalle evaluate --model "$M" --out runs/g256-eval-g --device cuda --guidance 3 --psnr-images 0 --quiet 2>&1 \
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval-g --device cuda --batch-size 128 --guidance 3 --psnr-images 0 --quiet 2>&1 \
     | tee -a "$OUT/eval.log"
-$PY -m dalle evaluate --model "$M" --out runs/g256-eval-r --device cuda --rerank 8 --psnr-images 0 --quiet 2>&1 \
+$PY -m dalle evaluate --model "$M" --out runs/g256-eval-r --device cuda --batch-size 128 --rerank 8 --psnr-images 0 --quiet 2>&1 \
     | tee -a "$OUT/eval.log"
