@@ -362,3 +362,31 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     assert again.schedule_position() == 100_000
     with pytest.raises(ConfigError, match="time_limit"):
         TransformerTrainConfig(**{**settings, "time_limit": 0, "out_dir": str(tmp_path / "x")}).validate()
+
+
+def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_path, dvae_dir) -> None:
+    from safetensors.torch import load_file
+
+    from dalle.pipeline import DALLE
+    from dalle.train.transformer import resize_grid_embeddings
+
+    base = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 2, "ckpt_every": 2}
+    model = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "a")})).fit()
+    # 32 px (4x4 grid) -> 48 px (6x6): every weight carries over, the row/column embeddings are resampled
+    tuned = TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "image_size": 48,
+                                                         "data": "shapes", "out_dir": str(tmp_path / "b")}))
+    start = tuned.net.transformer.state_dict()
+    old = load_file(str(model / "transformer.safetensors"))
+    assert start["row_emb.weight"].shape[0] == 6 and old["row_emb.weight"].shape[0] == 4
+    for key, value in old.items():
+        if key not in ("row_emb.weight", "col_emb.weight"):
+            assert torch.equal(start[key], value.float()), key
+    assert torch.allclose(start["col_emb.weight"], resize_grid_embeddings(old, 6)["col_emb.weight"].float())
+    out = tuned.fit()
+    pipe = DALLE.from_pretrained(out)
+    assert pipe.image_size == 48 and pipe.grid == 6
+    assert pipe.generate("a red circle", seed=0, progress=False)[0].size == (48, 48)
+    # linear resampling keeps a ramp a ramp: cell centres map to cell centres
+    ramp = {"row_emb.weight": torch.arange(4.0)[:, None].repeat(1, 3), "col_emb.weight": torch.zeros(4, 3)}
+    rows = resize_grid_embeddings(ramp, 8)["row_emb.weight"][:, 0]
+    assert torch.allclose(rows, torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]))

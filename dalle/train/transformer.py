@@ -53,6 +53,19 @@ from dalle.train.common import (
 from dalle.train.config import TransformerTrainConfig
 
 
+def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """A transformer state dict with its row and column embeddings linearly resampled to ``grid`` cells, so
+    that a model trained on one image side can start training on another (every other weight is independent
+    of the grid). Cell centres map to cell centres."""
+    import torch.nn.functional as F
+
+    out = dict(state)
+    for key in ("row_emb.weight", "col_emb.weight"):
+        w = state[key]
+        out[key] = F.interpolate(w.float().T[None], size=grid, mode="linear", align_corners=False)[0].T.to(w.dtype)
+    return out
+
+
 class TransformerLoss(nn.Module):
     """Wraps a DALLETransformer so that ``forward`` is its training loss (what DDP / FSDP2 hook)."""
 
@@ -203,7 +216,8 @@ class TransformerTrainer(Trainer):
             import json
 
             base = json.loads((Path(cfg.init) / "config.json").read_text())["transformer"]
-            tcfg = TransformerConfig.from_dict({**base, **overrides})
+            # another image side than init's (--image-size): the position embeddings are resized to the grid
+            tcfg = TransformerConfig.from_dict({**base, **overrides, "image_grid": grid})
         else:
             tcfg = TransformerConfig.preset(
                 cfg.preset,
@@ -217,9 +231,12 @@ class TransformerTrainer(Trainer):
         self.tcfg = tcfg
         transformer = DALLETransformer(tcfg)
         if cfg.init:
-            from safetensors.torch import load_model
+            from safetensors.torch import load_file
 
-            load_model(transformer, str(Path(cfg.init) / "transformer.safetensors"))
+            state = load_file(str(Path(cfg.init) / "transformer.safetensors"))
+            if base["image_grid"] != grid:
+                state = resize_grid_embeddings(state, grid)
+            transformer.load_state_dict(state)
         self.net = TransformerLoss(transformer).to(dev)
         self.model: nn.Module = self.net
         if info.distributed and cfg.fsdp:
@@ -410,5 +427,6 @@ __all__ = [
     "encode_images",
     "load_dvae_any",
     "prepare_encoder",
+    "resize_grid_embeddings",
     "train_transformer",
 ]
