@@ -263,6 +263,10 @@ train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
 args = build_parser().parse_args(["train", "--config", transformer_cfg, "--out", out + "/fsdp", "--batch-size", "4",
                                   "--fsdp"])
 train_transformer(build_config(TransformerTrainConfig, args, "train"), info=info)
+# on the clock: the ranks' clocks differ, yet they must agree on the schedules (hence the weights) and the end
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/timed", "--batch-size", "2",
+                                  "--steps", "100000", "--time-limit", "0.02", "--ckpt-every", "0"])
+train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
 close_distributed()
 """
 
@@ -288,7 +292,7 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
         # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
         import shutil
 
-        for name in ("ddp", "fsdp"):
+        for name in ("ddp", "fsdp", "timed"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
         proc = subprocess.run(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
                               capture_output=True, timeout=500)
@@ -297,7 +301,7 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     TransformerTrainer(TransformerTrainConfig(**{
         **TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0,
         "out_dir": str(tmp_path / "one_t"), "tokenizer": str(tmp_path / "fsdp" / "tokenizer.model")})).fit()
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "timed"):
         digests = {(tmp_path / name / f"rank-{r}.sha256").read_text() for r in (0, 1)}
         assert len(digests) == 1, f"{name}: ranks hold different weights"
     ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
@@ -350,7 +354,8 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     assert 2 < last_step < 100_000
     lr = TINY_TRANSFORMER["lr"]
     lr_end = lr / 32
-    assert records[0]["lr"] == pytest.approx(lr / 2)  # the first warm-up step: no time spent yet
+    assert records[0]["lr"] == pytest.approx(lr / 2)  # the warm-up counts steps, not time
+    assert records[1]["lr"] == pytest.approx(lr)
     lrs = [r["lr"] for r in records[1:]]
     assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
     assert lrs[-1] < lr_end + 0.2 * (lr - lr_end)  # ... and nearly to its end by the last step

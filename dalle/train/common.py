@@ -189,10 +189,12 @@ def close_distributed() -> None:
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over ranks (identity in a one-process job)."""
+    """Sum a tensor over ranks (identity in a one-process job). The collective runs on the rank's device (NCCL
+    reduces CUDA tensors only); the result comes back on the input's device."""
     if info.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        moved = values.to(info.device, copy=True)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(values.device)
     return values
 
 
@@ -952,12 +954,16 @@ class Trainer:
             return float(self.step)
         return max(float(self.step), lp.steps * min(self.train_seconds / (lp.time_limit * 60.0), 1.0))
 
-    def _time_is_up(self) -> bool:
+    def _advance_clock(self, seconds: float) -> bool:
+        """Set ``train_seconds``; under ``time_limit`` to the ranks' mean of their ``seconds``, one value on every
+        rank, so that their schedules (hence their weights) agree and they stop together. True when time is up."""
+        self.train_seconds = seconds
         lp = self.loop
         if not lp.time_limit:
             return False
-        flag = torch.tensor([1.0 if self.train_seconds >= lp.time_limit * 60.0 else 0.0])
-        return all_reduce_sum(flag, self.info).item() > 0  # rank 0's clock may differ: any rank ends them all
+        total = all_reduce_sum(torch.tensor([seconds], dtype=torch.float64), self.info).item()
+        self.train_seconds = total / self.info.world_size
+        return self.train_seconds >= lp.time_limit * 60.0
 
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step on this rank's batch (with accumulation); returns global means to log."""
@@ -1054,7 +1060,7 @@ class Trainer:
         try:
             with StopSignal() as stop:
                 data = self.batches(start)
-                last = self.step >= lp.steps or self._time_is_up()
+                last = self.step >= lp.steps or self._advance_clock(self.train_seconds)
                 while not last:
                     batch = next(data)
                     self._account_skipped(batch)
@@ -1062,8 +1068,8 @@ class Trainer:
                     self.after_step(rec)
                     if self._step_sleep:
                         time.sleep(self._step_sleep)
-                    self.train_seconds = seconds_before + time.perf_counter() - t_start
-                    last = self.step >= lp.steps or self._time_is_up()
+                    time_up = self._advance_clock(seconds_before + time.perf_counter() - t_start)
+                    last = self.step >= lp.steps or time_up
                     if lp.log_every and (self.step % lp.log_every == 0 or last or self.step == start + 1):
                         now = time.perf_counter()
                         rate = (self.samples_seen - samples_last) / max(now - t_last, 1e-9)

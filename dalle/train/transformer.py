@@ -310,8 +310,11 @@ class TransformerTrainer(Trainer):
 
     # -------------------------------------------------------------- step
     def schedule(self, step: float) -> dict[str, float]:
-        """Warm-up then decay of the learning rate."""
+        """Warm-up then decay of the learning rate. The warm-up counts optimizer steps also under a time limit
+        (``step`` is then the time-based position, which only the decay follows)."""
         r = self.cfg.resolved()
+        if self.step < r["warmup_steps"]:
+            step = float(self.step)
         lr = warmup_lr(step, self.cfg.lr, r["warmup_steps"], self.cfg.steps, r["lr_end"], self.cfg.lr_decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
