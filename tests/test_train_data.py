@@ -181,15 +181,25 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
 
     dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
     make_image_folder(tmp_path / "imgs", n=7, corrupt=(4,))
+    make_tar_shards(tmp_path / "tars", n_shards=2, per_shard=4, corrupt=(2,))
     base = ["--dvae", str(dvae), "--batch-size", "3", "--no-progress"]
-    for name, extra in (("serial", []), ("workers", ["--workers", "2"])):
-        assert main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / name), *base,
-                     *extra]) == 0
-    serial, parallel = TokenShards(tmp_path / "serial"), TokenShards(tmp_path / "workers")
-    assert len(serial) == len(parallel) == 6 and parallel.meta["skipped_images"] == 1
-    for i in range(6):  # same samples, same order, same tokens
-        a, b = serial.get(i), parallel.get(i)
-        assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    for data, limit, count in ((tmp_path / "imgs", [], 6), (tmp_path / "imgs", ["--limit", "5"], 4),
+                               ("shapes:4", ["--limit", "7"], 7), (tmp_path / "tars", [], 7)):
+        runs = []
+        for workers in ("0", "2"):  # tar shards are a stream and ignore the workers
+            out = tmp_path / f"{len(runs)}-{count}-{str(data)[-4:]}"
+            assert main(["encode-dataset", "--data", str(data), "--out", str(out), *base, *limit,
+                         "--workers", workers]) == 0
+            runs.append(TokenShards(out))
+        serial, parallel = runs
+        assert len(serial) == len(parallel) == count
+        assert serial.meta["skipped_images"] == parallel.meta["skipped_images"]
+        for i in range(count):  # same samples, same order, same tokens
+            a, b = serial.get(i), parallel.get(i)
+            assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    # an endless source without --limit: an error before anything is written
+    assert main(["encode-dataset", "--data", "shapes", "--out", str(tmp_path / "endless"), *base]) != 0
+    assert "--limit" in capsys.readouterr().err and not (tmp_path / "endless").exists()
 
     # a larger side than the dVAE's own: a larger grid, equal to encoding the larger render directly
     out = tmp_path / "big"

@@ -267,9 +267,7 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     """Encode ``cfg.data`` with the dVAE into token shards; returns (directory, samples, skipped images)."""
     import hashlib
 
-    import torch
-
-    from dalle.data.datasets import TokenShards, TokenShardWriter, open_source
+    from dalle.data.datasets import TarShards, TokenShards, TokenShardWriter, count_once, open_source
     from dalle.errors import ConfigError
     from dalle.train.common import check_image_size, resolve_device
     from dalle.train.transformer import encode_images, load_dvae_any, prepare_encoder
@@ -285,6 +283,8 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     source = open_source(cfg.data, require_captions=True, size=image_size)
     if isinstance(source, TokenShards):
         raise ConfigError(f"{cfg.data} is already token shards")
+    if not isinstance(source, TarShards):
+        count_once(source, cfg.limit)  # an endless source without --limit fails here, before --out is made
     digest = hashlib.sha256()
     for v in encoder.state_dict().values():
         digest.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -294,31 +294,18 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         meta={"encoder": encoder.config(), "encoder_sha256": digest.hexdigest(), "source": str(cfg.data)},
     )
     skipped: list[str] = []
-    images: list[torch.Tensor] = []
-    captions: list[str] = []
     bar = None
     if cfg.progress:
         from tqdm import tqdm
 
         bar = tqdm(desc="encoding", unit="img", total=cfg.limit, file=sys.stderr, dynamic_ncols=True)
 
-    def flush() -> None:
-        if images:
-            writer.add(encode_images(encoder, torch.stack(images)).cpu(), captions)
+    for pixels, caps, bad in _prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers):
+        skipped.extend(bad)
+        if pixels is not None:
+            writer.add(encode_images(encoder, pixels).cpu(), caps)
             if bar is not None:
-                bar.update(len(images))
-            images.clear()
-            captions.clear()
-
-    for pixels, caption, name in _prepared_samples(source, cfg.limit, image_size, cfg.workers):
-        if pixels is None:
-            skipped.append(name)
-            continue
-        images.append(pixels)
-        captions.append(caption)
-        if len(images) >= cfg.batch_size:
-            flush()
-    flush()
+                bar.update(len(caps))
     if bar is not None:
         bar.close()
     writer.meta["skipped_images"] = len(skipped)
@@ -327,34 +314,58 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     return out, writer.count, len(skipped)
 
 
-class _PreparedSamples:
-    """Index-addressable samples as (uint8 CHW tensor or None, caption, name), centre-cropped to ``size``; a
-    map-style dataset, so that DataLoader workers can render or decode them in order."""
+class _PreparedBatches:
+    """Batch ``k`` of an index-addressable source: samples ``k * batch ... `` centre-cropped to ``size`` as
+    (uint8 [n, 3, size, size] or None, captions, names of unreadable images). A map-style dataset, so that
+    DataLoader workers render or decode whole batches (one transfer per batch), in order."""
 
-    def __init__(self, source: Any, size: int) -> None:
-        self.source, self.size = source, size
+    def __init__(self, source: Any, count: int, batch: int, size: int) -> None:
+        self.source, self.count, self.batch, self.size = source, count, batch, size
 
-    def __getitem__(self, index: int) -> tuple[Any, str, str]:
-        from dalle.data.datasets import center_crop, get_once, to_uint8_tensor
+    def __len__(self) -> int:
+        return -(-self.count // self.batch)
 
-        img, caption, name = get_once(self.source, index)
-        return (None if img is None else to_uint8_tensor(center_crop(img, self.size))), caption, name
+    def __getitem__(self, k: int) -> tuple[Any, list[str], list[str]]:
+        from dalle.data.datasets import get_once
+
+        stop = min((k + 1) * self.batch, self.count)
+        return _stack((get_once(self.source, i) for i in range(k * self.batch, stop)), self.size)
 
 
-def _prepared_samples(source: Any, limit: int | None, size: int, workers: int) -> Any:
-    """Yield (pixels or None, caption, name) of every sample once, in the source's order."""
-    from dalle.data.datasets import TarShards, center_crop, count_once, iter_source_once, to_uint8_tensor
-
-    if isinstance(source, TarShards) or workers == 0:  # tar shards are a stream: read in this process
-        for img, caption, name in iter_source_once(source, limit):
-            yield (None if img is None else to_uint8_tensor(center_crop(img, size))), caption, name
-        return
+def _stack(samples: Any, size: int) -> tuple[Any, list[str], list[str]]:
+    """(uint8 pixels or None, captions, skipped names) of raw (image, caption, name) samples, centre-cropped."""
     import torch
 
-    loader = torch.utils.data.DataLoader(
-        _PreparedSamples(source, size), sampler=range(count_once(source, limit)), batch_size=None,
-        num_workers=workers, prefetch_factor=64,
-    )
+    from dalle.data.datasets import center_crop, to_uint8_tensor
+
+    pixels, captions, skipped = [], [], []
+    for img, caption, name in samples:
+        if img is None:
+            skipped.append(name)
+            continue
+        pixels.append(to_uint8_tensor(center_crop(img, size)))
+        captions.append(caption)
+    return (torch.stack(pixels) if pixels else None), captions, skipped
+
+
+def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, workers: int) -> Any:
+    """Yield (pixels or None, captions, skipped names) batches covering every sample once, in order."""
+    import itertools
+
+    import torch
+
+    from dalle.data.datasets import TarShards, count_once, iter_source_once
+
+    if isinstance(source, TarShards):  # a stream: read in this process
+        samples = iter_source_once(source, limit)
+        while chunk := list(itertools.islice(samples, batch)):
+            yield _stack(chunk, size)
+        return
+    dataset = _PreparedBatches(source, count_once(source, limit), batch, size)
+    if workers == 0:
+        yield from (dataset[k] for k in range(len(dataset)))
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4)
     yield from loader
 
 
