@@ -220,5 +220,8 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
                     eval_samples=0, bpe_dropout=0.0, progress=False)
     trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run"), image_size=48, **settings))
     assert trainer.image_size == 48 and trainer.net.transformer.config.image_grid == 6
+    # without --image-size the shards' own side is used; another side is refused
+    trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run2"), **settings))
+    assert trainer.image_size == 48
     with pytest.raises(ConfigError, match="6x6"):
-        TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run2"), **settings))
+        TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run3"), image_size=32, **settings))

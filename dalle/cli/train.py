@@ -34,8 +34,8 @@ _HELP: dict[str, str] = {
     "steps": "optimizer steps; the schedules scale with this",
     "batch_size": "samples per rank and step (the global batch is this times the number of ranks)",
     "grad_accum": "split each rank's batch into this many micro-batches (same result, less memory)",
-    "image_size": "image side in pixels, a multiple of 8 (`dalle train`: default the dVAE's own; the dVAE is "
-    "fully convolutional, so a larger side gives a larger token grid)",
+    "image_size": "image side in pixels, a multiple of 8 (train-dvae: of the training images; train: default the "
+    "token shards' side, else the dVAE's own: the dVAE is fully convolutional, so any side works)",
     "crop_size": "train on random crops of this side (the dVAE is fully convolutional; faster)",
     "seed": "seed for the initial weights, data order, augmentation and noise",
     "lr": "peak learning rate",
@@ -51,9 +51,9 @@ _HELP: dict[str, str] = {
     "eval_samples": "held-out samples for the evaluation loss",
     "ckpt_every": "write a checkpoint every this many steps (and at the end / on SIGTERM or Ctrl-C)",
     "keep_checkpoints": "how many checkpoints to keep",
-    "time_limit": "end the run after this many minutes of training, as at its last step (checkpoint, "
-    "evaluation, export); the schedules follow the further of the step and the share of the time spent, so "
-    "they complete (not reproducible step for step)",
+    "time_limit": "end the run after this many minutes of its training loop (evaluations and checkpoints "
+    "included), as at its last step; the decay schedules follow the further of the step and the share of the time "
+    "spent, so they complete (not reproducible step for step)",
     "max_nonfinite": "stop after this many non-finite losses in a row (the last good checkpoint stays)",
     "dvae": "trained dVAE: a `dalle train-dvae` output or model directory, or ENC.pkl,DEC.pkl",
     "tokenizer": "a tokenizer.model; by default one is trained on the training captions",
@@ -140,8 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image side to encode at, a multiple of 8 (default: the dVAE's own; the dVAE is fully "
                    "convolutional, so a larger side gives a larger token grid)")
     p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
-                   help="processes that read, render and crop images while the encoder runs (0: in this process); "
-                   "the output is the same for any number")
+                   help="processes that read, render and crop batches of images while the encoder runs (0: in this "
+                   "process); the output is the same for any number. Tar shards are a stream and are always read "
+                   "in this process")
     p.add_argument("--device", default=argparse.SUPPRESS, help=_HELP["device"])
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     p.set_defaults(func=run_encode_dataset, _command="encode-dataset")

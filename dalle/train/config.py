@@ -128,7 +128,7 @@ class TransformerTrainConfig(LoopConfig):
     tokenizer: str | None = None  # a tokenizer.model; None trains one on the training captions
     tokenizer_vocab: int = 16384
     tokenizer_samples: int = 100_000
-    image_size: int | None = None  # image side the model works at; default the dVAE's own
+    image_size: int | None = None  # image side the model works at; default the token shards', else the dVAE's own
     text_len: int = 256
     preset: str = "small"
     depth: int | None = None

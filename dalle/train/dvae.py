@@ -246,8 +246,8 @@ class DVAETrainer(Trainer):
 
     def after_step(self, record: Mapping[str, Any]) -> None:
         """Warn once when the posterior has collapsed: KL at ln K means every position is a one-hot on one
-        code, the softmax is saturated and the run cannot recover. Not with a frozen encoder: its one-hot codes
-        always sit at ln K, and only the decoder learns."""
+        code, the softmax is saturated and the run cannot recover. Not with a frozen encoder: the KL is then
+        fixed by its weights (nothing in the run can change it), and only the decoder learns."""
         if self.cfg.freeze_encoder:
             return
         collapsed = record.get("kl", 0.0) >= 0.995 * math.log(self.vocab_size)

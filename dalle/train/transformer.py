@@ -173,6 +173,8 @@ class TransformerTrainer(Trainer):
             self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
         else:
             self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
+        if self.pretokenized and cfg.image_size is None:  # shards know the side they were encoded at
+            self.image_size = int(self.source.meta.get("image_size", self.source.grid * 8))
         self.image_size = check_image_size(cfg.image_size, self.image_size)
         prepare_encoder(self.encoder)
         self.decoder.eval().requires_grad_(False)
@@ -185,7 +187,8 @@ class TransformerTrainer(Trainer):
                 raise ConfigError(
                     f"token shards in {cfg.data} hold {self.source.grid}x{self.source.grid} grids of "
                     f"{self.source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
-                    f"{self.encoder.vocab_size}; encode the data with this dVAE"
+                    f"{self.encoder.vocab_size}; encode the data with this dVAE, or give --image-size "
+                    f"{self.source.grid * 8} if the shards were encoded at that side"
                 )
             if meta.get("encoder") not in (None, self.encoder.config()):
                 warnings.warn("the token shards were encoded by a dVAE with another configuration", stacklevel=2)
