@@ -157,6 +157,28 @@ def test_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path, dv
         bad.validate()
 
 
+def test_cpu_bf16_trains_in_bfloat16_with_float32_weights(tmp_path, dvae_dir) -> None:
+    dtypes: dict[bool, set[torch.dtype]] = {}
+    losses: dict[bool, list[float]] = {}
+    for cpu_bf16 in (False, True):
+        run = tmp_path / f"run-{cpu_bf16}"
+        cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(run), "dvae": str(dvae_dir),
+                                        "steps": 16, "eval_every": 0, "sample_every": 0, "plot_every": 0,
+                                        "cpu_bf16": cpu_bf16, "device": "cpu"})
+        trainer = TransformerTrainer(cfg)
+        seen: set[torch.dtype] = set()
+        first = next(m for m in trainer.net.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(lambda mod, args, out, seen=seen: seen.add(out.dtype))
+        trainer.fit()
+        dtypes[cpu_bf16] = seen
+        losses[cpu_bf16] = list(_losses(run).values())
+        assert all(p.dtype == torch.float32 for p in trainer.net.parameters())  # master weights stay float32
+    assert dtypes == {False: {torch.float32}, True: {torch.bfloat16}}
+    assert losses[True] != losses[False]  # the bf16 run really computed differently ...
+    assert sum(losses[True][-4:]) / 4 < sum(losses[True][:2]) / 2 - 0.5  # ... and learns as well
+    assert abs(losses[True][0] - losses[False][0]) < 0.05  # same start, rounding apart
+
+
 def test_caption_dropout_gives_the_empty_caption(tmp_path, dvae_dir) -> None:
     from dalle.train.transformer import caption_dropped
 

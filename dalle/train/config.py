@@ -154,7 +154,8 @@ class TransformerTrainConfig(LoopConfig):
     caption_dropout: float = 0.0
     augment: bool = True
     fsdp: bool = False
-    bf16: bool = True
+    bf16: bool = True  # bfloat16 autocast on CUDA
+    cpu_bf16: bool = False  # bfloat16 autocast on the CPU too (fast only where the CPU has native bfloat16)
     eval_samples: int = 64
     sample_prompts: list[str] | None = None
     sample_count: int = 4
