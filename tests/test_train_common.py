@@ -265,3 +265,18 @@ def test_invalid_settings_are_rejected() -> None:
 
 def test_no_stray_env_hooks() -> None:
     assert "DALLE_TRAIN_STEP_SLEEP" not in os.environ
+
+
+def test_progress_bar_end_under_a_time_limit_is_the_estimated_last_step() -> None:
+    from types import SimpleNamespace
+
+    from dalle.train.common import estimated_last_step
+
+    loop = SimpleNamespace(time_limit=10.0, steps=100_000)  # 600 s
+    # 50 steps in the first 60 s of this process, the run at 60 s: 540 s left at 50/60 steps a second
+    assert estimated_last_step(50, 60.0, 50, 60.0, loop) == 50 + 450
+    # resumed at step 200 and 300 s: 20 steps in 30 s since, 270 s left
+    assert estimated_last_step(20, 30.0, 220, 330.0, loop) == 220 + 180
+    assert estimated_last_step(0, 0.0, 7, 0.0, loop) == 7  # no rate yet: no guess beyond the step
+    assert estimated_last_step(5, 1.0, 5, 700.0, loop) == 5  # time spent: the run ends here
+    assert estimated_last_step(10**6, 1.0, 10, 1.0, loop) == 100_000  # never past --steps

@@ -748,6 +748,15 @@ def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+def estimated_last_step(steps_done: int, seconds_spent: float, step: int, train_seconds: float, loop: Any) -> int:
+    """The step a run under ``loop.time_limit`` will end at, at the rate of ``steps_done`` steps in
+    ``seconds_spent`` seconds (this process's share of the run): at most ``loop.steps``, at least ``step``."""
+    remaining = max(loop.time_limit * 60.0 - train_seconds, 0.0)
+    rate = steps_done / seconds_spent if seconds_spent > 0 else 0.0
+    return int(min(loop.steps, max(step, step + round(rate * remaining))))
+
+
 class Trainer:
     """The loop the dVAE and transformer trainers share.
 
@@ -1078,6 +1087,9 @@ class Trainer:
                         self.metrics.log({"kind": "train", "step": self.step, **rec, "samples_per_s": rate,
                                           "skipped_images": skipped, "time": time.time()})
                     if bar is not None:
+                        if lp.time_limit:  # the bar's end: the step the time limit will stop at, as estimated now
+                            bar.total = estimated_last_step(self.step - start, self.train_seconds - seconds_before,
+                                                            self.step, self.train_seconds, lp)
                         bar.update(1)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                     self._maybe_write_outputs(last)

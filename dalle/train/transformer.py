@@ -63,7 +63,7 @@ def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[st
     out = dict(state)
     for key in ("row_emb.weight", "col_emb.weight"):
         w = state[key]
-        out[key] = F.interpolate(w.float().T[None], size=grid, mode="linear", align_corners=False)[0].T.to(w.dtype)
+        out[key] = F.interpolate(w.float().T[None], size=grid, mode="linear", align_corners=False)[0].T.contiguous().to(w.dtype)
     return out
 
 
