@@ -417,3 +417,8 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     ramp = {"row_emb.weight": torch.arange(4.0)[:, None].repeat(1, 3), "col_emb.weight": torch.zeros(4, 3)}
     rows = resize_grid_embeddings(ramp, 8)["row_emb.weight"][:, 0]
     assert torch.allclose(rows, torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]))
+    resized = resize_grid_embeddings(old, 6)
+    assert all(v.is_contiguous() for v in resized.values())  # so that safetensors can save them as they are
+    from safetensors.torch import save_file
+
+    save_file(resized, str(tmp_path / "resized.safetensors"))
