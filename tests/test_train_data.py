@@ -215,6 +215,9 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(tmp_path / "bad"),
                  "--image-size", "50", *base]) != 0
     assert "multiple of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(tmp_path / "zero"),
+                 *base, "--batch-size", "0"]) != 0
+    assert "--batch-size" in capsys.readouterr().err and not (tmp_path / "zero").exists()
     # the transformer trainer works at that side when told, and refuses shards of another grid otherwise
     settings = dict(data=str(out), dvae=str(dvae), tokenizer_vocab=40, text_len=8, preset="tiny", batch_size=2,
                     eval_samples=0, bpe_dropout=0.0, progress=False)
@@ -223,5 +226,5 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     # without --image-size the shards' own side is used; another side is refused
     trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run2"), **settings))
     assert trainer.image_size == 48
-    with pytest.raises(ConfigError, match="6x6"):
+    with pytest.raises(ConfigError, match=r"6x6 .* give --image-size 48"):
         TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run3"), image_size=32, **settings))

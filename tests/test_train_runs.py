@@ -4,6 +4,7 @@ losses, the model directory, and torchrun (gloo on CPU) matching one process."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -380,15 +381,37 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     assert records[1]["lr"] == pytest.approx(lr)
     lrs = [r["lr"] for r in records[1:]]
     assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
-    assert lrs[-1] < lr_end + 0.2 * (lr - lr_end)  # ... and nearly to its end by the last step
+    # ... past its middle when the last step began (that step's own time is not in its learning rate)
+    assert lrs[-1] < lr_end + 0.5 * (lr - lr_end)
     step, _, state = CheckpointManager.load(CheckpointManager(run / "checkpoints").latest())
     assert step == last_step and state["train_seconds"] >= 0.03 * 60
     # resuming a run whose time is spent only finishes it: no further step
     again = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}), resume=True)
     assert again.fit(resume=True) is not None and again.step == last_step
     assert again.schedule_position() == 100_000
+    # resumed without the time limit, the schedules would count steps again: said, not silently done
+    plain = TransformerTrainer(TransformerTrainConfig(**{**settings, "time_limit": None, "out_dir": str(run)}),
+                               resume=True)
+    with pytest.warns(UserWarning, match="resumed without one"):
+        plain.resume()
     with pytest.raises(ConfigError, match="time_limit"):
         TransformerTrainConfig(**{**settings, "time_limit": 0, "out_dir": str(tmp_path / "x")}).validate()
+
+
+def test_default_warmup_follows_the_clock_under_a_time_limit_an_explicit_one_counts_steps(tmp_path, dvae_dir) -> None:
+    lr = TINY_TRANSFORMER["lr"]
+    lrs = {}
+    for warmup in (None, 12):
+        cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 1000, "time_limit": 1.0,
+                                        "warmup_steps": warmup, "out_dir": str(tmp_path / f"run-{warmup}")})
+        trainer = TransformerTrainer(cfg)
+        assert cfg.resolved()["warmup_steps"] == 12  # the default: the paper's 5k of 430k, of 1000 steps
+        trainer.step, trainer.train_seconds = 1, 30.0  # slow steps: half the time spent after one step
+        lrs[warmup] = trainer.schedule(trainer.schedule_position())["lr"]
+    lr_end = lr / 32
+    half = (500 - 12) / (1000 - 12)  # the decay's progress at position 500
+    assert lrs[None] == pytest.approx(lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * half)))
+    assert lrs[12] == pytest.approx(lr * 2 / 12)  # still warming up, step by step
 
 
 def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_path, dvae_dir) -> None:
@@ -401,7 +424,9 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     model = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "a")})).fit()
     # 32 px (4x4 grid) -> 48 px (6x6): every weight carries over, the row/column embeddings are resampled
     tuned = TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "image_size": 48,
-                                                         "data": "shapes", "out_dir": str(tmp_path / "b")}))
+                                                         "data": "shapes", "out_dir": str(tmp_path / "b"),
+                                                         "bf16": False}))
+    assert tuned.tcfg.cuda_autocast is False  # --no-bf16 wins over the init model's setting
     start = tuned.net.transformer.state_dict()
     old = load_file(str(model / "transformer.safetensors"))
     assert start["row_emb.weight"].shape[0] == 6 and old["row_emb.weight"].shape[0] == 4

@@ -9,6 +9,7 @@ Run under ``torchrun --nproc_per_node=N`` for DDP (and ``--fsdp`` for FSDP2 shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -280,6 +281,8 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         raise ConfigError("encode-dataset needs --data, --dvae and --out")
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise ConfigError(f"--batch-size and --shard-size must be >= 1, got {cfg.batch_size} and {cfg.shard_size}")
     device = resolve_device(cfg.device)
     encoder, _, image_size = load_dvae_any(cfg.dvae, device)
     image_size = check_image_size(cfg.image_size, image_size)
@@ -304,14 +307,19 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
 
         bar = tqdm(desc="encoding", unit="img", total=cfg.limit, file=sys.stderr, dynamic_ncols=True)
 
-    for pixels, caps, bad in _prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers):
-        skipped.extend(bad)
-        if pixels is not None:
-            writer.add(encode_images(encoder, pixels).cpu(), caps)
-            if bar is not None:
-                bar.update(len(caps))
-    if bar is not None:
-        bar.close()
+    # closing() shuts the loader's worker processes down at once should encoding fail
+    batches = contextlib.closing(_prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers))
+    try:
+        with batches as stream:
+            for pixels, caps, bad in stream:
+                skipped.extend(bad)
+                if pixels is not None:
+                    writer.add(encode_images(encoder, pixels).cpu(), caps)
+                    if bar is not None:
+                        bar.update(len(caps))
+    finally:
+        if bar is not None:
+            bar.close()
     writer.meta["skipped_images"] = len(skipped)
     writer.meta["skipped_examples"] = skipped[:20]
     out = writer.close()
@@ -369,7 +377,7 @@ def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, wor
     if workers == 0:
         yield from (dataset[k] for k in range(len(dataset)))
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
     yield from loader
 
 

@@ -924,6 +924,12 @@ class Trainer:
                 f"cannot resume from {ckpt_path}: {', '.join(changed)} differ from the run that wrote it "
                 f"(checkpoint {[saved[k] for k in changed]}, now {[now[k] for k in changed]})"
             )
+        if saved.get("time_limit") and not now.get("time_limit") and self.info.is_main:
+            warnings.warn(
+                f"{ckpt_path} comes from a run with --time-limit {saved['time_limit']}, resumed without one: its "
+                f"schedules go back to counting steps towards --steps {now.get('steps')} (the learning rate "
+                "rises again); pass --time-limit to keep them on the clock", stacklevel=2,
+            )
         self.load_checkpoint_weights(weights)
         self._load_optimizer_state(state["optimizer"])
         if self.ema is not None and "ema" in weights:

@@ -188,8 +188,9 @@ class TransformerTrainer(Trainer):
                 raise ConfigError(
                     f"token shards in {cfg.data} hold {self.source.grid}x{self.source.grid} grids of "
                     f"{self.source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
-                    f"{self.encoder.vocab_size}; encode the data with this dVAE, or give --image-size "
-                    f"{self.source.grid * 8} if the shards were encoded at that side"
+                    f"{self.encoder.vocab_size}; encode the data with this dVAE"
+                    + (f", or give --image-size {self.source.grid * 8} (the shards' side)"
+                       if self.source.grid != grid else "")
                 )
             if meta.get("encoder") not in (None, self.encoder.config()):
                 warnings.warn("the token shards were encoded by a dVAE with another configuration", stacklevel=2)
@@ -221,7 +222,8 @@ class TransformerTrainer(Trainer):
 
             base = json.loads((Path(cfg.init) / "config.json").read_text())["transformer"]
             # another image side than init's (--image-size): the position embeddings are resized to the grid
-            tcfg = TransformerConfig.from_dict({**base, **overrides, "image_grid": grid})
+            tcfg = TransformerConfig.from_dict({**base, **overrides, "image_grid": grid, "cuda_autocast": cfg.bf16,
+                                                "checkpoint_activations": cfg.checkpoint_activations})
         else:
             tcfg = TransformerConfig.preset(
                 cfg.preset,
@@ -314,10 +316,11 @@ class TransformerTrainer(Trainer):
 
     # -------------------------------------------------------------- step
     def schedule(self, step: float) -> dict[str, float]:
-        """Warm-up then decay of the learning rate. The warm-up counts optimizer steps also under a time limit
-        (``step`` is then the time-based position, which only the decay follows)."""
+        """Warm-up then decay of the learning rate. Under a time limit ``step`` is the time-based position: the
+        decay and the default warm-up (a share of the run) follow it, an explicit ``warmup_steps`` counts
+        optimizer steps (a few hundred steps are a tiny, unpredictable share of the time)."""
         r = self.cfg.resolved()
-        if self.step < r["warmup_steps"]:
+        if self.step < r["warmup_steps"] and self.cfg.warmup_steps is not None:
             step = float(self.step)
         lr = warmup_lr(step, self.cfg.lr, r["warmup_steps"], self.cfg.steps, r["lr_end"], self.cfg.lr_decay)
         for group in self.optimizer.param_groups:
