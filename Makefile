@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 1
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 2
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51
+	$(PY) benchmarks/bench_train.py --image-size 256 --batch 8 16
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info
