@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "shapes"
 #: registered model names -> model directories shipped inside the package
-REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes"}
+REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes", "shapes-128": PRETRAINED_DIR / "shapes-128"}
 
 _FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
 

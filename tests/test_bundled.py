@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -14,19 +15,23 @@ MiB = 2**20
 
 
 def test_bundled_files_fit_the_size_budget():
-    path = REGISTRY["shapes"]
-    files = [f for f in path.iterdir() if f.is_file()]
-    assert {f.name for f in files} >= {"config.json", "transformer.safetensors", "encoder.safetensors",
-                                       "decoder.safetensors", "tokenizer.model"}
-    assert all(f.stat().st_size <= 16 * MiB for f in files)
-    assert sum(f.stat().st_size for f in files) <= 40 * MiB
-    config = json.loads((path / "config.json").read_text())
-    assert config["image_size"] >= 128 and config["name"] == "shapes"
-    assert "shapes" in describe_model("shapes")
+    total = 0
+    for name, path in REGISTRY.items():  # shapes (256 px, the default) and shapes-128 (the faster, weaker one)
+        files = [f for f in path.iterdir() if f.is_file()]
+        assert {f.name for f in files} >= {"config.json", "transformer.safetensors", "encoder.safetensors",
+                                           "decoder.safetensors", "tokenizer.model"}
+        assert all(f.stat().st_size <= 16 * MiB for f in files)
+        total += sum(f.stat().st_size for f in files)
+        config = json.loads((path / "config.json").read_text())
+        assert config["image_size"] >= 128 and config["name"] == name
+        assert name in describe_model(name)
+    assert total <= 40 * MiB  # all bundled models together
+    assert json.loads((REGISTRY["shapes"] / "config.json").read_text())["image_size"] == 256
 
 
-def test_bundled_model_generates_on_cpu():
-    pipe = DALLE.from_pretrained("shapes", device="cpu")
+@pytest.mark.parametrize("name", ["shapes", "shapes-128"])
+def test_bundled_model_generates_on_cpu(name):
+    pipe = DALLE.from_pretrained(name, device="cpu")
     out = pipe.generate(["a large red circle", "a blue square on the left"], num_images=1, seed=0,
                         progress=False, return_tokens=True)
     assert len(out.images) == 2
@@ -75,18 +80,17 @@ def test_bundled_model_draws_the_colour_and_shape_it_is_asked_for():
 
 def test_the_recipe_configs_are_valid_and_used_by_the_script() -> None:
     """Every config of the bundled model's recipe parses into its trainer's settings (so a renamed field cannot
-    silently break the recipe), and train.sh runs each of them."""
+    silently break the recipe), and train.sh or train-256.sh runs each of them."""
     from dalle.cli import build_parser
     from dalle.cli.train import build_config
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
-    script = (recipe / "train.sh").read_text()
+    script = (recipe / "train.sh").read_text() + (recipe / "train-256.sh").read_text()
     configs = sorted(recipe.glob("*.json"))
     assert len(configs) >= 2
     for path in configs:
         command, cls = ("train-dvae", DVAETrainConfig) if path.stem == "dvae" else ("train", TransformerTrainConfig)
         cfg = build_config(cls, build_parser().parse_args([command, "--config", str(path)]), command)
-        if isinstance(cfg, DVAETrainConfig):
-            cfg.validate()
+        cfg.validate()
         assert f"--config recipes/shapes/{path.name}" in script

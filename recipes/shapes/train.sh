@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Part 1 of the bundled `shapes` model (dalle/pretrained/shapes), from scratch with the project's own CLI, on a
+# Part 1 of the bundled shapes models (dalle/pretrained/shapes-128, then shapes), from scratch with the project's own CLI, on a
 # CPU: its dVAE and tokenizer, and the 4-layer transformer bundled until the 5th session. Part 2,
 # recipes/shapes/gpu/train.sh, then trains the bundled 8-layer transformer on top of them.
 # Usage: recipes/shapes/train.sh [PYTHON]   (run from the repository root; writes runs/ and the model dir)
@@ -17,5 +17,5 @@ $PY -m dalle encode-dataset --data shapes:1 --dvae runs/shapes-dvae/dvae --out r
     --limit 60000 --batch-size 64 --threads "$THREADS" --no-progress
 $PY -m dalle train --config recipes/shapes/transformer-finetune.json --out runs/shapes-transformer-ft \
     --threads "$THREADS" --no-progress
-rm -rf dalle/pretrained/shapes && cp -r runs/shapes-transformer-ft/model dalle/pretrained/shapes
-$PY -m dalle evaluate --model shapes --out runs/shapes-eval
+rm -rf dalle/pretrained/shapes-128 && cp -r runs/shapes-transformer-ft/model dalle/pretrained/shapes-128
+$PY -m dalle evaluate --model shapes-128 --out runs/shapes-eval

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A shapes model at 256x256 (a 32x32 token grid) on one GPU: the bundled dVAE and tokenizer, unchanged (the dVAE
-# is fully convolutional), and an 8-layer transformer over 16 + 1024 tokens, trained for a fixed time. It starts
-# from the bundled 128-px transformer (INIT; its row and column embeddings resampled from 16 to 32 cells; before
-# any training it draws the right colours, blocky shapes: 33% / 17% / 17% on 12 images a set, CPU), at lr 5e-4;
-# INIT= (empty) trains from scratch at the config's lr 1e-3.
+# is fully convolutional), and an 8-layer transformer over 16 + 1024 tokens, trained for a fixed time. By default it
+# continues the bundled 256-px transformer (INIT=dalle/pretrained/shapes, itself 70 CPU minutes from the 128-px
+# one: recipes/shapes/train-256.sh) at lr 5e-4; INIT=dalle/pretrained/shapes-128 starts from the 128-px one
+# (its row and column embeddings resampled from 16 to 32 cells); INIT= (empty) trains from scratch at lr 1e-3.
 # Why: at 128 px the dVAE's reconstructions read right 79.7% / 66.3% / 87.7% of the time (one object / two
 # objects / held-out pairs; 900 rendered scenes), at 256 px 95.3% / 89.0% / 98.3% (measured on a CPU).
 # Usage: recipes/shapes/gpu/train-256.sh [PYTHON] [DEVICE] [RUNS_DIR]   (run from the repository root)
