@@ -69,7 +69,7 @@ _HELP: dict[str, str] = {
     "num_workers": "DataLoader worker processes for image decoding",
     "weights_dtype": "precision of the exported transformer weights: float32, float16 (half the file) or bfloat16",
     "bf16": "bfloat16 autocast for CUDA training (float32 master weights and logits)",
-    "cpu_bf16": "bfloat16 autocast for CPU training too: 2-3x faster on a CPU with native bfloat16 "
+    "cpu_bf16": "bfloat16 autocast for CPU training too: about 2x faster on a CPU with native bfloat16 "
     "(AVX512-BF16 or AMX; check `lscpu`), but it can be slower on one without",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)",
 }
