@@ -364,27 +364,36 @@ def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) ->
             trainer.after_step({"kl": math.log(32)})
 
 
-def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_clock(tmp_path, dvae_dir) -> None:
+def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_clock(
+    tmp_path, dvae_dir, monkeypatch
+) -> None:
+    from dalle.train import common
     from dalle.train.common import CheckpointManager
 
     settings = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 100_000, "time_limit": 0.03, "log_every": 1,
                 "warmup_steps": 2, "ckpt_every": 0, "eval_every": 0, "sample_every": 0, "plot_every": 0}
     run = tmp_path / "run"
-    out = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)})).fit()
+    trainer = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}))
+    tick = 0.25  # a deterministic clock: every step takes 0.25 s, so the 1.8 s limit is up after step 8
+    monkeypatch.setattr(common, "_clock", lambda: trainer.step * tick)
+    out = trainer.fit()
     assert out is not None and (out / "transformer.safetensors").is_file()  # exported as at a normal end
     records = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     last_step = records[-1]["step"]
-    assert 2 < last_step < 100_000
+    assert [r["step"] for r in records] == list(range(1, 9)) and last_step == 8
     lr = TINY_TRANSFORMER["lr"]
     lr_end = lr / 32
     assert records[0]["lr"] == pytest.approx(lr / 2)  # the warm-up counts steps, not time
-    assert records[1]["lr"] == pytest.approx(lr)
+    # step k's learning rate stands where the clock stood when it began: the share of the time spent then
+    for k, r in enumerate(records, start=1):
+        trainer.step = k - 1  # as when step k began (the warm-up reads it)
+        assert r["lr"] == pytest.approx(trainer.schedule(max(k - 1, 100_000 * (k - 1) * tick / 1.8))["lr"]), k
+    trainer.step = last_step
     lrs = [r["lr"] for r in records[1:]]
-    assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
-    # ... past its middle when the last step began (that step's own time is not in its learning rate)
-    assert lrs[-1] < lr_end + 0.5 * (lr - lr_end)
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
+    assert lrs[-1] < lr_end + 0.01 * (lr - lr_end)  # ... to its end (97% of the time was spent when step 8 began)
     step, _, state = CheckpointManager.load(CheckpointManager(run / "checkpoints").latest())
-    assert step == last_step and state["train_seconds"] >= 0.03 * 60
+    assert step == last_step and state["train_seconds"] == pytest.approx(last_step * tick)
     # resuming a run whose time is spent only finishes it: no further step
     again = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}), resume=True)
     assert again.fit(resume=True) is not None and again.step == last_step

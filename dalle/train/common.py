@@ -535,6 +535,10 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 _warned: set[str] = set()
 
+# The training loop's clock (seconds), for --time-limit and the logged rates; a module attribute so that tests
+# can substitute a deterministic one.
+_clock = time.perf_counter
+
 
 def warn_once(message: str) -> None:
     """Emit a warning only the first time this message is seen in the process."""
@@ -1070,7 +1074,7 @@ class Trainer:
 
             bar = tqdm(total=lp.steps, initial=start, desc=f"train {self.kind}", dynamic_ncols=True, file=sys.stderr)
         self._bar = bar
-        t_last, samples_last = time.perf_counter(), self.samples_seen
+        t_last, samples_last = _clock(), self.samples_seen
         t_start, seconds_before = t_last, self.train_seconds
         try:
             with StopSignal() as stop:
@@ -1083,10 +1087,10 @@ class Trainer:
                     self.after_step(rec)
                     if self._step_sleep:
                         time.sleep(self._step_sleep)
-                    time_up = self._advance_clock(seconds_before + time.perf_counter() - t_start)
+                    time_up = self._advance_clock(seconds_before + _clock() - t_start)
                     last = self.step >= lp.steps or time_up
                     if lp.log_every and (self.step % lp.log_every == 0 or last or self.step == start + 1):
-                        now = time.perf_counter()
+                        now = _clock()
                         rate = (self.samples_seen - samples_last) / max(now - t_last, 1e-9)
                         t_last, samples_last = now, self.samples_seen
                         skipped = int(all_reduce_sum(torch.tensor([float(self.skipped_images)]), self.info).item())
