@@ -6,7 +6,7 @@ On CPU the figure is the process's peak resident set during the work (Linux ``Vm
 set after loading the weights, so that the work's own share shows; on CUDA it is
 ``torch.cuda.max_memory_allocated`` after a reset, with the allocation after loading.
 
-    .venv/bin/python benchmarks/bench_memory.py [--device cpu|cuda] [--batch 1]
+    .venv/bin/python benchmarks/bench_memory.py [--device cpu|cuda] [--batch 1] [--case NAME ...]
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ with torch.no_grad():
             z = torch.argmax(ref_enc(x), dim=1)
             z = F.one_hot(z, num_classes=ref_enc.vocab_size).permute(0, 3, 1, 2).float()
             out = unmap_pixels(torch.sigmoid(ref_dec(z).float()[:, :3]))
-    else:  # generation with the bundled model
+    else:  # generation with a bundled model: "generate:NAME"
         from dalle.pipeline import DALLE
-        pipe = DALLE.from_pretrained("shapes", device=device)
+        pipe = DALLE.from_pretrained(case.split(":", 1)[1], device=device)
         before = loaded()
         pipe.generate(["a red circle"] * batch, seed=0, progress=False)
 print(json.dumps({"loaded": before, "peak": peak()}))
@@ -77,7 +77,8 @@ print(json.dumps({"loaded": before, "peak": peak()}))
 CASES = (
     ("dall_e", "OpenAI `dall_e`: `argmax(enc(x))`, `one_hot`, `dec(z)` (full size, 256x256)"),
     ("dalle", "`dalle.dvae`: `dec.decode(enc.encode(x))` (same sizes)"),
-    ("generate", "`DALLE.from_pretrained('shapes').generate` (bundled model, 128x128)"),
+    ("generate:shapes", "`DALLE.from_pretrained('shapes').generate` (bundled model, 256x256)"),
+    ("generate:shapes-128", "`DALLE.from_pretrained('shapes-128').generate` (bundled model, 128x128)"),
 )
 
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    parser.add_argument("--case", action="append", choices=[c for c, _ in CASES],
+                        help="run only this case (repeatable; default all)")
     args = parser.parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| case | after loading (MiB) | {what} (MiB) | the work's share (MiB) |")
     print("|---|---:|---:|---:|")
     for case, label in CASES:
+        if args.case and case not in args.case:
+            continue
         run = subprocess.run([sys.executable, "-c", CHILD, case, args.device, str(args.batch)],
                              capture_output=True, text=True, env=env)
         if run.returncode != 0:

@@ -254,6 +254,21 @@ def test_config_file_and_flags(tmp_path) -> None:
         build_config(DVAETrainConfig, args, "train-dvae")
 
 
+def test_toml_config_without_a_toml_reader_says_what_to_do(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from dalle.cli.train import load_config_file
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("steps = 7\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10 without the tomli backport
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match="TOML needs Python 3.11"):
+        load_config_file(cfg_file, "train")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 7}))
+    assert load_config_file(tmp_path / "c.json", "train") == {"steps": 7}
+
+
 def test_invalid_settings_are_rejected() -> None:
     with pytest.raises(ConfigError, match="multiples of 8"):
         DVAETrainConfig(image_size=100).validate()

@@ -162,6 +162,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ config
+def _toml_module(path: Path) -> Any:
+    """``tomllib`` (Python 3.11+) or, before 3.11, the ``tomli`` backport."""
+    from dalle.errors import ConfigError
+
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:
+        try:
+            import tomli
+
+            return tomli
+        except ImportError:
+            raise ConfigError(
+                f"cannot read config file {path}: TOML needs Python 3.11+ or the tomli package "
+                "(pip install tomli); or write the settings as JSON"
+            ) from None
+
+
 def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, Any]:
     """Settings for ``command`` from a JSON or TOML file (flat, or sectioned by command)."""
     from dalle.errors import ConfigError
@@ -170,9 +190,7 @@ def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, An
     try:
         text = p.read_text()
         if p.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
+            data = _toml_module(p).loads(text)
         else:
             data = json.loads(text)
     except (OSError, ValueError) as exc:
