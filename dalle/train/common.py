@@ -533,11 +533,11 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-_warned: set[str] = set()
-
 # The training loop's clock (seconds), for --time-limit and the logged rates; a module attribute so that tests
 # can substitute a deterministic one.
 _clock = time.perf_counter
+
+_warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
