@@ -76,6 +76,29 @@ def test_epoch_permutation_covers_every_training_item(tmp_path) -> None:
     assert [c for b in workers for c in b.captions] == caps
 
 
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_upscale_warning_is_shown_once_however_many_workers_see_small_images(tmp_path, kind, monkeypatch) -> None:
+    import warnings
+
+    import dalle.data.datasets as ds
+    from dalle.data.datasets import open_source
+
+    if kind == "folder":
+        src = ImageTextFolder(make_image_folder(tmp_path / "f", n=8))
+    else:
+        make_tar_shards(tmp_path / "t", n_shards=2, per_shard=4)
+        src = open_source(str(tmp_path / "t"))
+    monkeypatch.setattr(ds, "_upscale_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = _take(make_batches(src, batch_size=2, seed=0, num_workers=2,
+                                     transform=lambda im, r: center_crop(im, 96)), 6)  # every image is smaller
+    upscaled = [w for w in caught if "upscaled" in str(w.message)]
+    assert len(upscaled) == 1, [str(w.message) for w in caught]  # one, not one per worker
+    assert all(b.images.shape[-1] == 96 for b in batches)
+    assert sum(len(b.notes) for b in batches) == 2  # each worker noted its first upscale once
+
+
 def test_tar_shards_stream_skip_corrupt_and_resume(tmp_path) -> None:
     make_tar_shards(tmp_path / "t", n_shards=2, per_shard=4, corrupt=(2,))
     src = open_source(tmp_path / "t")

@@ -298,19 +298,36 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
 
 # ------------------------------------------------------------------------------------------------ transforms
 _upscale_warned = False
+# In a worker process of make_batches' DataLoader: the upscale warning waiting to travel to the main process with
+# the next batch (Batch.notes), so that it is shown once per process that trains, not once per worker.
+_notes_to_batches = False
+_worker_notes: list[str] = []
+
+
+def _route_notes_to_batches(worker_id: int) -> None:
+    """``worker_init_fn`` of make_batches' loaders."""
+    global _notes_to_batches
+    _notes_to_batches = True
+
+
+def _warn_upscale(message: str, stacklevel: int) -> None:
+    global _upscale_warned
+    if _upscale_warned:
+        return
+    _upscale_warned = True
+    if _notes_to_batches:
+        _worker_notes.append(message)
+    else:
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
-    global _upscale_warned
     if (w, h) == img.size:
         return img
     if w > img.width or h > img.height:
-        if not _upscale_warned:
-            _upscale_warned = True
-            warnings.warn(
-                f"an image ({img.width}x{img.height}) is smaller than the training size and is upscaled (bicubic)",
-                stacklevel=3,
-            )
+        _warn_upscale(
+            f"an image ({img.width}x{img.height}) is smaller than the training size and is upscaled (bicubic)", 3
+        )
         return img.resize((w, h), Image.BICUBIC)
     return img.resize((w, h), Image.BOX)  # area averaging, as the paper's AREA resize
 
@@ -390,6 +407,7 @@ class Batch:
     images: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings from a DataLoader worker, shown by the main process
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -421,6 +439,8 @@ def _collate(items: list[tuple[Any, str, int, list[str]]]) -> Batch:
     batch = Batch(captions=[it[1] for it in items], positions=[it[2] for it in items])
     for it in items:
         batch.skipped.extend(it[3])
+    if _worker_notes:
+        batch.notes, _worker_notes[:] = list(_worker_notes), []
     if payloads and isinstance(payloads[0], np.ndarray):
         batch.tokens = torch.from_numpy(np.stack(payloads))
     else:
@@ -582,13 +602,23 @@ def make_batches(
         ds = _TarBatches(source, transform, seed, start_step, global_batch, batch_size, rank, world_size,
                          exclude_keys)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                             persistent_workers=num_workers > 0)
-        return iter(loader)
-    ds = _PositionDataset(source, transform, seed, shuffle, exclude=exclude_last)
-    sampler = _StepSampler(start_step, global_batch, batch_size, rank)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-                                         persistent_workers=num_workers > 0)
-    return iter(loader)
+                                             persistent_workers=num_workers > 0,
+                                             worker_init_fn=_route_notes_to_batches)
+    else:
+        ds = _PositionDataset(source, transform, seed, shuffle, exclude=exclude_last)
+        sampler = _StepSampler(start_step, global_batch, batch_size, rank)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
+                                             collate_fn=_collate, persistent_workers=num_workers > 0,
+                                             worker_init_fn=_route_notes_to_batches)
+    return _show_worker_notes(iter(loader)) if num_workers > 0 else iter(loader)
+
+
+def _show_worker_notes(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Pass batches through, warning (once per process, as without workers) about what the workers noted."""
+    for batch in batches:
+        for note in batch.notes:
+            _warn_upscale(note, 2)
+        yield batch
 
 
 def held_out(source: Any, n: int, size: int) -> tuple[list[Image.Image], list[str], int, frozenset[str]]:
