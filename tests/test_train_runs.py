@@ -384,6 +384,7 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     lr = TINY_TRANSFORMER["lr"]
     lr_end = lr / 32
     assert records[0]["lr"] == pytest.approx(lr / 2)  # the warm-up counts steps, not time
+    assert records[1]["lr"] == pytest.approx(lr)
     # step k's learning rate stands where the clock stood when it began: the share of the time spent then
     for k, r in enumerate(records, start=1):
         trainer.step = k - 1  # as when step k began (the warm-up reads it)

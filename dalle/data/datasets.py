@@ -325,9 +325,10 @@ def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
     if (w, h) == img.size:
         return img
     if w > img.width or h > img.height:
-        _warn_upscale(
-            f"an image ({img.width}x{img.height}) is smaller than the training size and is upscaled (bicubic)", 3
-        )
+        if not _upscale_warned:  # the message is built once, not for every small image
+            _warn_upscale(
+                f"an image ({img.width}x{img.height}) is smaller than the training size and is upscaled (bicubic)", 3
+            )
         return img.resize((w, h), Image.BICUBIC)
     return img.resize((w, h), Image.BOX)  # area averaging, as the paper's AREA resize
 
