@@ -195,6 +195,26 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
 
 
+def test_encode_dataset_upscale_warning_is_shown_once_with_workers(tmp_path, monkeypatch) -> None:
+    import warnings
+
+    import dalle.data.datasets as ds
+    from dalle.cli import main
+
+    dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
+    make_image_folder(tmp_path / "imgs", n=8)  # every image is smaller than 96 px
+    for workers in ("0", "2"):
+        monkeypatch.setattr(ds, "_upscale_warned", False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--dvae", str(dvae), "--out",
+                         str(tmp_path / f"out{workers}"), "--image-size", "96", "--batch-size", "2",
+                         "--workers", workers, "--no-progress"]) == 0
+        upscaled = [w for w in caught if "upscaled" in str(w.message)]
+        assert len(upscaled) == 1, (workers, [str(w.message) for w in caught])  # one, not one per worker
+        assert len(TokenShards(tmp_path / f"out{workers}")) == 8
+
+
 def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     from dalle.cli import main
     from dalle.data import shapes

@@ -355,11 +355,13 @@ class _PreparedBatches:
     def __len__(self) -> int:
         return -(-self.count // self.batch)
 
-    def __getitem__(self, k: int) -> tuple[Any, list[str], list[str]]:
-        from dalle.data.datasets import get_once
+    def __getitem__(self, k: int) -> tuple[Any, list[str], list[str], list[str]]:
+        """Batch ``k`` and the warnings noted while preparing it (handed over when in a DataLoader worker)."""
+        from dalle.data.datasets import get_once, take_worker_notes
 
         stop = min((k + 1) * self.batch, self.count)
-        return _stack((get_once(self.source, i) for i in range(k * self.batch, stop)), self.size)
+        batch = _stack((get_once(self.source, i) for i in range(k * self.batch, stop)), self.size)
+        return (*batch, take_worker_notes())
 
 
 def _stack(samples: Any, size: int) -> tuple[Any, list[str], list[str]]:
@@ -384,7 +386,13 @@ def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, wor
 
     import torch
 
-    from dalle.data.datasets import TarShards, count_once, iter_source_once
+    from dalle.data.datasets import (
+        TarShards,
+        count_once,
+        iter_source_once,
+        route_worker_notes,
+        show_worker_notes,
+    )
 
     if isinstance(source, TarShards):  # a stream: read in this process
         samples = iter_source_once(source, limit)
@@ -393,10 +401,14 @@ def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, wor
         return
     dataset = _PreparedBatches(source, count_once(source, limit), batch, size)
     if workers == 0:
-        yield from (dataset[k] for k in range(len(dataset)))
+        yield from (dataset[k][:3] for k in range(len(dataset)))
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
-    yield from loader
+    # Workers hand the upscale warning over with their batch, so that it is shown once, not once per worker.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                         worker_init_fn=route_worker_notes)
+    for pixels, captions, skipped, notes in loader:
+        show_worker_notes(notes)
+        yield pixels, captions, skipped
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:

@@ -298,16 +298,31 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
 
 # ------------------------------------------------------------------------------------------------ transforms
 _upscale_warned = False
-# In a worker process of make_batches' DataLoader: the upscale warning waiting to travel to the main process with
-# the next batch (Batch.notes), so that it is shown once per process that trains, not once per worker.
+# In a DataLoader worker started with route_worker_notes (make_batches', encode-dataset's): the upscale warning
+# waiting to travel to the main process with the next batch (Batch.notes in training), so that it is shown once
+# per process, not once per worker.
 _notes_to_batches = False
 _worker_notes: list[str] = []
 
 
-def _route_notes_to_batches(worker_id: int) -> None:
-    """``worker_init_fn`` of make_batches' loaders."""
+def route_worker_notes(worker_id: int) -> None:
+    """``worker_init_fn`` of loaders whose workers hand their warnings over (see :func:`take_worker_notes`)."""
     global _notes_to_batches
     _notes_to_batches = True
+
+
+def take_worker_notes() -> list[str]:
+    """The warnings this DataLoader worker noted since the last call, for the main process to show with
+    :func:`show_worker_notes` (empty outside a worker started with ``worker_init_fn=route_worker_notes``)."""
+    notes = list(_worker_notes)
+    _worker_notes.clear()
+    return notes
+
+
+def show_worker_notes(notes: list[str]) -> None:
+    """Show warnings handed over by DataLoader workers, once per process as without workers."""
+    for note in notes:
+        _warn_upscale(note, 3)
 
 
 def _warn_upscale(message: str, stacklevel: int) -> None:
@@ -440,8 +455,7 @@ def _collate(items: list[tuple[Any, str, int, list[str]]]) -> Batch:
     batch = Batch(captions=[it[1] for it in items], positions=[it[2] for it in items])
     for it in items:
         batch.skipped.extend(it[3])
-    if _worker_notes:
-        batch.notes, _worker_notes[:] = list(_worker_notes), []
+    batch.notes = take_worker_notes()
     if payloads and isinstance(payloads[0], np.ndarray):
         batch.tokens = torch.from_numpy(np.stack(payloads))
     else:
@@ -604,21 +618,20 @@ def make_batches(
                          exclude_keys)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
                                              persistent_workers=num_workers > 0,
-                                             worker_init_fn=_route_notes_to_batches)
+                                             worker_init_fn=route_worker_notes)
     else:
         ds = _PositionDataset(source, transform, seed, shuffle, exclude=exclude_last)
         sampler = _StepSampler(start_step, global_batch, batch_size, rank)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
                                              collate_fn=_collate, persistent_workers=num_workers > 0,
-                                             worker_init_fn=_route_notes_to_batches)
+                                             worker_init_fn=route_worker_notes)
     return _show_worker_notes(iter(loader)) if num_workers > 0 else iter(loader)
 
 
 def _show_worker_notes(batches: Iterator[Batch]) -> Iterator[Batch]:
     """Pass batches through, warning (once per process, as without workers) about what the workers noted."""
     for batch in batches:
-        for note in batch.notes:
-            _warn_upscale(note, 2)
+        show_worker_notes(batch.notes)
         yield batch
 
 
