@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# A shapes model at 256x256 (a 32x32 token grid) on one GPU: the bundled dVAE and tokenizer, unchanged (the dVAE
-# is fully convolutional), and an 8-layer transformer over 16 + 1024 tokens, trained for a fixed time. By default it
-# continues the bundled 256-px transformer (INIT=dalle/pretrained/shapes, itself 70 CPU minutes from the 128-px
-# one: recipes/shapes/train-256.sh) at lr 5e-4; INIT=dalle/pretrained/shapes-128 starts from the 128-px one
-# (its row and column embeddings resampled from 16 to 32 cells); INIT= (empty) trains from scratch at lr 1e-3.
-# Why: at 128 px the dVAE's reconstructions read right 79.7% / 66.3% / 87.7% of the time (one object / two
-# objects / held-out pairs; 900 rendered scenes), at 256 px 95.3% / 89.0% / 98.3% (measured on a CPU).
+# A shapes model at 256x256 (a 32x32 token grid) on one GPU: the bundled dVAE and tokenizer, unchanged, and an
+# 8-layer transformer over 16 + 1024 tokens, trained for a fixed time. By default it continues the bundled 256-px
+# transformer (INIT=dalle/pretrained/shapes: since the 10th session, part 4 of the recipe,
+# recipes/shapes/train-dvae-256.sh, on its own dVAE trained at 256 px) at lr 5e-4. INIT=dalle/pretrained/shapes-128
+# starts from the 128-px one (its row and column embeddings resampled from 16 to 32 cells), which speaks the codes
+# of shapes-128's dVAE: give it DVAE=dalle/pretrained/shapes-128 too. INIT= (empty) trains from scratch at lr 1e-3.
+# Why 256 px: the checker reads the bundled dVAE's reconstructions of 900 rendered scenes right 97% / 95% / 97% of
+# the time (one object / two objects / held-out pairs), shapes-128's at 128 px 79.7% / 66.3% / 87.7% (CPU).
 # Usage: recipes/shapes/gpu/train-256.sh [PYTHON] [DEVICE] [RUNS_DIR]   (run from the repository root)
 # Settings from the environment: MINUTES (training time, default 5), LIMIT (scenes encoded, default 200000),
 # WORKERS (rendering processes, default 12), DVAE and INIT (default the bundled model), EXTRA (more `dalle train`
