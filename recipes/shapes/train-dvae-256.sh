@@ -4,7 +4,7 @@
 # at), then part 3's transformer moved onto its codes and fine-tuned for 75 minutes. `dalle.train.remap` starts
 # each new code's embedding and output row from the old code it most often replaces (matched on 500 rendered
 # scenes), so the fine-tuning starts from a transformer that already draws the right layouts. The time limit
-# ties the number of updates to the machine's speed (see train-256.sh).
+# ties the number of updates to the machine's speed (see train-256.sh): the bundled weights are those of update 1114.
 # Usage: recipes/shapes/train-dvae-256.sh [PYTHON] [PART3_MODEL]   (from the repository root; writes runs/ and
 # dalle/pretrained/shapes). PART3_MODEL is part 3's model (default runs/t256-bf16/model, as train-256.sh leaves it).
 set -euo pipefail
