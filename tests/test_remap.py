@@ -65,6 +65,8 @@ def test_a_dvae_of_another_size_or_vocabulary_is_refused(tmp_path) -> None:
     make_tiny_dvae_dir(tmp_path / "wide", vocab_size=64)
     with pytest.raises(ConfigError, match="--vocab-size 32"):
         remap_image_codes(tmp_path / "model", tmp_path / "wide", tmp_path / "out")
+    with pytest.raises(ConfigError, match="--scenes"):
+        remap_image_codes(tmp_path / "model", tmp_path / "wide", tmp_path / "out", scenes=0)
     with pytest.raises(SystemExit, match="error: .*--vocab-size 32"):
         main([str(tmp_path / "model"), str(tmp_path / "wide"), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

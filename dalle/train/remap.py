@@ -47,6 +47,8 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     """Write ``out_dir`` (see the module notes) and return what ``code_map.json`` there holds: ``new_codes_used``,
     ``old_codes_used``, ``agreement`` (share of cells where the matched old code is the old encoder's) and
     ``map`` (new code -> old code, for the codes the new dVAE used)."""
+    if scenes < 1:
+        raise ConfigError(f"--scenes must be at least 1, got {scenes}")
     pipe = DALLE.from_pretrained(model_dir, device="cpu")
     encoder, decoder, size = load_dvae(new_dvae)
     if size != pipe.image_size:
