@@ -298,17 +298,17 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
 
 # ------------------------------------------------------------------------------------------------ transforms
 _upscale_warned = False
-# In a DataLoader worker started with route_worker_notes (make_batches', encode-dataset's): the upscale warning
-# waiting to travel to the main process with the next batch (Batch.notes in training), so that it is shown once
-# per process, not once per worker.
-_notes_to_batches = False
+# True in a DataLoader worker started with route_worker_notes (make_batches', encode-dataset's): the upscale
+# warning then waits in _worker_notes to travel to the main process with the next batch (Batch.notes in
+# training), so that it is shown once per process, not once per worker.
+_hand_notes_over = False
 _worker_notes: list[str] = []
 
 
 def route_worker_notes(worker_id: int) -> None:
     """``worker_init_fn`` of loaders whose workers hand their warnings over (see :func:`take_worker_notes`)."""
-    global _notes_to_batches
-    _notes_to_batches = True
+    global _hand_notes_over
+    _hand_notes_over = True
 
 
 def take_worker_notes() -> list[str]:
@@ -330,7 +330,7 @@ def _warn_upscale(message: str, stacklevel: int) -> None:
     if _upscale_warned:
         return
     _upscale_warned = True
-    if _notes_to_batches:
+    if _hand_notes_over:
         _worker_notes.append(message)
     else:
         warnings.warn(message, stacklevel=stacklevel + 1)
