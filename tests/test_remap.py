@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from dalle.data.datasets import TokenShardWriter
 from dalle.errors import ConfigError
 from dalle.pipeline import DALLE
 from dalle.train.common import save_dvae_dir
@@ -69,4 +70,48 @@ def test_a_dvae_of_another_size_or_vocabulary_is_refused(tmp_path) -> None:
         remap_image_codes(tmp_path / "model", tmp_path / "wide", tmp_path / "out", scenes=0)
     with pytest.raises(SystemExit, match="error: .*--vocab-size 32"):
         main([str(tmp_path / "model"), str(tmp_path / "wide"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_codes_can_be_matched_on_a_folder_of_images(tmp_path) -> None:
+    """--data: the user's own images (any size, unreadable ones skipped) instead of the shapes world."""
+    from PIL import Image
+
+    pipe = build_tiny()
+    pipe.save_pretrained(tmp_path / "model")
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(5))
+    _permuted_dvae(pipe, perm, tmp_path / "new")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):  # random blocky images of varying sizes, no captions
+        small = (torch.rand(3, 4, 5, generator=g) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(small).resize((40 + 8 * i, 48), Image.NEAREST).save(photos / f"{i}.png")
+    (photos / "broken.png").write_bytes(b"not a png")
+    summary = remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "out", scenes=5,
+                                data=str(photos))
+    assert summary["data"] == str(photos) and summary["scenes"] == 5
+    assert summary["agreement"] == 1.0 and summary["map"] == {j: int(perm[j]) for j in summary["map"]}
+    # the broken file is skipped: asking for all 7 reads the 6 good ones
+    assert remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "all", scenes=7,
+                             data=str(photos))["scenes"] == 6
+
+
+def test_image_sources_without_images_are_refused(tmp_path) -> None:
+    pipe = build_tiny()
+    pipe.save_pretrained(tmp_path / "model")
+    _permuted_dvae(pipe, torch.arange(32), tmp_path / "new")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ConfigError, match="no readable image"):
+        remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "out", data=str(broken))
+    shards = tmp_path / "tokens"
+    writer = TokenShardWriter(shards, grid=4, image_size=32, vocab_size=32)
+    writer.add(torch.zeros(1, 16, dtype=torch.int64), ["a red circle"])
+    writer.close()
+    with pytest.raises(ConfigError, match="encoded tokens, not images"):
+        remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "out", data=str(shards))
+    with pytest.raises(SystemExit, match="error: .*does not exist"):
+        main([str(tmp_path / "model"), str(tmp_path / "new"), str(tmp_path / "out"), "--data", str(tmp_path / "nope")])
     assert not (tmp_path / "out").exists()

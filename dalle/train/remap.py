@@ -1,9 +1,10 @@
 """Put a new dVAE under a trained transformer, as a starting point for fine-tuning the transformer on its codes.
 
-Usage: python -m dalle.train.remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--scenes N] [--seed S]
+Usage: python -m dalle.train.remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--data SPEC] [--scenes N] [--seed S]
 
-Both dVAEs encode the same N rendered shapes-world scenes (``shapes.sample(i, seed)`` at the model's image side).
-Each code ``j`` of the new dVAE is matched with the old code ``c`` it most often replaces at the same cell, and
+Both dVAEs encode the same N images at the model's image side: by default rendered shapes-world scenes
+(``shapes.sample(i, seed)``); with ``--data`` the first N readable images of a folder, of ``.tar`` shards or of
+another shapes stream (centre-cropped and resized as ``dalle encode-dataset`` does). Each code ``j`` of the new dVAE is matched with the old code ``c`` it most often replaces at the same cell, and
 the transformer's image embedding and output row of ``j`` start as those of ``c``; codes the new dVAE never uses
 keep their rows. The transformer then predicts roughly the right cells in the new vocabulary, and
 ``dalle train --init OUT_DIR --dvae OUT_DIR`` fine-tunes it on tokens of the new dVAE. OUT_DIR is a complete
@@ -16,35 +17,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dalle.data import shapes
-from dalle.data.datasets import to_uint8_tensor
+from dalle.data.datasets import (
+    TokenShards,
+    center_crop,
+    is_endless,
+    iter_source_once,
+    open_source,
+    to_uint8_tensor,
+)
 from dalle.errors import ConfigError, DalleError
 from dalle.pipeline import DALLE
 from dalle.train.common import load_dvae
 from dalle.train.transformer import encode_images
 
 
-def code_cooccurrence(old_encoder: torch.nn.Module, new_encoder: torch.nn.Module, scenes: int, seed: int,
-                      size: int, vocab: int, batch: int = 16) -> torch.Tensor:
-    """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over ``scenes`` scenes."""
+def code_cooccurrence(old_encoder: torch.nn.Module, new_encoder: torch.nn.Module,
+                      batches: Iterable[torch.Tensor], vocab: int) -> torch.Tensor:
+    """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over uint8 image batches."""
     counts = torch.zeros(vocab, vocab, dtype=torch.int64)
-    for start in range(0, scenes, batch):
-        pixels = torch.stack([to_uint8_tensor(shapes.sample(i, seed=seed, size=size)[0])
-                              for i in range(start, min(start + batch, scenes))])
+    for pixels in batches:
         old = encode_images(old_encoder, pixels).flatten()
         new = encode_images(new_encoder, pixels).flatten()
         counts += torch.bincount(new * vocab + old, minlength=vocab * vocab).view(vocab, vocab)
     return counts
 
 
+def _image_batches(data: str, limit: int, size: int, batch: int = 16) -> Iterator[torch.Tensor]:
+    """uint8 [B, 3, size, size] batches of the first ``limit`` readable images of ``data``."""
+    plain_path = not data.startswith("shapes") and not any(ch in data for ch in ",*?[")
+    if plain_path and not Path(data).exists():
+        raise ConfigError(f"--data {data!r} does not exist; give a folder of images, .tar shards or 'shapes[:SEED]'")
+    source = open_source(data, require_captions=False, size=size)
+    if isinstance(source, TokenShards):
+        raise ConfigError(f"{data!r} holds encoded tokens, not images; give the images themselves (a folder, "
+                          ".tar shards or 'shapes[:SEED]')")
+    pending: list[torch.Tensor] = []
+    found = 0
+    for image, _, _ in iter_source_once(source, limit=limit if is_endless(source) else None):
+        if image is None:  # unreadable: skipped, the next one counts instead
+            continue
+        pending.append(to_uint8_tensor(center_crop(image.convert("RGB"), size)))
+        found += 1
+        if len(pending) == batch or found == limit:
+            yield torch.stack(pending)
+            pending = []
+        if found == limit:
+            return
+    if pending:
+        yield torch.stack(pending)
+
+
 def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.PathLike[str],
-                      out_dir: str | os.PathLike[str], scenes: int = 500, seed: int = 7) -> dict[str, Any]:
-    """Write ``out_dir`` (see the module notes) and return what ``code_map.json`` there holds: ``new_codes_used``,
+                      out_dir: str | os.PathLike[str], scenes: int = 500, seed: int = 7,
+                      data: str | None = None) -> dict[str, Any]:
+    """Write ``out_dir`` (see the module notes) and return what ``code_map.json`` there holds: ``data`` and
+    ``scenes`` (the images matched on and how many were read), ``new_codes_used``,
     ``old_codes_used``, ``agreement`` (share of cells where the matched old code is the old encoder's) and
     ``map`` (new code -> old code, for the codes the new dVAE used)."""
     if scenes < 1:
@@ -58,7 +91,11 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     if encoder.vocab_size != vocab:
         raise ConfigError(f"the new dVAE has {encoder.vocab_size} codes and the transformer {vocab}; "
                           f"train the dVAE with --vocab-size {vocab}")
-    counts = code_cooccurrence(pipe.encoder, encoder, scenes, seed, size, vocab)
+    data = data or f"shapes:{seed}"
+    counts = code_cooccurrence(pipe.encoder, encoder, _image_batches(data, scenes, size), vocab)
+    images = int(counts.sum()) // pipe.grid**2
+    if images == 0:
+        raise ConfigError(f"{data!r} holds no readable image to match the codes on")
     used = counts.sum(1) > 0
     match = counts.argmax(1)
     t = pipe.transformer
@@ -70,7 +107,7 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     pipe.encoder, pipe.decoder = encoder.eval(), decoder.eval()
     out = pipe.save_pretrained(out_dir)
     summary = {
-        "scenes": scenes, "seed": seed, "new_codes_used": int(used.sum()),
+        "data": data, "scenes": images, "new_codes_used": int(used.sum()),
         "old_codes_used": int((counts.sum(0) > 0).sum()),
         "agreement": float(counts.max(1).values.sum() / counts.sum()),
         "map": {int(j): int(match[j]) for j in torch.nonzero(used).flatten()},
@@ -85,14 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model_dir")
     p.add_argument("new_dvae")
     p.add_argument("out_dir")
-    p.add_argument("--scenes", type=int, default=500)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="images to match the codes on: a folder, .tar shards or 'shapes[:SEED]' (default: shapes:SEED)")
+    p.add_argument("--scenes", type=int, default=500, metavar="N", help="how many images (default 500)")
+    p.add_argument("--seed", type=int, default=7, help="the shapes stream's seed without --data (default 7)")
     a = p.parse_args(argv)
     try:
-        s = remap_image_codes(a.model_dir, a.new_dvae, a.out_dir, a.scenes, a.seed)
+        s = remap_image_codes(a.model_dir, a.new_dvae, a.out_dir, a.scenes, a.seed, a.data)
     except DalleError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"{s['new_codes_used']} new codes matched to {s['old_codes_used']} old ones; "
+    print(f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} old ones; "
           f"the match holds on {100 * s['agreement']:.1f}% of cells; wrote {a.out_dir}")
 
 
