@@ -117,7 +117,8 @@ def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``dalle train-dvae``, ``dalle encode-dataset`` and ``dalle train`` to the subcommand parsers."""
+    """Add ``dalle train-dvae``, ``dalle encode-dataset``, ``dalle train`` and ``dalle remap`` to the subcommand
+    parsers."""
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 
     p = sub.add_parser(
@@ -159,6 +160,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common_flags(p)
     _add_config_flags(p, TransformerTrainConfig)
     p.set_defaults(func=run_train, _command="train")
+
+    p = sub.add_parser(
+        "remap", help="put a new dVAE under a trained transformer (its codes matched to the old ones)",
+        description="Encode images with the model's dVAE and NEW_DVAE, start each new code's image embedding and "
+        "output row from the old code it most often replaces at the same cell, and write the model with the new "
+        "dVAE to OUT (with code_map.json), ready for `dalle train --init OUT --dvae OUT`.",
+    )
+    p.add_argument("model_dir", metavar="MODEL", help="the trained model directory (or a registered name)")
+    p.add_argument("new_dvae", metavar="NEW_DVAE", help="the new dVAE (a directory written by train-dvae)")
+    p.add_argument("out_dir", metavar="OUT", help="the model directory to write")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="images to match the codes on: a folder, .tar shards or 'shapes[:SEED]' (default: the "
+                   "shapes world with --seed)")
+    p.add_argument("--scenes", type=int, default=500, metavar="N", help="how many images (default 500)")
+    p.add_argument("--seed", type=int, default=7, help="the shapes stream's seed without --data (default 7)")
+    p.set_defaults(func=run_remap, _command="remap")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -409,6 +426,16 @@ def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, wor
     for pixels, captions, skipped, notes in loader:
         show_worker_notes(notes)
         yield pixels, captions, skipped
+
+
+def run_remap(args: argparse.Namespace) -> int:
+    """``dalle remap``."""
+    from dalle.train.remap import remap_image_codes
+
+    s = remap_image_codes(args.model_dir, args.new_dvae, args.out_dir, args.scenes, args.seed, args.data)
+    print(f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} "
+          f"old ones; the match holds on {100 * s['agreement']:.1f}% of cells; wrote {args.out_dir}")
+    return 0
 
 
 def run_encode_dataset(args: argparse.Namespace) -> int:

@@ -1,22 +1,23 @@
 """Put a new dVAE under a trained transformer, as a starting point for fine-tuning the transformer on its codes.
 
-Usage: python -m dalle.train.remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--data SPEC] [--scenes N] [--seed S]
+Usage: dalle remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--data SPEC] [--scenes N] [--seed S]
+(or ``python -m dalle.train.remap ...``, the same command).
 
 Both dVAEs encode the same N images at the model's image side: by default rendered shapes-world scenes
 (``shapes.sample(i, seed)``); with ``--data`` the first N readable images of a folder, of ``.tar`` shards or of
-another shapes stream (centre-cropped and resized as ``dalle encode-dataset`` does). Each code ``j`` of the new dVAE is matched with the old code ``c`` it most often replaces at the same cell, and
-the transformer's image embedding and output row of ``j`` start as those of ``c``; codes the new dVAE never uses
-keep their rows. The transformer then predicts roughly the right cells in the new vocabulary, and
-``dalle train --init OUT_DIR --dvae OUT_DIR`` fine-tunes it on tokens of the new dVAE. OUT_DIR is a complete
-model directory (the new dVAE, the tokenizer and the remapped transformer); ``code_map.json`` there records the
-match and how often it held.
+another shapes stream (centre-cropped and resized as ``dalle encode-dataset`` does). Each code ``j`` of the new
+dVAE is matched with the old code ``c`` it most often replaces at the same cell, and the transformer's image
+embedding and output row of ``j`` start as those of ``c``; codes the new dVAE never uses keep their rows. The
+transformer then predicts roughly the right cells in the new vocabulary, and ``dalle train --init OUT_DIR
+--dvae OUT_DIR`` fine-tunes it on tokens of the new dVAE. OUT_DIR is a complete model directory (the new dVAE,
+the tokenizer and the remapped transformer); ``code_map.json`` there records the match and how often it held.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from dalle.data.datasets import (
     open_source,
     to_uint8_tensor,
 )
-from dalle.errors import ConfigError, DalleError
+from dalle.errors import ConfigError
 from dalle.pipeline import DALLE
 from dalle.train.common import load_dvae
 from dalle.train.transformer import encode_images
@@ -116,24 +117,12 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dalle.train.remap``."""
-    p = argparse.ArgumentParser(prog="python -m dalle.train.remap", description=__doc__.split("\n")[0])
-    p.add_argument("model_dir")
-    p.add_argument("new_dvae")
-    p.add_argument("out_dir")
-    p.add_argument("--data", default=None, metavar="SPEC",
-                   help="images to match the codes on: a folder, .tar shards or 'shapes[:SEED]' (default: shapes:SEED)")
-    p.add_argument("--scenes", type=int, default=500, metavar="N", help="how many images (default 500)")
-    p.add_argument("--seed", type=int, default=7, help="the shapes stream's seed without --data (default 7)")
-    a = p.parse_args(argv)
-    try:
-        s = remap_image_codes(a.model_dir, a.new_dvae, a.out_dir, a.scenes, a.seed, a.data)
-    except DalleError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} old ones; "
-          f"the match holds on {100 * s['agreement']:.1f}% of cells; wrote {a.out_dir}")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dalle.train.remap ARGS``: the same as ``dalle remap ARGS``."""
+    from dalle.cli import main as cli_main
+
+    return cli_main(["remap", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
