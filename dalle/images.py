@@ -189,7 +189,7 @@ def preprocess(image: ImageLike, size: int = 256, allow_upscale: bool = False) -
     s = min(w, h)
     if s < size and not allow_upscale:
         raise ImageError(
-            f"image is {w}x{h}; its shorter side {s} is below {size} (pass allow_upscale=True to enlarge it)"
+            f"image is {w}x{h}; its shorter side {s} is below {size} (pass allow_upscale=True, on the command line --allow-upscale, to enlarge it)"
         )
     r = size / s
     new_w, new_h = max(size, round(r * w)), max(size, round(r * h))

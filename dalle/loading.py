@@ -481,6 +481,13 @@ def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, torch.Tens
     )
 
 
+# first bytes of files a user may pass by mistake, for a clearer error than the unpickler's
+_OTHER_FORMATS = (
+    (b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"), (b"RIFF", "RIFF (WebP) image"),
+    (b"{", "JSON"), (b"\x1f\x8b", "gzip"), (b"<", "HTML or XML"),
+)
+
+
 def _read_torch_file(path: Path, source: str) -> Any:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -488,6 +495,12 @@ def _read_torch_file(path: Path, source: str) -> Any:
         obj, _ = _read_zip(path, source)
     elif head == b"PK\x03\x04":
         raise ModelLoadError(f"{source}: corrupt or truncated zip archive; re-download it")
+    elif not head.startswith(b"\x80"):  # every torch pickle starts with the PROTO opcode
+        what = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+        raise ModelLoadError(
+            f"{source}: {'a ' + what + ' file' if what else 'not a PyTorch file'}, not dVAE weights; give OpenAI's "
+            "encoder.pkl / decoder.pkl, a state-dict file or a .safetensors file"
+        )
     else:
         with open(path, "rb") as f:
             obj, _ = _read_legacy(f, source)
@@ -713,12 +726,20 @@ def load_model(
         DownloadError: the download failed or network access is disabled.
     """
     text = os.fspath(path_or_url)
+    _check_digest(sha256)
     if text in MODEL_NAMES and not Path(text).exists():
         text = os.fspath(MODEL_NAMES[text])
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", text)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise DownloadError(f"{text}: only http:// and https:// URLs can be downloaded; fetch the file yourself "
+                            "and pass its path")
     if text.startswith(("http://", "https://")):
         path = download(text, sha256=sha256, progress=progress)
     else:
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a directory; give the weight file in it (e.g. encoder.pkl), or load a "
+                                 "model directory with DALLE.from_pretrained")
         if not path.is_file():
             names = ", ".join(MODEL_NAMES)
             raise ModelLoadError(f"{path}: no such file (expected a dVAE weight file, an http(s) URL or one of {names})")
@@ -779,6 +800,11 @@ def _offline() -> bool:
     return os.environ.get("DALLE_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _check_digest(sha256: str | None) -> None:
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise ConfigError(f"sha256 must be the 64 hexadecimal digits of a SHA-256 digest, got {sha256!r}")
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -807,6 +833,7 @@ def download(
     """
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {url!r}")
+    _check_digest(sha256)
     expected = sha256.lower() if sha256 else None
     target = _cache_path(url)
     if target.is_file():
@@ -836,6 +863,11 @@ def download(
                 f"{url}: SHA-256 is {digest}, expected {expected}; the download was discarded"
             )
         publish(tmp, target)
+    except requests.ConnectionError as exc:
+        host = urlparse(url).netloc
+        raise DownloadError(f"could not download {url}: cannot connect to {host} (refused, unreachable or no such "
+                            f"host); check the URL and the network, or download the file yourself and pass its "
+                            f"path ({type(exc).__name__})") from None
     except requests.RequestException as exc:
         raise DownloadError(f"could not download {url}: {exc}") from None
     except DownloadError:

@@ -60,12 +60,18 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
-def _base_seed(seed: int | None) -> int:
-    """The given seed, or a random one; rejects what is not an integer (seeds of image k are seed + k)."""
+#: seeds are taken modulo 2**32 by CPU generators, so larger ones would repeat smaller ones' images
+SEED_LIMIT = 2**32
+
+
+def _base_seed(seed: int | None, count: int = 1) -> int:
+    """The given seed, or a random one; rejects what is not an integer in [0, 2**32 - count] (the seeds of
+    the ``count`` images are seed, seed + 1, ..., all below 2**32)."""
     if seed is None:
         return secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_LIMIT - count:
+        raise ConfigError(f"seed must be an integer from 0 to {SEED_LIMIT - count} (image k of a prompt uses seed + k, "
+                          f"below 2**32) or None, got {seed!r}")
     return int(seed)
 
 
@@ -94,20 +100,26 @@ def _out_of_memory_as_error(what: str, n: int, device: torch.device) -> Iterator
         ) from exc
 
 
-def resolve_model(name_or_dir: str | os.PathLike[str]) -> Path:
+def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the model directory for a directory path or a registered name (e.g. ``"shapes"``).
 
-    A model directory (one holding ``config.json``) at the given path wins over a registered name, as a
-    local folder does in Hugging Face's ``from_pretrained``; pass ``"./shapes"`` style paths to be explicit.
+    None is the bundled default model (``"shapes"``), whatever the current directory holds. A model directory
+    (one holding ``config.json``) at the given path wins over a registered name, as a local folder does in
+    Hugging Face's ``from_pretrained``, with a warning; pass ``"./shapes"`` style paths to be explicit.
     """
-    key = str(name_or_dir)
-    if key in REGISTRY and not (Path(key).expanduser() / "config.json").is_file():
+    key = DEFAULT_MODEL if name_or_dir is None else str(name_or_dir)
+    local = name_or_dir is not None and (Path(key).expanduser() / "config.json").is_file()
+    if key in REGISTRY and not local:
         path = REGISTRY[key]
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"the registered model {key!r} is not installed at {path}; reinstall dalle or pass a directory"
             )
         return path
+    if key in REGISTRY and not any(ch in key for ch in "/\\"):
+        warnings.warn(f"the model directory {key!r} in the current directory is used, not the bundled model of that "
+                      f"name (leave the model unset for the bundled default, or pass './{key}' to say you mean the "
+                      "directory)", UserWarning, stacklevel=3)
     path = Path(name_or_dir).expanduser()
     if not path.exists():
         names = ", ".join(sorted(REGISTRY))
@@ -265,11 +277,12 @@ class DALLE:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_dir: str | os.PathLike[str] = DEFAULT_MODEL,
+        name_or_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = "auto",
         dtype: torch.dtype | None = None,
     ) -> DALLE:
-        """Load a model directory written by :meth:`save_pretrained`, or a registered name (``"shapes"``).
+        """Load a model directory written by :meth:`save_pretrained`, or a registered name (``"shapes"``); None
+        (the default) is the bundled default model.
 
         ``device="auto"`` picks CUDA when present. ``dtype`` is the compute precision: None gives float32 on
         CPU and bfloat16 autocast on CUDA.
@@ -410,8 +423,11 @@ class DALLE:
         return batch_size_for_memory(free, kv_cache_bytes(self.transformer.config, self.dtype))
 
     def _check_sampling_args(
-        self, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None
+        self, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None,
+        batch_size: int | None = None,
     ) -> None:
+        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
@@ -421,7 +437,7 @@ class DALLE:
         if guidance_scale is not None and not self.trained_with_caption_dropout:
             raise ConfigError(
                 f"model {self.name!r} was not trained with caption dropout, so it has no unconditional mode "
-                "for classifier-free guidance; leave guidance_scale unset or train with --caption-dropout"
+                "for classifier-free guidance; leave guidance_scale (--guidance) unset or train with --caption-dropout"
             )
 
     def _warn_if_no_text(self, prompts: list[str], text: torch.Tensor) -> None:
@@ -503,6 +519,8 @@ class DALLE:
             scorer: ``score(prompt, images) -> tensor`` of one score per image, higher is better (e.g. CLIP).
             callback: ``callback(step, tokens)`` during sampling, for showing partial images.
         """
+        if not isinstance(prompts, (str, Sequence)):
+            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:
             raise ConfigError("no prompts given")
@@ -516,8 +534,8 @@ class DALLE:
             if not (isinstance(rerank, int) and rerank >= num_images):
                 raise ConfigError(f"rerank ({rerank!r}) must be an integer >= num_images ({num_images})")
             candidates = rerank
-        self._check_sampling_args(temperature, top_k, top_p, guidance_scale)
-        base = _base_seed(seed)
+        self._check_sampling_args(temperature, top_k, top_p, guidance_scale, batch_size)
+        base = _base_seed(seed, candidates)
 
         rows = [p for p in prompt_list for _ in range(candidates)]
         seeds = [base + k for _ in prompt_list for k in range(candidates)]
@@ -567,6 +585,11 @@ class DALLE:
             kept_scores.append(s[order])
         return torch.cat(kept_tokens), kept_seeds, torch.cat(kept_scores)
 
+    @property
+    def completion_rows(self) -> int:
+        """Token rows :meth:`complete` keeps by default: the paper's 15 of 32, rounded for other grids."""
+        return round(self.grid * 15 / 32)
+
     def complete(
         self,
         image: ImageLike,
@@ -593,15 +616,15 @@ class DALLE:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt is {type(prompt).__name__}, not a string")
         if rows is None:
-            rows = round(self.grid * 15 / 32)
+            rows = self.completion_rows
         if not (isinstance(rows, int) and 0 <= rows <= self.grid):
             raise ConfigError(f"rows must be an integer between 0 and {self.grid}, got {rows!r}")
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
-        self._check_sampling_args(temperature, top_k, top_p, guidance_scale)
+        self._check_sampling_args(temperature, top_k, top_p, guidance_scale, batch_size)
+        base = _base_seed(seed, num_images)
         source = self.encode_image(image, allow_upscale=allow_upscale).cpu()
         prime = source[:, :rows].reshape(1, -1).repeat(num_images, 1)
-        base = _base_seed(seed)
         seeds = [base + k for k in range(num_images)]
         tokens = self._sample_rows(
             [prompt] * num_images,
@@ -629,7 +652,7 @@ def load_default(device: str | torch.device | None = "auto") -> DALLE:
     dev = resolve_device(device)
     key = (DEFAULT_MODEL, str(dev))
     if key not in _DEFAULT_MODELS:
-        _DEFAULT_MODELS[key] = DALLE.from_pretrained(DEFAULT_MODEL, device=dev)
+        _DEFAULT_MODELS[key] = DALLE.from_pretrained(None, device=dev)
     return _DEFAULT_MODELS[key]
 
 

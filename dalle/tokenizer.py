@@ -401,7 +401,7 @@ class BPETokenizer:
         if tok.vocab_size < vocab_size:
             msg = (
                 f"the training text ({n_captions} captions) supports only {tok.vocab_size} tokens, fewer than "
-                f"vocab_size={vocab_size}; pass vocab_size={tok.vocab_size} or less, or train on more text"
+                f"vocab_size={vocab_size}; pass vocab_size={tok.vocab_size} (--vocab-size {tok.vocab_size}) or less, or train on more text"
             )
             if strict:
                 raise TokenizerError(msg)
@@ -585,7 +585,7 @@ class BPETokenizer:
             warnings.warn(
                 TruncationWarning(
                     f"{where}{others} had more than text_len={text_len} tokens ({lengths[first]}) and "
-                    f"was truncated; pass truncate=False to raise instead"
+                    f"was truncated (in Python, truncate=False raises instead)"
                 ),
                 stacklevel=3,
             )

@@ -68,6 +68,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         text_vocab_size=64, text_len=8, image_vocab_size=32, image_grid=6, depth=4, heads=4, head_dim=16
     ),
 }
+#: the names TransformerConfig.preset accepts
+PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 
 @dataclass

@@ -63,14 +63,33 @@ def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
         ["generate", "a red circle", "--temperature", "-1"],
         ["generate", "a red circle", "--top-p", "2"],
         ["generate", "a red circle", "-n", "4", "--rerank", "2"],
+        ["generate", "a red circle", "--seed", str(2**32)],  # CPU generators would repeat seed - 2**32
+        ["generate", "a red circle", "--seed", "-1"],
+        ["generate", "a red circle", "--output", "grid.jpg"],  # PNG only: the metadata needs it
         ["generate"],
         ["no-such-command"],
+        ["train", "--data", "shapes", "--dvae", "nowhere", "--out", "nowhere", "--steps", "-1"],
+        ["train", "--data", "shapes", "--dvae", "nowhere", "--out", "nowhere", "--preset", "nope"],
     ],
 )
 def test_bad_arguments_exit_2(args, model_dir):
     r = run_cli(*args, "--model", str(model_dir)) if args[0] == "generate" and len(args) > 1 else run_cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_unwritable_outputs_are_refused_before_sampling(model_dir, tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    cases = {
+        str(tmp_path / "folder"): "is a directory; give a file name",
+        str(tmp_path / "file.png" / "grid.png"): "cannot create the folder",
+    }
+    for output, message in cases.items():
+        r = run_cli("generate", "a red circle", "--model", str(model_dir), "--output", output,
+                    "--output-dir", str(tmp_path / "each"), "--quiet")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not list((tmp_path / "each").glob("*.png"))  # nothing was sampled, nothing half-written
 
 
 def test_missing_model_exits_1_with_one_line(tmp_path):
@@ -106,6 +125,25 @@ def test_complete_writes_images(model_dir, tmp_path):
         assert json.loads(im.text["settings"])["rows"] == 2
     r = run_cli("complete", str(src), "a blue square", "--rows", "9", "--model", str(model_dir), "--quiet")
     assert r.returncode == 2
+
+
+def test_complete_records_the_default_rows_and_reconstruct_warns_on_enlarging(model_dir, tmp_path, capsys):
+    from dalle.cli import main
+
+    src = tmp_path / "src.png"
+    Image.new("RGB", (40, 32), (40, 90, 220)).save(src)
+    out = tmp_path / "done.png"
+    assert main(["complete", str(src), "a blue square", "--model", str(model_dir), "--output", str(out),
+                 "--quiet"]) == 0
+    with Image.open(out) as im:
+        assert json.loads(im.text["settings"])["rows"] == 2  # the paper's 15 of 32 rows of a 4x4 grid, rounded
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (20, 20), (40, 90, 220)).save(tiny)
+    with pytest.warns(UserWarning, match="20x20, smaller than 32 px: it is enlarged .*--no-upscale"):
+        assert main(["reconstruct", str(tiny), "--model", str(model_dir), "--output", str(tmp_path / "r.png")]) == 0
+    assert main(["reconstruct", str(tiny), "--model", str(model_dir), "--no-upscale",
+                 "--output", str(tmp_path / "r2.png")]) == 1
+    assert "leave out --no-upscale to enlarge it" in capsys.readouterr().err
 
 
 def test_info(model_dir):

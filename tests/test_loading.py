@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle.dvae import Decoder, Encoder, map_pixels
-from dalle.errors import DownloadError, ModelLoadError, UnsafePickleError
+from dalle.errors import ConfigError, DownloadError, ModelLoadError, UnsafePickleError
 from dalle.loading import cache_dir, download, infer_config, load_model, save_model, sha256_file
 
 dall_e = pytest.importorskip("dall_e")
@@ -152,6 +152,9 @@ def test_sha256_of_local_file(tmp_path) -> None:
     assert isinstance(load_model(path, sha256=sha256_file(path).upper()), Decoder)
     with pytest.raises(ModelLoadError, match="SHA-256"):
         load_model(path, sha256="0" * 64)
+    for bad in ("xyz", "0" * 63, "g" * 64, 5):
+        with pytest.raises(ConfigError, match="64 hexadecimal digits"):
+            load_model(path, sha256=bad)
 
 
 # ------------------------------------------------------------------------------------------------- safety
@@ -237,6 +240,18 @@ def test_wrong_files(tmp_path) -> None:
         load_model(tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="no such file"):
         load_model(tmp_path / "missing.pkl")
+    # what the file is, when it is something else a user may pass by mistake
+    for name, data, what in [("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, "a PNG image file"),
+                             ("photo.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 50, "a JPEG image file"),
+                             ("page.pkl", b"<!DOCTYPE html><html>Not found</html>", "a HTML or XML file"),
+                             ("text.pkl", b"hello", "not a PyTorch file")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ModelLoadError, match=f"{name}: {what}, not dVAE weights; give OpenAI's encoder.pkl"):
+            load_model(tmp_path / name)
+    with pytest.raises(ModelLoadError, match="is a directory; give the weight file in it"):
+        load_model(tmp_path)
+    with pytest.raises(DownloadError, match="only http:// and https:// URLs"):
+        load_model("ftp://127.0.0.1/encoder.pkl")
 
 
 def _zip_bytes(files: dict[str, bytes]) -> bytes:
@@ -353,7 +368,7 @@ def test_url_unreachable(isolated_cache) -> None:
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DownloadError, match="could not download"):
+    with pytest.raises(DownloadError, match=f"could not download .*: cannot connect to 127.0.0.1:{port} .*pass its path"):
         download(f"http://127.0.0.1:{port}/x.pkl", timeout=5)
     assert _cache_files(isolated_cache) == []
 

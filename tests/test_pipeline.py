@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,14 @@ def test_bad_arguments(pipe):
         pipe.generate(["a", None], progress=False)
     with pytest.raises(ConfigError, match="no prompts"):
         pipe.generate([], progress=False)
+    for prompts in (None, 5):
+        with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
+            pipe.generate(prompts, progress=False)
+    for bs in (0, -2, 1.5):
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+            pipe.generate("a", batch_size=bs, progress=False)
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+            pipe.complete(Image.new("RGB", (32, 32)), "a", batch_size=bs, progress=False)
 
 
 def test_out_of_memory_is_reported_with_batch_size(pipe, monkeypatch):
@@ -262,10 +271,16 @@ def test_bad_tokens_and_seeds_are_reported(pipe):
         pipe.decode_tokens(torch.full((1, g, g), 32))
     with pytest.raises(ConfigError, match="one 4x4 token grid per prompt"):
         pipe.score(["a", "b"], torch.zeros(1, g, g, dtype=torch.long))
-    for seed in ("7", 1.5, -1, True):
+    for seed in ("7", 1.5, -1, True, 2**32, 2**64):
         with pytest.raises(ConfigError, match="seed"):
             pipe.generate("a red circle", seed=seed, progress=False)
     assert len(pipe.generate("a red circle", seed=np.int64(4), progress=False)) == 1
+    # CPU generators keep 32 bits of a seed, so every image's seed (seed + k) must stay below 2**32
+    assert len(pipe.generate("a red circle", num_images=2, seed=2**32 - 2, progress=False)) == 2
+    with pytest.raises(ConfigError, match=r"from 0 to 4294967294 .*got 4294967295"):
+        pipe.generate("a red circle", num_images=2, seed=2**32 - 1, progress=False)
+    with pytest.raises(ConfigError, match=r"from 0 to 4294967293"):
+        pipe.generate("a red circle", num_images=1, rerank=3, seed=2**32 - 2, progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -296,8 +311,15 @@ def test_a_local_model_directory_wins_over_a_registered_name(tiny_dir, tmp_path,
     (tmp_path / "shapes").mkdir()  # a folder without config.json (say, data) does not hide the bundled model
     assert resolve_model("shapes") == REGISTRY["shapes"]
     shutil.copytree(tiny_dir, tmp_path / "shapes", dirs_exist_ok=True)
-    assert resolve_model("shapes") == Path("shapes")
-    assert DALLE.from_pretrained("shapes", device="cpu").name == "tiny-test"
+    with pytest.warns(UserWarning, match="'shapes' in the current directory is used, not the bundled model"):
+        assert resolve_model("shapes") == Path("shapes")
+    with pytest.warns(UserWarning, match="pass './shapes' to say you mean the directory"):
+        assert DALLE.from_pretrained("shapes", device="cpu").name == "tiny-test"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_model("./shapes") == Path("shapes")  # explicit: no warning
+        assert resolve_model(None) == REGISTRY["shapes"]  # the default is the bundled model, whatever is here
+        assert DALLE.from_pretrained(device="cpu").name != "tiny-test"
 
 
 def test_directory_errors(tiny_dir, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dalle.cli.generate import parse_seed
+
 ORDER = 40
 # Same as dalle.evaluation's defaults (a test checks); written out so that `dalle --help` stays fast.
 DEFAULT_PROMPTS_PER_SET = 30
@@ -21,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "reconstruction PSNR, print a table and write results.json and examples.png."
         ),
     )
-    p.add_argument("--model", default="shapes", help="model directory or registered name (default: shapes)")
+    p.add_argument("--model", default=None,
+                   help="model directory or registered name (default: the bundled shapes model)")
     p.add_argument("--out", default="outputs/evaluate", help="output directory (default: outputs/evaluate)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="classifier-free guidance scale")
     p.add_argument("--rerank", type=int, default=None, metavar="N", help="draw N candidates, keep the best")
@@ -40,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"first N prompts of each set (default {DEFAULT_PROMPTS_PER_SET}; 0 for all)",
     )
     p.add_argument("--sets", default=None, help="comma-separated prompt sets (default: all)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="base seed (default 0)")
+    p.add_argument("--seed", type=parse_seed, default=0, metavar="S", help="base seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="images sampled at once")
     p.add_argument(
         "--psnr-images", type=int, default=32, metavar="N", help="rendered scenes for the dVAE PSNR"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -39,6 +40,14 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def parse_seed(text: str) -> int:
+    """An argparse type: a seed from 0 to 2**32 - 1 (CPU generators would repeat larger seeds' images)."""
+    value = _non_negative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {2**32}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -57,9 +66,10 @@ def _probability(text: str) -> float:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="shapes", help="model directory or registered name (default: shapes)")
+    p.add_argument("--model", default=None,
+                   help="model directory or registered name (default: the bundled shapes model)")
     p.add_argument("-n", "--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--seed", type=int, default=None, help="base seed; image k uses seed+k (default: random)")
+    p.add_argument("--seed", type=parse_seed, default=None, help="base seed; image k uses seed+k (default: random)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling probability mass")
@@ -89,8 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="generate a grid for a few prompts with the bundled model")
     d.add_argument("--output-dir", default="outputs", help="where to write demo.png (default: outputs)")
-    d.add_argument("--model", default="shapes", help="model directory or registered name (default: shapes)")
-    d.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    d.add_argument("--model", default=None,
+                   help="model directory or registered name (default: the bundled shapes model)")
+    d.add_argument("--seed", type=parse_seed, default=0, help="base seed (default 0)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     d.set_defaults(func=run_demo)
 
@@ -133,6 +144,30 @@ def _write(args: argparse.Namespace, pipe: Any, result: Any, prompts: list[str],
         print(path)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before any image is sampled (creating their folders)."""
+    from dalle.cli import UsageError
+
+    targets = []
+    if args.output is not None or args.output_dir is None:
+        path = Path(args.output or "generated.png")
+        if path.is_dir():
+            raise UsageError(f"--output {str(path)!r} is a directory; give a file name such as {str(path / 'grid.png')!r}")
+        if path.suffix.lower() != ".png":
+            raise UsageError(f"--output {str(path)!r} must end in .png (the images carry their prompt, seed and "
+                             "settings as PNG metadata)")
+        targets.append(("--output", path.parent))
+    if args.output_dir is not None:
+        targets.append(("--output-dir", Path(args.output_dir)))
+    for flag, folder in targets:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the folder {str(folder)!r} for {flag}: {exc.strerror or exc}") from None
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write into {str(folder)!r} ({flag}): permission denied")
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments `generate` and `complete` share, from the common sampling flags."""
     return {
@@ -155,6 +190,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.rerank is not None and args.rerank < args.num_images:
         raise UsageError(f"--rerank {args.rerank} must be at least -n {args.num_images}")
+    _check_outputs(args)
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     result = pipe.generate(
         args.prompt,
@@ -170,17 +206,19 @@ def run_complete(args: argparse.Namespace) -> int:
     from dalle.cli import UsageError
     from dalle.pipeline import DALLE
 
+    _check_outputs(args)
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     if args.rows is not None and args.rows > pipe.grid:
         raise UsageError(f"--rows {args.rows} exceeds the model's {pipe.grid} token rows")
+    rows = pipe.completion_rows if args.rows is None else args.rows
     result = pipe.complete(
         args.image,
         args.prompt,
-        rows=args.rows,
+        rows=rows,
         **_sampling_kwargs(args),
         allow_upscale=args.allow_upscale,
     )
-    _write(args, pipe, result, [args.prompt], {"source_image": str(args.image)})
+    _write(args, pipe, result, [args.prompt], {"source_image": str(args.image), "rows": rows})
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``dalle reconstruct``: a dVAE round trip of one image, written side by side; returns the exit code."""
     from dalle.cli import UsageError
     from dalle.dvae import Decoder, Encoder
-    from dalle.errors import ModelLoadError
-    from dalle.images import make_grid, reconstruct, sample_image_path, save_png
+    from dalle.errors import ImageError, ModelLoadError
+    from dalle.images import load_image, make_grid, reconstruct, sample_image_path, save_png
     from dalle.loading import load_model, resolve_device
-    from dalle.pipeline import resolve_model
+    from dalle.pipeline import DEFAULT_MODEL, resolve_model
 
     if (args.encoder is None) != (args.decoder is None):
         raise UsageError("pass both --encoder and --decoder (they must come from the same dVAE)")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         decoder = load_model(args.decoder, device)
         size, weights = args.size or 256, f"encoder {args.encoder}, decoder {args.decoder}"
     else:
-        name = args.model or "shapes"
+        name = args.model
         try:
             path = resolve_model(name)  # a directory, or a registered name such as the bundled "shapes"
         except ModelLoadError as exc:
@@ -96,14 +97,21 @@ def run(args: argparse.Namespace) -> int:
             ) from exc
         enc, dec, model_size = load_dvae_dir(path)
         encoder, decoder = enc.to(device).eval(), dec.to(device).eval()
-        size, weights = args.size or model_size, f"model {name} ({path})"
+        size, weights = args.size or model_size, f"model {name or DEFAULT_MODEL} ({path})"
     if not isinstance(encoder, Encoder) or not isinstance(decoder, Decoder):
         raise ModelLoadError(
             f"--encoder must hold an encoder and --decoder a decoder (got {type(encoder).__name__} and "
             f"{type(decoder).__name__})"
         )
     loaded = time.perf_counter()
-    original, rec = reconstruct(image, encoder, decoder, size=size, allow_upscale=not args.no_upscale)
+    source = load_image(image)
+    if min(source.size) < size:
+        if args.no_upscale:
+            raise ImageError(f"the image is {source.width}x{source.height}, smaller than {size} px; leave out "
+                             "--no-upscale to enlarge it")
+        warnings.warn(f"the image is {source.width}x{source.height}, smaller than {size} px: it is enlarged before "
+                      "encoding (pass --no-upscale to refuse such images)", UserWarning, stacklevel=1)
+    original, rec = reconstruct(source, encoder, decoder, size=size, allow_upscale=not args.no_upscale)
     done = time.perf_counter()
     grid = make_grid([original, rec], ncols=2, captions=["original", "reconstruction"])
     out = save_png(

@@ -238,9 +238,17 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
         values.update(file_values)
     values.update({k: v for k, v in vars(args).items() if k in names})
     try:
-        return config_cls(**values)
+        cfg = config_cls(**values)
     except TypeError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
+    if hasattr(cfg, "validate"):
+        from dalle.cli import UsageError
+
+        try:
+            cfg.validate()  # inconsistent flags are bad arguments (exit 2), found before anything is loaded
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    return cfg
 
 
 def _setup_threads(args: argparse.Namespace) -> None:

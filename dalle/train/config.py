@@ -182,6 +182,10 @@ class TransformerTrainConfig(LoopConfig):
         for name in ("bpe_dropout", "caption_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        from dalle.transformer import PRESET_NAMES
+
+        if self.preset not in PRESET_NAMES:
+            raise ConfigError(f"unknown transformer preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}")
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_decay must be cosine, linear or constant, got {self.lr_decay!r}")
         if self.weights_dtype not in WEIGHTS_DTYPES:
