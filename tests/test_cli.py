@@ -76,6 +76,8 @@ def test_bad_arguments_exit_2(args, model_dir):
     r = run_cli(*args, "--model", str(model_dir)) if args[0] == "generate" and len(args) > 1 else run_cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
+    if args[0] in ("generate", "train") and len(args) > 1:  # the subcommand's usage, not the top-level one
+        assert f"usage: dalle {args[0]} " in r.stderr, r.stderr
 
 
 def test_unwritable_outputs_are_refused_before_sampling(model_dir, tmp_path):

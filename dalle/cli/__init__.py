@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         modules.append(importlib.import_module(f"{__name__}.{info.name}"))
     for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 50), m.__name__)):
         module.register(sub)
+    for subparser in sub.choices.values():  # a UsageError prints the usage of the subcommand it concerns
+        subparser.set_defaults(_parser=subparser)
     return parser
 
 
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        parser.error(str(exc))  # prints usage and exits with 2
+        getattr(args, "_parser", parser).error(str(exc))  # prints the subcommand's usage and exits with 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
