@@ -175,3 +175,20 @@ def test_demo_runs_offline(tmp_path):
     assert meta["model"] == "shapes" and meta["software"].startswith("dalle ")
     assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == 4
     assert "wrote" in r.stdout
+
+
+def test_threads_flag_sets_torchs_cpu_threads(model_dir, tmp_path):
+    import torch
+
+    from dalle.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "a red circle", "--model", str(model_dir), "-n", "1", "--threads", "1", "--quiet",
+                     "--output", str(tmp_path / "g.png")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as exc:
+        main(["reconstruct", "--model", str(model_dir), "--threads", "0"])
+    assert exc.value.code == 2

@@ -21,6 +21,12 @@ class UsageError(Exception):
     """A command-line argument is invalid in a way argparse cannot check; exits with code 2."""
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the command (applied by :func:`main` before it runs)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice, one per core; fewer on a shared machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dalle`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -50,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # warnings meant for users (caption truncated, ...) print as one line, not as a source excerpt
         warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         return int(args.func(args) or 0)
     except UsageError as exc:
         getattr(args, "_parser", parser).error(str(exc))  # prints the subcommand's usage and exits with 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dalle.cli import add_threads_flag
 from dalle.cli.generate import parse_seed
 
 ORDER = 40
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--psnr-images", type=int, default=32, metavar="N", help="rendered scenes for the dVAE PSNR"
     )
+    add_threads_flag(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dalle.cli import add_threads_flag
+
 ORDER = 10
 
 DEMO_PROMPTS = (
@@ -75,6 +77,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling probability mass")
     p.add_argument("--guidance", type=_positive_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
+    add_threads_flag(p)
     p.add_argument("--output", default=None, help="grid PNG to write (default: generated.png if no --output-dir)")
     p.add_argument("--output-dir", default=None, help="also write one PNG per image into this directory")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -103,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model directory or registered name (default: the bundled shapes model)")
     d.add_argument("--seed", type=parse_seed, default=0, help="base seed (default 0)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_threads_flag(d)
     d.set_defaults(func=run_demo)
 
 

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dalle.cli import add_threads_flag
+
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
 
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for --encoder/--decoder, else the model's image size)",
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_threads_flag(p)
     p.add_argument("--no-upscale", action="store_true", help="refuse images smaller than --size")
     p.set_defaults(func=run)
 

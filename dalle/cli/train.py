@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from dalle.cli import add_threads_flag
+
 ORDER = 60
 
 _SECTIONS = {
@@ -110,7 +112,7 @@ def _add_config_flags(p: argparse.ArgumentParser, config_cls: type) -> None:
 
 def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file with any of the settings (flags override it)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_flag(p)
     if resumable:
         p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
@@ -251,13 +253,6 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
     return cfg
 
 
-def _setup_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(int(args.threads))
-
-
 def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: str) -> int:
     from dalle.train.common import TrainingInterrupted, close_distributed, init_distributed
 
@@ -281,7 +276,6 @@ def run_train_dvae(args: argparse.Namespace) -> int:
     """``dalle train-dvae``."""
     from dalle.train.dvae import DVAETrainConfig, train_dvae
 
-    _setup_threads(args)
     cfg = build_config(DVAETrainConfig, args, "train-dvae")
     return _run_trainer(lambda c, r, i: train_dvae(c, resume=r, info=i), cfg, args, "dVAE")
 
@@ -290,7 +284,6 @@ def run_train(args: argparse.Namespace) -> int:
     """``dalle train``."""
     from dalle.train.transformer import TransformerTrainConfig, train_transformer
 
-    _setup_threads(args)
     cfg = build_config(TransformerTrainConfig, args, "train")
     return _run_trainer(lambda c, r, i: train_transformer(c, resume=r, info=i), cfg, args, "model directory")
 
@@ -448,7 +441,6 @@ def run_remap(args: argparse.Namespace) -> int:
 
 def run_encode_dataset(args: argparse.Namespace) -> int:
     """``dalle encode-dataset``."""
-    _setup_threads(args)
     cfg = build_config(EncodeConfig, args, "encode-dataset")
     out, count, skipped = encode_dataset(cfg)
     print(f"encoded {count} samples into {out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
