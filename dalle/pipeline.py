@@ -434,6 +434,8 @@ class DALLE:
             raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale > 0):
+            raise ConfigError(f"guidance_scale must be a number > 0 or None, got {guidance_scale!r}")
         if guidance_scale is not None and not self.trained_with_caption_dropout:
             raise ConfigError(
                 f"model {self.name!r} was not trained with caption dropout, so it has no unconditional mode "

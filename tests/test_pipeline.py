@@ -141,6 +141,9 @@ def test_guidance_on_and_off():
     assert not torch.equal(plain, guided)
     # guidance_scale 1 is the conditional distribution itself
     assert torch.equal(_tokens(model, "a red circle", num_images=4, seed=1, guidance_scale=1.0), plain)
+    for bad in (0, -1.0, "3", float("nan")):
+        with pytest.raises(ConfigError, match="guidance_scale must be a number > 0"):
+            model.generate("a red circle", guidance_scale=bad, progress=False)
 
 
 def test_rerank_keeps_the_best_by_score(pipe):
