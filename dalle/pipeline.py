@@ -22,7 +22,7 @@ import json
 import os
 import secrets
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -521,7 +521,7 @@ class DALLE:
             scorer: ``score(prompt, images) -> tensor`` of one score per image, higher is better (e.g. CLIP).
             callback: ``callback(step, tokens)`` during sampling, for showing partial images.
         """
-        if not isinstance(prompts, (str, Sequence)):
+        if not isinstance(prompts, (str, Iterable)):
             raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:

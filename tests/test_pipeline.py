@@ -206,6 +206,7 @@ def test_bad_arguments(pipe):
     for prompts in (None, 5):
         with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
             pipe.generate(prompts, progress=False)
+    assert len(pipe.generate((p for p in ["a", "b"]), progress=False)) == 2  # any iterable of strings
     for bs in (0, -2, 1.5):
         with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
             pipe.generate("a", batch_size=bs, progress=False)
