@@ -109,10 +109,15 @@ def test_ema_tracks_parameters_with_warmed_up_decay() -> None:
     ema.update(lin, 1)
     assert torch.allclose(ema.shadow["weight"], d * before + (1 - d) * 1.0)
     ema2 = EMA(lin, decay=0.9, every=3)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
     ema2.update(lin, 1)
     assert ema2.updates == 0
+    # a run shorter than `every` steps exports what it trained, not the initial weights the average still holds
+    assert torch.equal(ema2.model_state(lin)["weight"], lin.weight.detach())
     ema2.update(lin, 3)
     assert ema2.updates == 1
+    assert not torch.equal(ema2.model_state(lin)["weight"], lin.weight.detach())
     with pytest.raises(ConfigError):
         EMA(lin, decay=1.0)
 

@@ -313,9 +313,12 @@ class EMA:
         self.updates = int(updates)
 
     def model_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """A full state dict of ``module`` with the averaged parameters in place of the raw ones."""
+        """A full state dict of ``module`` with the averaged parameters in place of the raw ones; the raw ones
+        while no update has happened yet (a run shorter than ``every`` steps), since the average would still be
+        the initial weights."""
         state = full_state_dict(module)
-        state.update(self.full_state())
+        if self.updates:
+            state.update(self.full_state())
         return state
 
 
