@@ -28,6 +28,7 @@ from dalle.errors import ImageError
 
 __all__ = [
     "load_image",
+    "to_rgb",
     "preprocess",
     "to_tensor",
     "to_pil",
@@ -85,7 +86,8 @@ def _high_depth_to_8bit(img: Image.Image, where: str) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
-def _to_rgb(img: Image.Image, where: str) -> Image.Image:
+def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: 16-bit, 32-bit and float modes scaled, transparency composited on white."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -151,17 +153,17 @@ def load_image(src: ImageLike) -> Image.Image:
     """
     if isinstance(src, str | os.PathLike):
         path = Path(src).expanduser()
-        return _to_rgb(_open_file(path), str(path))
+        return to_rgb(_open_file(path), str(path))
     if isinstance(src, Image.Image):
         try:
             src.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"PIL image could not be decoded ({exc})") from None
-        return _to_rgb(src, "PIL image")
+        return to_rgb(src, "PIL image")
     if isinstance(src, np.ndarray):
-        return _to_rgb(_array_to_pil(src, "numpy image"), "numpy image")
+        return to_rgb(_array_to_pil(src, "numpy image"), "numpy image")
     if isinstance(src, torch.Tensor):
-        return _to_rgb(_array_to_pil(_tensor_to_array(src, "tensor image"), "tensor image"), "tensor image")
+        return to_rgb(_array_to_pil(_tensor_to_array(src, "tensor image"), "tensor image"), "tensor image")
     raise ImageError(
         f"cannot load an image from {type(src).__name__}; pass a path, PIL image, numpy array or tensor"
     )

@@ -271,3 +271,33 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     assert trainer.image_size == 48
     with pytest.raises(ConfigError, match=r"6x6 .* give --image-size 48"):
         TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run3"), image_size=32, **settings))
+
+
+def test_training_images_are_decoded_as_inference_decodes_them(tmp_path) -> None:
+    """16-bit and float images, EXIF rotation and transparency: the training loader and load_image agree."""
+    import numpy as np
+    from PIL import Image
+
+    from dalle.data.datasets import ImageTextFolder
+    from dalle.images import load_image
+
+    ramp = (np.arange(48 * 40, dtype=np.uint32).reshape(40, 48) * 30).astype(np.uint16)  # up to 57570 of 65535
+    Image.fromarray(ramp).save(tmp_path / "a16.png")
+    rotated = Image.new("RGB", (48, 32), (200, 30, 30))
+    rotated.paste((30, 30, 200), (0, 0, 24, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated.save(tmp_path / "b_exif.jpg", exif=exif, quality=95)
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    rgba.paste((10, 170, 70, 128), (0, 0, 20, 40))
+    rgba.save(tmp_path / "c_alpha.png")
+    for name in ("a16", "b_exif", "c_alpha"):
+        (tmp_path / f"{name}.txt").write_text("a caption")
+    folder = ImageTextFolder(tmp_path)
+    for i, path in enumerate(folder.files):
+        image, _, _ = folder.get(i)
+        assert image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(load_image(path))), path.name
+    sixteen = np.asarray(folder.get(0)[0])
+    assert 100 < sixteen.mean() < 130  # scaled from 16 bits, not clipped to white
+    assert folder.get(1)[0].size == (32, 48)  # turned upright

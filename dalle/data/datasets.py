@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dalle.errors import ConfigError, ImageError
 
@@ -74,19 +74,18 @@ def _pick_caption(text: str, rng: random.Random) -> str:
 
 
 def _open_image(data: bytes | str | os.PathLike[str]) -> Image.Image | None:
-    """Decode an image to RGB, or None when it is unreadable (truncated, not an image, ...)."""
+    """Decode an image to RGB as inference does (:func:`dalle.images.load_image`: first frame, EXIF rotation,
+    16-bit and float modes scaled to 8 bits, transparency on white), or None when it is unreadable (truncated,
+    not an image, a mode that cannot be converted, ...)."""
+    from dalle.errors import ImageError
+    from dalle.images import to_rgb
+
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.seek(0)
             im.load()
-            if im.mode != "RGB":
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    bg = Image.new("RGB", rgba.size, (255, 255, 255))
-                    bg.paste(rgba, mask=rgba.split()[-1])  # transparent pixels become white
-                    return bg
-                return im.convert("RGB")
-            return im.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return to_rgb(ImageOps.exif_transpose(im).copy(), "training image")
+    except (OSError, ValueError, SyntaxError, EOFError, ImageError, Image.DecompressionBombError):
         return None
 
 
