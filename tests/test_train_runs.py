@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,14 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
     assert (tmp_path / "run" / "samples" / "step-00000040.png").is_file()
     if pytest.importorskip("matplotlib"):
         assert (tmp_path / "run" / "loss.png").is_file()
+    # a new run into the same --out is refused: with the checkpoints, and without them (the result stays)
+    with pytest.raises(CheckpointError, match="already holds checkpoints; pass --resume"):
+        DVAETrainer(cfg).fit()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    before = (out / "encoder.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"already holds a trained dvae/ .*choose a new --out"):
+        DVAETrainer(cfg).fit()
+    assert (out / "encoder.safetensors").read_bytes() == before
 
 
 def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir) -> None:

@@ -764,6 +764,10 @@ def estimated_last_step(steps_done: int, seconds_spent: float, step: int, train_
     return int(min(loop.steps, max(step, step + round(rate * remaining))))
 
 
+#: what a run leaves in its --out that a new run there would overwrite: checkpoints, and the exported results
+_RESULT_DIRS = ("model", "dvae")
+
+
 class Trainer:
     """The loop the dVAE and transformer trainers share.
 
@@ -1050,6 +1054,19 @@ class Trainer:
         if self.info.is_main and lp.plot_every and (self.step % lp.plot_every == 0 or last):
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
 
+    def refuse_finished_run(self) -> None:
+        """Raise when ``--out`` holds another run's checkpoints or results (a new run would overwrite them)."""
+        if self.ckpt.latest() is not None:
+            raise CheckpointError(
+                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out"
+            )
+        done = [name for name in _RESULT_DIRS if (self.out / name).exists()]
+        if done:
+            raise CheckpointError(
+                f"{self.out} already holds a trained {' and '.join(d + '/' for d in done)} (with no checkpoint to "
+                "resume from); choose a new --out, or move it away to train again there"
+            )
+
     def fit(self, resume: bool | str = False) -> Path | None:
         """Train to ``loop.steps`` (or until ``loop.time_limit``); returns the final artefact's path (rank 0),
         None elsewhere."""
@@ -1062,10 +1079,7 @@ class Trainer:
         if resume:
             self.resume(resume if isinstance(resume, str) else None)
         elif self.info.is_main:
-            if self.ckpt.latest() is not None:
-                raise CheckpointError(
-                    f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out"
-                )
+            self.refuse_finished_run()
             if self.metrics.path.exists():
                 self.metrics.path.unlink()
         if self.info.is_main:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalle.errors import CheckpointError, ConfigError
+from dalle.errors import ConfigError
 from dalle.train.common import (
     EMA,
     DistInfo,
@@ -158,10 +158,8 @@ class TransformerTrainer(Trainer):
         info = info or DistInfo(device=torch.device("cpu"))
         super().__init__(cfg, info)
         self.cfg = cfg
-        if not resume and self.ckpt.latest() is not None:
-            raise CheckpointError(
-                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out"
-            )
+        if not resume:
+            self.refuse_finished_run()
         seed_everything(cfg.seed)
         dev = info.device
 
