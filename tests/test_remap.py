@@ -121,3 +121,16 @@ def test_image_sources_without_images_are_refused(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: --data") and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_run_directory_is_taken_for_its_dvae_and_out_must_be_new(tmp_path, capsys) -> None:
+    pipe = build_tiny()
+    pipe.save_pretrained(tmp_path / "model")
+    _permuted_dvae(pipe, torch.arange(32), tmp_path / "run" / "dvae")  # as `dalle train-dvae --out run` writes it
+    assert remap_image_codes(tmp_path / "model", tmp_path / "run", tmp_path / "out", scenes=4)["agreement"] == 1.0
+    before = (tmp_path / "out" / "transformer.safetensors").read_bytes()
+    for out in ("out", "model"):  # an existing model (or the input itself) is never overwritten
+        assert cli_main(["remap", str(tmp_path / "model"), str(tmp_path / "run"), str(tmp_path / out),
+                         "--scenes", "4"]) == 1
+        assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "transformer.safetensors").read_bytes() == before

@@ -177,6 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "shapes world with --seed)")
     p.add_argument("--scenes", type=int, default=500, metavar="N", help="how many images (default 500)")
     p.add_argument("--seed", type=int, default=7, help="the shapes stream's seed without --data (default 7)")
+    add_threads_flag(p)
     p.set_defaults(func=run_remap, _command="remap")
 
 

@@ -730,12 +730,21 @@ def _load_module_weights(module: nn.Module, file: Path) -> None:
                              f"unexpected {sorted(unexpected)[:3]}")
 
 
+#: the exported results a run leaves in its --out (beside its checkpoints): a model or a dVAE directory
+_RESULT_DIRS = ("model", "dvae")
+
+
 def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Encoder, Decoder, int]:
-    """Load (encoder, decoder, image_size) from a dVAE directory (:func:`save_dvae_dir`) or a model directory
-    (:func:`write_model_dir`). For OpenAI's ``encoder.pkl``/``decoder.pkl`` use :func:`dalle.load_model`."""
+    """Load (encoder, decoder, image_size) from a dVAE directory (:func:`save_dvae_dir`), a model directory
+    (:func:`write_model_dir`) or a training run's output holding one of them (``dvae/`` or ``model/``). For
+    OpenAI's ``encoder.pkl``/``decoder.pkl`` use :func:`dalle.load_model`."""
     from dalle.dvae import Decoder, Encoder
 
     root = Path(path)
+    if not (root / "config.json").is_file():
+        inner = [root / name for name in _RESULT_DIRS if (root / name / "config.json").is_file()]
+        if len(inner) == 1:  # `dalle train-dvae --out RUN` writes RUN/dvae; `dalle train` writes RUN/model
+            root = inner[0]
     cfg_file = root / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(
@@ -762,10 +771,6 @@ def estimated_last_step(steps_done: int, seconds_spent: float, step: int, train_
     remaining = max(loop.time_limit * 60.0 - train_seconds, 0.0)
     rate = steps_done / seconds_spent if seconds_spent > 0 else 0.0
     return int(min(loop.steps, max(step, step + round(rate * remaining))))
-
-
-#: what a run leaves in its --out that a new run there would overwrite: checkpoints, and the exported results
-_RESULT_DIRS = ("model", "dvae")
 
 
 class Trainer:

@@ -83,6 +83,9 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     ``map`` (new code -> old code, for the codes the new dVAE used)."""
     if scenes < 1:
         raise ConfigError(f"--scenes must be at least 1, got {scenes}")
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise ConfigError(f"{out_dir} already exists and is not empty; remap writes a new model directory, so "
+                          "give a new OUT")
     pipe = DALLE.from_pretrained(model_dir, device="cpu")
     encoder, decoder, size = load_dvae(new_dvae)
     if size != pipe.image_size:
