@@ -193,6 +193,13 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
         assert np.array_equal(by_caption[caption], tokens.numpy())
     with pytest.raises(ConfigError, match="already holds token shards"):
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
+    (meta := out / "meta.json").unlink()  # as an interrupted encode leaves it: shards, no meta.json
+    with pytest.raises(ConfigError, match="is not empty .*interrupted encode"):
+        TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
+    assert not meta.exists() and any(out.iterdir())  # nothing was touched
+    with pytest.raises(ConfigError, match="is a file"):
+        TokenShardWriter(tmp_path / "imgs" / sorted(p.name for p in (tmp_path / "imgs").iterdir())[0], grid=4,
+                         image_size=32, vocab_size=32)
 
 
 def test_encode_dataset_upscale_warning_is_shown_once_with_workers(tmp_path, monkeypatch) -> None:

@@ -681,9 +681,14 @@ class TokenShardWriter:
     def __init__(self, root: str | os.PathLike[str], grid: int, image_size: int, vocab_size: int,
                  shard_size: int = 50_000, meta: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{self.root} is a file; choose a new output directory")
         self.root.mkdir(parents=True, exist_ok=True)
         if (self.root / "meta.json").exists():
             raise ConfigError(f"{self.root} already holds token shards; choose an empty output directory")
+        if any(self.root.iterdir()):  # an interrupted encode's shards (no meta.json yet) or anything else
+            raise ConfigError(f"{self.root} is not empty (an interrupted encode leaves its shards without meta.json);"
+                              " delete it or choose an empty output directory")
         self.grid, self.image_size, self.vocab_size = int(grid), int(image_size), int(vocab_size)
         self.dtype = np.uint16 if vocab_size <= 65536 else np.int32
         self.shard_size = int(shard_size)
