@@ -257,6 +257,26 @@ def test_config_file_and_flags(tmp_path) -> None:
     args = build_parser().parse_args(["train-dvae", "--config", str(bad)])
     with pytest.raises(ConfigError, match="stepz"):
         build_config(DVAETrainConfig, args, "train-dvae")
+    # top-level settings are shared; a command's table overrides them
+    shared = tmp_path / "shared.toml"
+    shared.write_text('seed = 3\nsteps = 5\n\n[train]\nsteps = 9\n')
+    cfg = build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(shared)]), "train")
+    assert (cfg.seed, cfg.steps) == (3, 9)
+    cfg = build_config(DVAETrainConfig, build_parser().parse_args(["train-dvae", "--config", str(shared)]),
+                       "train-dvae")
+    assert (cfg.seed, cfg.steps) == (3, 5)
+    # values of the wrong type are refused, naming the setting (not coerced or failing deep inside)
+    for setting, why in [({"steps": 4.7}, "'steps' must be a whole number"), ({"steps": "four"}, "'steps' must be a whole number"),
+                         ({"progress": "false"}, "'progress' must be true or false"),
+                         ({"sample_prompts": "a red circle"}, "'sample_prompts' must be a list"),
+                         ({"sample_prompts": ["a", 3]}, "'sample_prompts' must be a list of str"), ({"lr": "0.1"}, "'lr' must be a number"),
+                         ({"tokenizer": 5}, "'tokenizer' must be a string"), ({"steps": None}, "'steps' must not be null")]:
+        bad.write_text(json.dumps(setting))
+        with pytest.raises(ConfigError, match=f"bad.json: setting {why}"):
+            build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train")
+    bad.write_text(json.dumps({"lr": 1, "sample_prompts": ["a"], "tokenizer": None}))  # an int is a number
+    cfg = build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train")
+    assert cfg.lr == 1 and cfg.sample_prompts == ["a"]
 
 
 def test_toml_config_without_a_toml_reader_says_what_to_do(tmp_path, monkeypatch) -> None:

@@ -217,12 +217,49 @@ def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, An
         raise ConfigError(f"cannot read config file {p}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a table / object of settings")
+    sections = {n for names in _SECTIONS.values() for n in names}
+    # top-level settings are shared by every command; the command's own table (if any) overrides them
+    values = {k.replace("-", "_"): v for k, v in data.items() if not (k in sections and isinstance(v, dict))
+              and not k.startswith("_")}
     for name in _SECTIONS[command]:
         if isinstance(data.get(name), dict):
-            return {k.replace("-", "_"): v for k, v in data[name].items()}
-    sections = {n for names in _SECTIONS.values() for n in names}
-    return {k.replace("-", "_"): v for k, v in data.items() if not (k in sections and isinstance(v, dict))
-            and not k.startswith("_")}
+            values.update({k.replace("-", "_"): v for k, v in data[name].items()})
+    return values
+
+
+def _type_error(name: str, value: Any, hint: Any) -> str | None:
+    """Why ``value`` (from a config file) does not fit the field type ``hint``, or None when it does."""
+    if value is None:
+        return None if type(None) in typing.get_args(hint) else "must not be null"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return None if any(_type_error(name, value, a) is None for a in args) else _type_error(name, value, args[0])
+    origin = typing.get_origin(hint) or hint
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            return "must be a list"
+        item = args[0] if args else Any
+        bad = [v for v in value if item is not Any and _type_error(name, v, item) is not None]
+        return f"must be a list of {getattr(item, '__name__', item)}" if bad else None
+    return None
+
+
+def _check_file_types(config_cls: type, values: dict[str, Any], source: str) -> None:
+    from dalle.errors import ConfigError
+
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():
+        why = _type_error(name, value, hints.get(name, Any))
+        if why is not None:
+            raise ConfigError(f"{source}: setting {name!r} {why}, got {value!r}")
 
 
 def build_config(config_cls: type, args: argparse.Namespace, command: str) -> Any:
@@ -238,6 +275,7 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
         unknown = sorted(set(file_values) - names)
         if unknown:
             raise ConfigError(f"unknown settings in {args.config}: {', '.join(unknown)}; see `dalle {command} --help`")
+        _check_file_types(config_cls, file_values, str(args.config))
         values.update(file_values)
     values.update({k: v for k, v in vars(args).items() if k in names})
     try:
