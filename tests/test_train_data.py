@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -191,6 +192,10 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
     live = encode_images(trainer.encoder, batch.images)
     for caption, tokens in zip(batch.captions, live):
         assert np.array_equal(by_caption[caption], tokens.numpy())
+    # the shards record their encoder: training them under another dVAE of the same shape is refused
+    other = make_tiny_dvae_dir(tmp_path / "other", image_size=32, seed=1)
+    with pytest.raises(ConfigError, match=r"encoded by another dVAE than --dvae .*other \(its weights differ\)"):
+        TransformerTrainer(dataclasses.replace(cfg, data=str(out), dvae=str(other), out_dir=str(tmp_path / "r2")))
     with pytest.raises(ConfigError, match="already holds token shards"):
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
     (meta := out / "meta.json").unlink()  # as an interrupted encode leaves it: shards, no meta.json

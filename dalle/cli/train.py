@@ -345,12 +345,11 @@ class EncodeConfig:
 
 def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     """Encode ``cfg.data`` with the dVAE into token shards; returns (directory, samples, skipped images)."""
-    import hashlib
 
     from dalle.data.datasets import TarShards, TokenShards, TokenShardWriter, count_once, open_source
     from dalle.errors import ConfigError
     from dalle.train.common import check_image_size, resolve_device
-    from dalle.train.transformer import encode_images, load_dvae_any, prepare_encoder
+    from dalle.train.transformer import encode_images, encoder_digest, load_dvae_any, prepare_encoder
 
     if not (cfg.data and cfg.dvae and cfg.out_dir):
         raise ConfigError("encode-dataset needs --data, --dvae and --out")
@@ -367,13 +366,10 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         raise ConfigError(f"{cfg.data} is already token shards")
     if not isinstance(source, TarShards):
         count_once(source, cfg.limit)  # an endless source without --limit fails here, before --out is made
-    digest = hashlib.sha256()
-    for v in encoder.state_dict().values():
-        digest.update(v.detach().cpu().contiguous().numpy().tobytes())
     grid = image_size // 8
     writer = TokenShardWriter(
         cfg.out_dir, grid=grid, image_size=image_size, vocab_size=encoder.vocab_size, shard_size=cfg.shard_size,
-        meta={"encoder": encoder.config(), "encoder_sha256": digest.hexdigest(), "source": str(cfg.data)},
+        meta={"encoder": encoder.config(), "encoder_sha256": encoder_digest(encoder), "source": str(cfg.data)},
     )
     skipped: list[str] = []
     bar = None

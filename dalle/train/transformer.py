@@ -87,6 +87,17 @@ def prepare_encoder(encoder: nn.Module) -> nn.Module:
     return encoder.to(memory_format=torch.channels_last)
 
 
+def encoder_digest(encoder: nn.Module) -> str:
+    """SHA-256 of the encoder's weights (``encode-dataset`` records it in ``meta.json``; training on the shards
+    checks it against its ``--dvae``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for v in encoder.state_dict().values():
+        digest.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
@@ -190,8 +201,14 @@ class TransformerTrainer(Trainer):
                     + (f", or give --image-size {self.source.grid * 8} (the shards' side)"
                        if self.source.grid != grid else "")
                 )
-            if meta.get("encoder") not in (None, self.encoder.config()):
-                warnings.warn("the token shards were encoded by a dVAE with another configuration", stacklevel=2)
+            if meta.get("encoder") not in (None, self.encoder.config()) or meta.get("encoder_sha256") not in (
+                None, encoder_digest(self.encoder)
+            ):
+                raise ConfigError(
+                    f"the token shards in {cfg.data} were encoded by another dVAE than --dvae {cfg.dvae} (its "
+                    f"{'configuration' if meta.get('encoder') != self.encoder.config() else 'weights'} differ); "
+                    "train with the dVAE that encoded them, or encode the data again with this one"
+                )
 
         # ---- tokenizer: given, reused from the run directory, or trained on the training captions
         tok_file = self.out / "tokenizer.model"
@@ -436,6 +453,7 @@ __all__ = [
     "encode_images",
     "load_dvae_any",
     "prepare_encoder",
+    "encoder_digest",
     "resize_grid_embeddings",
     "train_transformer",
 ]
