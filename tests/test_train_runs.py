@@ -457,6 +457,10 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     pipe = DALLE.from_pretrained(out)
     assert pipe.image_size == 48 and pipe.grid == 6
     assert pipe.generate("a red circle", seed=0, progress=False)[0].size == (48, 48)
+    # the init model's shapes cannot change; said plainly, before any weight is loaded
+    with pytest.raises(ConfigError, match=r"has depth 4, heads 4; --depth 2, --heads 2 cannot change it"):
+        TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "depth": 2, "heads": 2,
+                                                     "out_dir": str(tmp_path / "c")}))
     # linear resampling keeps a ramp a ramp: cell centres map to cell centres
     ramp = {"row_emb.weight": torch.arange(4.0)[:, None].repeat(1, 3), "col_emb.weight": torch.zeros(4, 3)}
     rows = resize_grid_embeddings(ramp, 8)["row_emb.weight"][:, 0]

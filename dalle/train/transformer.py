@@ -236,6 +236,13 @@ class TransformerTrainer(Trainer):
             import json
 
             base = json.loads((Path(cfg.init) / "config.json").read_text())["transformer"]
+            fixed = {k: v for k, v in overrides.items() if k in ("depth", "heads", "head_dim") and v != base.get(k)}
+            if fixed:  # the weights' shapes: only dropout, attention types and the conv kernel may change
+                raise ConfigError(
+                    f"--init {cfg.init} has " + ", ".join(f"{k} {base.get(k)}" for k in fixed) + "; "
+                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items())
+                    + " cannot change it when fine-tuning (the weights have its shapes); leave it out"
+                )
             # another image side than init's (--image-size): the position embeddings are resized to the grid
             tcfg = TransformerConfig.from_dict({**base, **overrides, "image_grid": grid, "cuda_autocast": cfg.bf16,
                                                 "checkpoint_activations": cfg.checkpoint_activations})
@@ -257,7 +264,11 @@ class TransformerTrainer(Trainer):
             state = load_file(str(Path(cfg.init) / "transformer.safetensors"))
             if base["image_grid"] != grid:
                 state = resize_grid_embeddings(state, grid)
-            transformer.load_state_dict(state)
+            try:
+                transformer.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(f"--init {cfg.init}: its weights do not fit the model described by its "
+                                  f"config.json and the flags ({str(exc).splitlines()[0]})") from None
         self.net = TransformerLoss(transformer).to(dev)
         self.model: nn.Module = self.net
         if info.distributed and cfg.fsdp:
