@@ -320,3 +320,13 @@ def test_progress_bar_end_under_a_time_limit_is_the_estimated_last_step() -> Non
     assert estimated_last_step(0, 0.0, 7, 0.0, loop) == 7  # no rate yet: no guess beyond the step
     assert estimated_last_step(5, 1.0, 5, 700.0, loop) == 5  # time spent: the run ends here
     assert estimated_last_step(10**6, 1.0, 10, 1.0, loop) == 100_000  # never past --steps
+
+
+def test_resume_compares_the_data_path_not_its_spelling(tmp_path, monkeypatch) -> None:
+    from dalle.train.common import _differs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    assert not _differs("data", "imgs/", "./imgs") and not _differs("data", "imgs", str(tmp_path / "imgs"))
+    assert _differs("data", "imgs", "other") and _differs("data", "shapes:0", "shapes:1")
+    assert _differs("seed", 0, 1) and not _differs("seed", 3, 3)

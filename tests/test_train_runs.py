@@ -244,6 +244,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     assert info.value.step == 3 and info.value.checkpoint.name == "step-00000003"
+    # a resume under another dVAE (same shape, other weights) or another tokenizer is refused
+    other = make_tiny_dvae_dir(tmp_path / "other", seed=5)
+    with pytest.raises(CheckpointError, match="cannot resume .*dvae_sha256 differ"):
+        TransformerTrainer(TransformerTrainConfig(**{**base, "dvae": str(other), "out_dir": str(run)}),
+                           resume=True).fit(resume=True)
+    from dalle.data import shapes
+    from dalle.tokenizer import BPETokenizer
+
+    captions = [shapes.sample(i, seed=9, size=32)[1] for i in range(200)]
+    BPETokenizer.train(captions, vocab_size=48).save(tmp_path / "other.model")
+    with pytest.raises(CheckpointError, match="cannot resume .*tokenizer_sha256 differ"):
+        TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run), "tokenizer": str(tmp_path / "other.model")}),
+                           resume=True).fit(resume=True)
     resumed = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run)}), resume=True)
     resumed.fit(resume=True)
     assert _losses(run) == _losses(tmp_path / "ref")

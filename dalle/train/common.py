@@ -934,7 +934,7 @@ class Trainer:
         if state.get("kind") != self.kind:
             raise CheckpointError(f"{ckpt_path} is a {state.get('kind')!r} checkpoint, not a {self.kind!r} one")
         saved, now = state.get("config", {}), self.config_dict()
-        changed = [k for k in _RESUME_MUST_MATCH if k in saved and k in now and saved[k] != now[k]]
+        changed = [k for k in _RESUME_MUST_MATCH if k in saved and k in now and _differs(k, saved[k], now[k])]
         if changed:
             raise CheckpointError(
                 f"cannot resume from {ckpt_path}: {', '.join(changed)} differ from the run that wrote it "
@@ -1154,7 +1154,16 @@ class Trainer:
 
 
 # config keys whose change makes a checkpoint unusable (model shape, data layout)
-_RESUME_MUST_MATCH = ("model", "image_size", "global_batch", "seed", "data")
+_RESUME_MUST_MATCH = ("model", "image_size", "global_batch", "seed", "data", "dvae_sha256", "tokenizer_sha256")
+
+
+def _differs(key: str, saved: Any, now: Any) -> bool:
+    """Whether a resume-critical setting changed; the data may be spelled differently (``imgs/``, ``./imgs``)."""
+    if saved == now:
+        return False
+    if key == "data" and isinstance(saved, str) and isinstance(now, str) and "," not in saved + now:
+        return Path(saved).expanduser().resolve() != Path(now).expanduser().resolve()
+    return True
 
 
 def check_image_size(asked: int | None, native: int) -> int:

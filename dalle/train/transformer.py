@@ -187,6 +187,7 @@ class TransformerTrainer(Trainer):
             self.image_size = int(self.source.meta.get("image_size", self.source.grid * 8))
         self.image_size = check_image_size(cfg.image_size, self.image_size)
         prepare_encoder(self.encoder)
+        self._inputs_digest: tuple[str, str] | None = None
         self.decoder.eval().requires_grad_(False)
         if isinstance(self.source, ShapesSource):
             self.source = ShapesSource(seed=self.source.seed, size=self.image_size)
@@ -373,6 +374,11 @@ class TransformerTrainer(Trainer):
         d["image_size"] = self.image_size
         d["global_batch"] = self.cfg.batch_size * self.info.world_size
         d["world_size"] = self.info.world_size
+        if self._inputs_digest is None:  # the dVAE and tokenizer the run trains on (a resume must use the same)
+            import hashlib
+
+            self._inputs_digest = (encoder_digest(self.encoder), hashlib.sha256(self.tokenizer.to_bytes()).hexdigest())
+        d["dvae_sha256"], d["tokenizer_sha256"] = self._inputs_digest
         return d
 
     # -------------------------------------------------------------- outputs
