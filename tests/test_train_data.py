@@ -155,7 +155,7 @@ def test_shapes_sources_and_dense_scenes() -> None:
     assert img.tobytes() == shapes.dense_sample(5, seed=3, size=64)[0].tobytes()
 
 
-def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
+def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     from dalle.cli import main
     from dalle.train.common import load_dvae
     from dalle.train.config import TransformerTrainConfig
@@ -192,6 +192,16 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path) -> None:
     live = encode_images(trainer.encoder, batch.images)
     for caption, tokens in zip(batch.captions, live):
         assert np.array_equal(by_caption[caption], tokens.numpy())
+    # a folder whose images are all unreadable gives an error, not an empty dataset
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("a", "b"):
+        (bad / f"{name}.png").write_bytes(b"not an image")
+        (bad / f"{name}.txt").write_text("a red circle")
+    assert main(["encode-dataset", "--data", str(bad), "--dvae", str(dvae), "--out", str(tmp_path / "t2"),
+                 "--no-progress"]) == 1
+    assert not (tmp_path / "t2" / "meta.json").exists()
+    assert "error: no readable image with a caption in" in capsys.readouterr().err
     # the shards record their encoder: training them under another dVAE of the same shape is refused
     other = make_tiny_dvae_dir(tmp_path / "other", image_size=32, seed=1)
     with pytest.raises(ConfigError, match=r"encoded by another dVAE than --dvae .*other \(its weights differ\)"):

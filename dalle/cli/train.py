@@ -345,7 +345,6 @@ class EncodeConfig:
 
 def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     """Encode ``cfg.data`` with the dVAE into token shards; returns (directory, samples, skipped images)."""
-
     from dalle.data.datasets import TarShards, TokenShards, TokenShardWriter, count_once, open_source
     from dalle.errors import ConfigError
     from dalle.train.common import check_image_size, resolve_device
@@ -391,6 +390,9 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     finally:
         if bar is not None:
             bar.close()
+    if writer.count == 0:  # no meta.json: the directory is not taken for (empty) token shards
+        raise ConfigError(f"no readable image with a caption in {cfg.data} ({len(skipped)} unreadable"
+                          + (f", e.g. {skipped[0]}" if skipped else "") + f"); nothing was written to {cfg.out_dir}")
     writer.meta["skipped_images"] = len(skipped)
     writer.meta["skipped_examples"] = skipped[:20]
     out = writer.close()
