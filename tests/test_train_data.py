@@ -323,3 +323,20 @@ def test_training_images_are_decoded_as_inference_decodes_them(tmp_path) -> None
     sixteen = np.asarray(folder.get(0)[0])
     assert 100 < sixteen.mean() < 130  # scaled from 16 bits, not clipped to white
     assert folder.get(1)[0].size == (32, 48)  # turned upright
+
+
+def test_data_that_leaves_nothing_to_train_on_is_explained(tmp_path) -> None:
+    """A single tar shard held out whole for evaluation, and a folder of unreadable images: each says why."""
+    from dalle.data.datasets import ImageTextFolder, make_batches, open_source
+    from dalle.errors import ImageError
+    from dalle.train.testing import make_image_folder, make_tar_shards
+
+    make_tar_shards(tmp_path / "tar", n_shards=1, per_shard=4)
+    shard = tmp_path / "tar" / "shard-00000.tar"
+    source = open_source(str(shard), size=32)
+    held = frozenset(f"{shard}:sample{k:05d}" for k in range(4))
+    with pytest.raises(ConfigError, match="after 4 were held out for evaluation .*lower --eval-samples"):
+        next(make_batches(source, batch_size=2, exclude_keys=held))
+    make_image_folder(tmp_path / "bad", n=5, corrupt=(0, 1, 2, 3, 4))
+    with pytest.raises(ImageError, match="none of the 5 training images is readable"):
+        next(make_batches(ImageTextFolder(tmp_path / "bad"), batch_size=2))

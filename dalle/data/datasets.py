@@ -497,7 +497,8 @@ class _PositionDataset(torch.utils.data.Dataset):
         rng = random.Random(_derive_seed(self.seed, "sample", position))
         index = self.index_of(position)
         skipped: list[str] = []
-        for attempt in range(64):
+        tries = 64 if self.n is None else min(64, self.n)
+        for attempt in range(tries):
             idx = index + attempt
             if self.n is not None:
                 idx %= self.n
@@ -510,7 +511,10 @@ class _PositionDataset(torch.utils.data.Dataset):
                     payload = self.transform(payload, rng)
                 payload = to_uint8_tensor(payload)
             return payload, caption, position, skipped
-        raise ImageError(f"64 images in a row were unreadable, starting at {skipped[0]}; is the dataset corrupt?")
+        if self.n is not None and tries == self.n:
+            raise ImageError(f"none of the {self.n} training images is readable (e.g. {skipped[0]}); is the "
+                             "dataset corrupt?")
+        raise ImageError(f"{tries} images in a row were unreadable, starting at {skipped[0]}; is the dataset corrupt?")
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -554,7 +558,12 @@ class _TarBatches(torch.utils.data.IterableDataset):
                 produced += 1
                 yield sample
             if produced == 0:
-                raise ConfigError(f"rank {self.rank} got no samples from the tar shards {files[:3]}")
+                held = len(self.exclude)
+                raise ConfigError(
+                    f"rank {self.rank} got no samples from the tar shards {files[:3]}"
+                    + (f" after {held} were held out for evaluation (taken from the last shard); lower "
+                       "--eval-samples or add shards" if held else "")
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[Batch]:
