@@ -483,3 +483,16 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     from safetensors.torch import save_file
 
     save_file(resized, str(tmp_path / "resized.safetensors"))
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path) -> None:
+    base = {**TINY_DVAE, "out_dir": str(tmp_path / "run"), "ckpt_every": 4, "keep_checkpoints": 3}
+    DVAETrainer(DVAETrainConfig(**{**base, "steps": 12})).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000012"]
+    with pytest.warns(UserWarning, match=r"resuming from step 4: the later checkpoints \(step-00000008, "
+                                         r"step-00000012\) .*moved to"):
+        DVAETrainer(DVAETrainConfig(**{**base, "steps": 6})).fit(resume=str(ckpts / "step-00000004"))
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert len(list((ckpts / "abandoned").iterdir())) == 2  # kept, out of the way of a plain --resume
+    assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 6

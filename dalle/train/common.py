@@ -377,6 +377,10 @@ class CheckpointManager:
                 if entry.is_dir() and ".tmp" in entry.name:
                     shutil.rmtree(entry, ignore_errors=True)
 
+    def newer_than(self, step: int) -> list[Path]:
+        """Complete checkpoints of steps after ``step``, oldest first."""
+        return [p for s, p in self._complete() if s > step]
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
         found = self._complete()
@@ -959,6 +963,16 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.load_extra_state(state.get("extra", {}))
         self.metrics.truncate_after(step)
+        later = self.ckpt.newer_than(step)
+        if later and self.info.is_main:  # else a later plain --resume would jump back to the abandoned timeline
+            aside = self.ckpt.root / "abandoned"
+            aside.mkdir(exist_ok=True)
+            for p in later:
+                os.replace(p, aside / f"{p.name}-{int(time.time())}")
+            warnings.warn(
+                f"resuming from step {step}: the later checkpoints ({', '.join(p.name for p in later)}) belong to "
+                f"the run this one replaces and were moved to {aside}", stacklevel=2,
+            )
         return step
 
     # -------------------------------------------------------------- the loop
