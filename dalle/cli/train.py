@@ -301,8 +301,9 @@ def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: st
             out = make_and_fit(cfg, args.resume, info)
         except TrainingInterrupted as exc:
             if info.is_main:
-                print(f"interrupted after step {exc.step}; checkpoint {exc.checkpoint}; continue with the same "
-                      "command plus --resume", file=sys.stderr)
+                again = "the same command" if args.resume is True else "the same command with --resume (no path)"
+                print(f"interrupted after step {exc.step}; checkpoint {exc.checkpoint}; continue with {again}",
+                      file=sys.stderr)
             return 128 + int(exc.signum)
         if info.is_main:
             print(f"{what} written to {out}")
