@@ -391,7 +391,7 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     finally:
         if bar is not None:
             bar.close()
-    if writer.count == 0:  # no meta.json: the directory is not taken for (empty) token shards
+    if writer.added == 0:  # no meta.json: the directory is not taken for (empty) token shards
         raise ConfigError(f"no readable image with a caption in {cfg.data} ({len(skipped)} unreadable"
                           + (f", e.g. {skipped[0]}" if skipped else "") + f"); nothing was written to {cfg.out_dir}")
     writer.meta["skipped_images"] = len(skipped)

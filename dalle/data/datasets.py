@@ -718,6 +718,11 @@ class TokenShardWriter:
             if len(self._tokens) >= self.shard_size:
                 self._flush()
 
+    @property
+    def added(self) -> int:
+        """Samples added so far (written to shards or pending)."""
+        return self.count + len(self._tokens)
+
     def _flush(self) -> None:
         if not self._tokens:
             return
