@@ -82,6 +82,9 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"already holds a trained dvae/ .*choose a new --out"):
         DVAETrainer(cfg).fit()
     assert (out / "encoder.safetensors").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out .*file is a file"):
+        DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "file")}))
 
 
 def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir) -> None:
@@ -474,6 +477,15 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     with pytest.raises(ConfigError, match=r"has depth 4, heads 4; --depth 2, --heads 2 cannot change it"):
         TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "depth": 2, "heads": 2,
                                                      "out_dir": str(tmp_path / "c")}))
+    from dalle.data import shapes
+    from dalle.tokenizer import BPETokenizer
+
+    big = BPETokenizer.train([shapes.sample(i, seed=3, size=32)[1] for i in range(2000)], vocab_size=80)
+    big.save(tmp_path / "big.model")
+    with pytest.raises(ConfigError, match=rf"tokenizer has {big.vocab_size} tokens but the model's text vocabulary "
+                                          r"64 \(from --init"):
+        TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "tokenizer": str(tmp_path / "big.model"),
+                                                     "out_dir": str(tmp_path / "d")}))
     # linear resampling keeps a ramp a ramp: cell centres map to cell centres
     ramp = {"row_emb.weight": torch.arange(4.0)[:, None].repeat(1, 3), "col_emb.weight": torch.zeros(4, 3)}
     rows = resize_grid_embeddings(ramp, 8)["row_emb.weight"][:, 0]

@@ -341,7 +341,8 @@ def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
     if w > img.width or h > img.height:
         if not _upscale_warned:  # the message is built once, not for every small image
             _warn_upscale(
-                f"an image ({img.width}x{img.height}) is smaller than the training size and is upscaled (bicubic)", 3
+                f"an image ({img.width}x{img.height} after its square crop) is smaller than the training size "
+                f"({w}x{h}) and is upscaled (bicubic); more may follow, this is said once", 3
             )
         return img.resize((w, h), Image.BICUBIC)
     return img.resize((w, h), Image.BOX)  # area averaging, as the paper's AREA resize

@@ -793,6 +793,8 @@ class Trainer:
         self.loop = loop
         self.info = info
         self.out = Path(loop.out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; a run writes a directory there, so give a new path")
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0

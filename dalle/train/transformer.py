@@ -256,7 +256,11 @@ class TransformerTrainer(Trainer):
                    "cuda_autocast": cfg.bf16},
             )
         if tcfg.text_vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError("the tokenizer's vocabulary is larger than the model's text vocabulary")
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's text vocabulary "
+                f"{tcfg.text_vocab_size}" + (f" (from --init {cfg.init})" if cfg.init else "")
+                + "; use a tokenizer of at most that size, or the one the model was trained with"
+            )
         self.tcfg = tcfg
         transformer = DALLETransformer(tcfg)
         if cfg.init:
