@@ -330,3 +330,31 @@ def test_resume_compares_the_data_path_not_its_spelling(tmp_path, monkeypatch) -
     assert not _differs("data", "imgs/", "./imgs") and not _differs("data", "imgs", str(tmp_path / "imgs"))
     assert _differs("data", "imgs", "other") and _differs("data", "shapes:0", "shapes:1")
     assert _differs("seed", 0, 1) and not _differs("seed", 3, 3)
+
+
+def test_settings_that_init_decides_are_said_to_be_ignored(tmp_path) -> None:
+    import warnings
+
+    from dalle.cli import build_parser
+    from dalle.cli.train import build_config
+
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"transformer": {"text_len": 16},
+                                                  "decoder": {"vocab_size": 32, "n_hid": 8, "n_blk_per_group": 1,
+                                                              "n_init": 8}}))
+
+    def build(*argv):
+        args = build_parser().parse_args(list(argv))
+        cls = TransformerTrainConfig if argv[0] == "train" else DVAETrainConfig
+        return build_config(cls, args, argv[0])
+
+    with pytest.warns(UserWarning, match=r"--preset tiny, --text-len 32 ignored: --init .*init brings its own"):
+        build("train", "--init", str(init), "--text-len", "32", "--preset", "tiny")
+    with pytest.warns(UserWarning, match=r"--n-hid 16, --vocab-size 64 ignored"):
+        build("train-dvae", "--init", str(init), "--vocab-size", "64", "--n-hid", "16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build("train", "--init", str(init), "--text-len", "16")  # the init model's own value
+        build("train-dvae", "--init", str(init), "--new-decoder", "--n-hid", "16")  # a new decoder takes it
+        build("train", "--text-len", "32")  # no --init

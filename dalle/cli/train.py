@@ -277,7 +277,7 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
             raise ConfigError(f"unknown settings in {args.config}: {', '.join(unknown)}; see `dalle {command} --help`")
         _check_file_types(config_cls, file_values, str(args.config))
         values.update(file_values)
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update({k: v for k, v in vars(args).items() if k in names})  # flags left out are not in args
     try:
         cfg = config_cls(**values)
     except TypeError as exc:
@@ -289,7 +289,33 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
             cfg.validate()  # inconsistent flags are bad arguments (exit 2), found before anything is loaded
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
+    _warn_ignored_with_init(cfg, set(values))
     return cfg
+
+
+def _warn_ignored_with_init(cfg: Any, given: set[str]) -> None:
+    """Settings that ``--init`` decides (the architecture it brings) are ignored when given with another value
+    than the init model's: say so."""
+    if not getattr(cfg, "init", None):
+        return
+    try:
+        init = json.loads((Path(cfg.init) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the trainer reports an unreadable --init
+    if hasattr(cfg, "text_len"):  # dalle train: the init model's text stream
+        own = {"text_len": init.get("transformer", {}).get("text_len"), "preset": None}
+    else:  # dalle train-dvae: the init dVAE's codebook, and its decoder unless --new-decoder
+        dec = init.get("decoder", {})
+        own = {"vocab_size": dec.get("vocab_size")}
+        if not cfg.new_decoder:
+            own.update({k: dec.get(k) for k in ("n_hid", "n_blk_per_group", "n_init")})
+    ignored = sorted(k for k in own if k in given and getattr(cfg, k) != own[k])
+    if ignored:
+        import warnings
+
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ignored)
+        warnings.warn(f"{flags} ignored: --init {cfg.init} brings its own architecture, which is fine-tuned as it "
+                      "is", UserWarning, stacklevel=3)
 
 
 def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: str) -> int:
