@@ -508,3 +508,19 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path) -
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
     assert len(list((ckpts / "abandoned").iterdir())) == 2  # kept, out of the way of a plain --resume
     assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 6
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path) -> None:
+    from dalle.train.common import _lock_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = _lock_run_dir(run)  # what a run in another process holds while it trains
+    cfg = DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(run), "steps": 2, "ckpt_every": 2})
+    with pytest.raises(CheckpointError, match=rf"another run \(process {os.getpid()}\) is training into"):
+        DVAETrainer(cfg).fit()
+    assert not (run / "checkpoints").exists()
+    held.close()
+    assert DVAETrainer(cfg).fit() is not None  # the lock went with its holder; a run releases its own at the end
+    assert DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(run), "steps": 4, "ckpt_every": 2})).fit(
+        resume=True) is not None

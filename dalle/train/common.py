@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -734,6 +734,29 @@ def _load_module_weights(module: nn.Module, file: Path) -> None:
                              f"unexpected {sorted(unexpected)[:3]}")
 
 
+def _lock_run_dir(out: Path) -> IO[str] | None:
+    """An exclusive lock on ``out/.lock`` for the life of the returned file; CheckpointError when another run
+    holds it. (No lock where ``fcntl`` is missing, e.g. on Windows.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise CheckpointError(f"another run (process {holder}) is training into {out}; wait for it to end or "
+                              "choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 #: the exported results a run leaves in its --out (beside its checkpoints): a model or a dVAE directory
 _RESULT_DIRS = ("model", "dvae")
 
@@ -1090,11 +1113,21 @@ class Trainer:
 
     def fit(self, resume: bool | str = False) -> Path | None:
         """Train to ``loop.steps`` (or until ``loop.time_limit``); returns the final artefact's path (rank 0),
-        None elsewhere."""
+        None elsewhere. The run holds a lock on ``--out`` meanwhile: a second run there is refused."""
+        lock = None
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = _lock_run_dir(self.out)
+        try:
+            return self._fit(resume)
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock (as the end of the process does, however it ends)
+
+    def _fit(self, resume: bool | str) -> Path | None:
         lp = self.loop
         self._bar = None
         if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt.clean_stale()
         barrier(self.info)
         if resume:
