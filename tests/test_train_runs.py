@@ -508,6 +508,8 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path) -
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
     assert len(list((ckpts / "abandoned").iterdir())) == 2  # kept, out of the way of a plain --resume
     assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 6
+    with pytest.warns(UserWarning, match=r"at step 6, already at --steps 4: nothing is trained"):
+        DVAETrainer(DVAETrainConfig(**{**base, "steps": 4})).fit(resume=True)
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path) -> None:

@@ -988,6 +988,9 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.load_extra_state(state.get("extra", {}))
         self.metrics.truncate_after(step)
+        if step >= self.loop.steps and not self.loop.time_limit and self.info.is_main:
+            warnings.warn(f"the checkpoint is at step {step}, already at --steps {self.loop.steps}: nothing is "
+                          "trained, the result is exported again; raise --steps to train on", stacklevel=2)
         later = self.ckpt.newer_than(step)
         if later and self.info.is_main:  # else a later plain --resume would jump back to the abandoned timeline
             aside = self.ckpt.root / "abandoned"
