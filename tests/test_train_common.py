@@ -152,7 +152,7 @@ def test_failed_disk_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(CheckpointError, match=r"step 8.*No space left.*step-00000004 is intact"):
+    with pytest.raises(CheckpointError, match=r"step 8.*No space left.*step-00000004 is intact; \d+ MiB are free on its disk"):
         mgr.save(8, _weights(8.0), {"step": 8})
     monkeypatch.setattr(torch, "save", real_save)
     assert mgr.latest() == good

@@ -421,6 +421,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             prev = self.latest()
             where = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+            with contextlib.suppress(OSError):
+                where += f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB are free on its disk"
             raise CheckpointError(
                 f"could not write the checkpoint for step {step} to {self.root} ({type(exc).__name__}: {exc}); "
                 f"{where}. Free disk space or fix the directory, then run again with --resume."
