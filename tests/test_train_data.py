@@ -192,6 +192,16 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     live = encode_images(trainer.encoder, batch.images)
     for caption, tokens in zip(batch.captions, live):
         assert np.array_equal(by_caption[caption], tokens.numpy())
+    # empty caption files are said to train as caption-free samples
+    make_image_folder(tmp_path / "quiet", n=3)
+    (tmp_path / "quiet" / "img_001.txt").write_text("  \n")
+    with pytest.warns(UserWarning, match="1 of 3 samples have an empty caption"):
+        assert main(["encode-dataset", "--data", str(tmp_path / "quiet"), "--dvae", str(dvae), "--out",
+                     str(tmp_path / "t3"), "--no-progress"]) == 0
+    from dalle.train.transformer import _collect_captions
+
+    with pytest.warns(UserWarning, match="1 of the first 3 images have an empty caption file"):
+        assert len(_collect_captions(ImageTextFolder(tmp_path / "quiet"), 100)) == 2
     # a folder whose images are all unreadable gives an error, not an empty dataset
     bad = tmp_path / "bad"
     bad.mkdir()

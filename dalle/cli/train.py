@@ -398,6 +398,7 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         meta={"encoder": encoder.config(), "encoder_sha256": encoder_digest(encoder), "source": str(cfg.data)},
     )
     skipped: list[str] = []
+    empty_captions = 0
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -412,6 +413,7 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
                 skipped.extend(bad)
                 if pixels is not None:
                     writer.add(encode_images(encoder, pixels).cpu(), caps)
+                    empty_captions += sum(not c.strip() for c in caps)
                     if bar is not None:
                         bar.update(len(caps))
     finally:
@@ -420,6 +422,11 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     if writer.added == 0:  # no meta.json: the directory is not taken for (empty) token shards
         raise ConfigError(f"no readable image with a caption in {cfg.data} ({len(skipped)} unreadable"
                           + (f", e.g. {skipped[0]}" if skipped else "") + f"); nothing was written to {cfg.out_dir}")
+    if empty_captions:
+        import warnings
+
+        warnings.warn(f"{empty_captions} of {writer.added} samples have an empty caption; they train as caption-free "
+                      "samples (the model's unconditional mode)", UserWarning, stacklevel=2)
     writer.meta["skipped_images"] = len(skipped)
     writer.meta["skipped_examples"] = skipped[:20]
     out = writer.close()

@@ -148,10 +148,16 @@ def _collect_captions(source: Any, n: int) -> list[str]:
                 if len(out) >= n:
                     return out[:n]
         return out
+    empty = 0
     for path in source.files[:n]:
         txt = path.with_suffix(".txt")
         if txt.is_file():
-            out.extend(line for line in txt.read_text(errors="replace").splitlines() if line.strip())
+            lines = [line for line in txt.read_text(errors="replace").splitlines() if line.strip()]
+            empty += not lines
+            out.extend(lines)
+    if empty:
+        warnings.warn(f"{empty} of the first {min(n, len(source.files))} images have an empty caption file; they "
+                      "train as caption-free samples (the model's unconditional mode)", UserWarning, stacklevel=3)
     return out[:n]
 
 
