@@ -77,7 +77,6 @@ def _open_image(data: bytes | str | os.PathLike[str]) -> Image.Image | None:
     """Decode an image to RGB as inference does (:func:`dalle.images.load_image`: first frame, EXIF rotation,
     16-bit and float modes scaled to 8 bits, transparency on white), or None when it is unreadable (truncated,
     not an image, a mode that cannot be converted, ...)."""
-    from dalle.errors import ImageError
     from dalle.images import to_rgb
 
     try:
