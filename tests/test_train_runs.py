@@ -315,6 +315,13 @@ train_transformer(build_config(TransformerTrainConfig, args, "train"), info=info
 args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/timed", "--batch-size", "2",
                                   "--steps", "100000", "--time-limit", "0.02", "--ckpt-every", "0"])
 train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
+# a new run into a finished run's --out is refused on every rank (rank 0 decides; the others do not wait)
+from dalle.errors import CheckpointError
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp", "--batch-size", "2"])
+try:
+    train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
+except CheckpointError as exc:
+    print(f"rank {info.rank} refused: {exc}", flush=True)
 close_distributed()
 """
 
@@ -338,14 +345,15 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     if proc.returncode != 0 and b"terminate called without an active exception" in err:
         # A rank very occasionally dies with SIGABRT inside the C++ runtime (twice in about 15 runs of a day, never
         # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
-        import shutil
-
         for name in ("ddp", "fsdp", "timed"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
         proc = subprocess.run(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
                               capture_output=True, timeout=500)
-        err = proc.stderr
+        out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err.decode()[-3000:]
+    refused = [line for line in out.decode().splitlines() if " refused: " in line]
+    assert sorted(line.split(" refused")[0] for line in refused) == ["rank 0", "rank 1"], out.decode()[-2000:]
+    assert all("already holds checkpoints" in line for line in refused)
     TransformerTrainer(TransformerTrainConfig(**{
         **TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0,
         "out_dir": str(tmp_path / "one_t"), "tokenizer": str(tmp_path / "fsdp" / "tokenizer.model")})).fit()

@@ -42,7 +42,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -196,6 +196,25 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         return moved.to(values.device)
     return values
+
+
+def main_decides(info: DistInfo, check: Callable[[], Any]) -> Any:
+    """Run ``check`` on rank 0 only and let every rank share its verdict: a CheckpointError or ConfigError it
+    raises is raised on every rank (not only on rank 0, which would leave the others waiting at their next
+    collective). Returns ``check()``'s result on rank 0, None elsewhere."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = check()
+        except (CheckpointError, ConfigError) as exc:
+            error = (type(exc).__name__, str(exc))
+    if info.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise {"CheckpointError": CheckpointError, "ConfigError": ConfigError}[error[0]](error[1])
+    return result
 
 
 def barrier(info: DistInfo) -> None:
@@ -1119,10 +1138,19 @@ class Trainer:
     def fit(self, resume: bool | str = False) -> Path | None:
         """Train to ``loop.steps`` (or until ``loop.time_limit``); returns the final artefact's path (rank 0),
         None elsewhere. The run holds a lock on ``--out`` meanwhile: a second run there is refused."""
-        lock = None
-        if self.info.is_main:
+        def take_out_dir() -> IO[str] | None:
             self.out.mkdir(parents=True, exist_ok=True)
-            lock = _lock_run_dir(self.out)
+            held = _lock_run_dir(self.out)
+            try:
+                if not resume:
+                    self.refuse_finished_run()
+            except CheckpointError:
+                if held is not None:
+                    held.close()
+                raise
+            return held
+
+        lock = main_decides(self.info, take_out_dir)
         try:
             return self._fit(resume)
         finally:
@@ -1137,10 +1165,8 @@ class Trainer:
         barrier(self.info)
         if resume:
             self.resume(resume if isinstance(resume, str) else None)
-        elif self.info.is_main:
-            self.refuse_finished_run()
-            if self.metrics.path.exists():
-                self.metrics.path.unlink()
+        elif self.info.is_main and self.metrics.path.exists():
+            self.metrics.path.unlink()
         if self.info.is_main:
             _write_json(self.config_dict(), self.out / "run_config.json")
         start = self.step
