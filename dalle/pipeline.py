@@ -466,9 +466,7 @@ class DALLE:
         **sampling: Any,
     ) -> torch.Tensor:
         """Sample one token grid per (prompt, seed) row, in micro-batches; returns [N, grid, grid] on CPU."""
-        bs = batch_size or self._default_batch_size()
-        if bs < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {bs}")
+        bs = batch_size or self._default_batch_size()  # batch_size was checked by _check_sampling_args
         grids = []
         try:
             for i in range(0, len(prompts), bs):

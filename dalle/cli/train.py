@@ -227,13 +227,13 @@ def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, An
     return values
 
 
-def _type_error(name: str, value: Any, hint: Any) -> str | None:
+def _type_error(value: Any, hint: Any) -> str | None:
     """Why ``value`` (from a config file) does not fit the field type ``hint``, or None when it does."""
     if value is None:
         return None if type(None) in typing.get_args(hint) else "must not be null"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return None if any(_type_error(name, value, a) is None for a in args) else _type_error(name, value, args[0])
+        return None if any(_type_error(value, a) is None for a in args) else _type_error(value, args[0])
     origin = typing.get_origin(hint) or hint
     if hint is bool:
         return None if isinstance(value, bool) else "must be true or false"
@@ -247,7 +247,7 @@ def _type_error(name: str, value: Any, hint: Any) -> str | None:
         if not isinstance(value, list):
             return "must be a list"
         item = args[0] if args else Any
-        bad = [v for v in value if item is not Any and _type_error(name, v, item) is not None]
+        bad = [v for v in value if item is not Any and _type_error(v, item) is not None]
         return f"must be a list of {getattr(item, '__name__', item)}" if bad else None
     return None
 
@@ -257,7 +257,7 @@ def _check_file_types(config_cls: type, values: dict[str, Any], source: str) -> 
 
     hints = typing.get_type_hints(config_cls)
     for name, value in values.items():
-        why = _type_error(name, value, hints.get(name, Any))
+        why = _type_error(value, hints.get(name, Any))
         if why is not None:
             raise ConfigError(f"{source}: setting {name!r} {why}, got {value!r}")
 

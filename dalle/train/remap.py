@@ -51,10 +51,13 @@ def code_cooccurrence(old_encoder: torch.nn.Module, new_encoder: torch.nn.Module
 
 def _image_batches(data: str, limit: int, size: int, batch: int = 16) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, size, size] batches of the first ``limit`` readable images of ``data``."""
-    plain_path = not data.startswith("shapes") and not any(ch in data for ch in ",*?[")
-    if plain_path and not Path(data).exists():
-        raise ConfigError(f"--data {data!r} does not exist; give a folder of images, .tar shards or 'shapes[:SEED]'")
-    source = open_source(data, require_captions=False, size=size)
+    try:
+        source = open_source(data, require_captions=False, size=size)
+    except ConfigError:
+        if not Path(data).exists():  # open_source's message speaks of training data; say what remap needs
+            raise ConfigError(f"--data {data!r} does not exist; give a folder of images, .tar shards or "
+                              "'shapes[:SEED]'") from None
+        raise
     if isinstance(source, TokenShards):
         raise ConfigError(f"{data!r} holds encoded tokens, not images; give the images themselves (a folder, "
                           ".tar shards or 'shapes[:SEED]')")
@@ -63,7 +66,7 @@ def _image_batches(data: str, limit: int, size: int, batch: int = 16) -> Iterato
     for image, _, _ in iter_source_once(source, limit=limit if is_endless(source) else None):
         if image is None:  # unreadable: skipped, the next one counts instead
             continue
-        pending.append(to_uint8_tensor(center_crop(image.convert("RGB"), size)))
+        pending.append(to_uint8_tensor(center_crop(image, size)))  # sources decode to RGB
         found += 1
         if len(pending) == batch or found == limit:
             yield torch.stack(pending)
