@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install cython setuptools wheel
 	$(PIP) install --no-build-isolation youtokentome
 	$(PIP) install -e '.[dev]'
+	# test-only references for the ruDALL-E / taming VQGAN parity tests; their own pins (transformers 4.10,
+	# opencv 4.5, ...) no longer install, and the tests import only their model modules
+	$(PIP) install --no-deps rudalle==1.1.3 taming-transformers==0.0.1
 	# A source build that cannot even be imported (one crashed at start-up on a Python 3.12 machine) is removed:
 	# dalle then encodes with its pure-Python BPE (same ids); only training a tokenizer needs youtokentome.
 	$(PY) -c "import youtokentome" || { echo "youtokentome does not load here: uninstalling it"; \
