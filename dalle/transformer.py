@@ -564,17 +564,26 @@ class DALLETransformer(nn.Module):
             raise ModelLoadError(f"{weights_path} is not a readable safetensors file ({exc})") from exc
         # half-precision files (``weights_dtype``) come back as float32 parameters
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            model = cls.from_state_dict(config, state)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{weights_path} does not match {config_path}: {exc}") from exc
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    @classmethod
+    def from_state_dict(cls, config: TransformerConfig, state: dict[str, torch.Tensor]) -> DALLETransformer:
+        """A model that takes over the tensors of ``state`` (no copy, no random initialisation first: the model
+        is built on the meta device), on the device those tensors are on."""
         with torch.device("meta"):
             model = cls(config)
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{weights_path} does not match {config_path}: {exc}") from exc
-        # buffers are not saved: rebuild them on the target device
-        g = config.image_grid
-        target = torch.device(device) if device is not None else torch.device("cpu")
+            raise ModelLoadError(f"the weights do not fit the configuration: {exc}") from exc
+        # buffers are not saved: rebuild them beside the weights
+        g, target = config.image_grid, model.text_emb.weight.device
         model._cell_rows = torch.arange(g * g, device=target) // g
         model._cell_cols = torch.arange(g * g, device=target) % g
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.eval()
+        return model

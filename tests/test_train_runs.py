@@ -534,3 +534,47 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
     assert DVAETrainer(cfg).fit() is not None  # the lock went with its holder; a run releases its own at the end
     assert DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(run), "steps": 4, "ckpt_every": 2})).fit(
         resume=True) is not None
+
+
+_TORCHRUN_EVAL_SCRIPT = """
+import sys
+from dalle.cli import build_parser
+from dalle.cli.train import build_config
+from dalle.train.common import close_distributed, init_distributed
+from dalle.train.config import TransformerTrainConfig
+from dalle.train.transformer import train_transformer
+
+transformer_cfg, out = sys.argv[1:3]
+info = init_distributed("cpu")
+for name, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
+    args = build_parser().parse_args(["train", "--config", transformer_cfg, "--out", out + "/" + name,
+                                      "--batch-size", "4", *extra])
+    train_transformer(build_config(TransformerTrainConfig, args, "train"), info=info)
+    print(f"rank {info.rank} finished {name}", flush=True)
+close_distributed()
+"""
+
+
+def test_torchrun_evaluates_and_samples_at_one_step(tmp_path, dvae_dir) -> None:
+    """Evaluation and sample grids at the same step (the defaults do that at step 500 and at the end) under
+    FSDP2 and DDP: every rank must take part in the same collectives (a cached export on rank 0 only hung)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    tcfg = _config_file(tmp_path, "train", {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 4, "ckpt_every": 4,
+                                            "eval_samples": 8, "eval_every": 2, "sample_every": 2, "sample_count": 2})
+    script = tmp_path / "eval.py"
+    script.write_text(_TORCHRUN_EVAL_SCRIPT)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tcfg), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the ranks hung: {(exc.stderr or b'').decode()[-2000:]}")
+    assert proc.returncode == 0, proc.stderr.decode()[-20000:]
+    for name in ("fsdp", "ddp"):
+        run = tmp_path / name
+        evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [2, 4], evals
+        assert all(math.isfinite(r["eval_loss"]) for r in evals)
+        assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+        assert (run / "model" / "transformer.safetensors").is_file()

@@ -237,13 +237,28 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU state dict; collective under FSDP2 (every rank must call it)."""
+def _owned_cpu(value: torch.Tensor) -> torch.Tensor:
+    """``value`` on the CPU in storage of its own: a gathered shard can be a view into a larger buffer, which
+    safetensors refuses to save and which would keep the whole buffer alive."""
+    value = value.detach().cpu()
+    if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+        value = value.clone()
+    return value
+
+
+def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict; collective under FSDP2 (every rank must call it).
+
+    Tensors are gathered one at a time and moved to the CPU at once, so the device never holds more than one
+    unsharded tensor. ``keep=False`` takes part in the gathers but keeps nothing (an empty dict): the ranks
+    that do not write the export need not hold a full CPU copy of the model.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in unwrap(module).state_dict().items():
         if is_dtensor(value):
             value = value.full_tensor()
-        out[key] = value.detach().cpu()
+        if keep:
+            out[key] = _owned_cpu(value)
     return out
 
 
@@ -311,9 +326,16 @@ class EMA:
                 self.shadow[name].lerp_(p.detach(), 1.0 - d)
         self.updates += 1
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Full CPU tensors, keyed like the module's parameters (collective under FSDP2)."""
-        return {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu() for k, v in self.shadow.items()}
+    def full_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Full CPU tensors, keyed like the module's parameters (collective under FSDP2; ``keep`` as in
+        :func:`full_state_dict`)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.shadow.items():
+            if is_dtensor(value):
+                value = value.full_tensor()
+            if keep:
+                out[key] = _owned_cpu(value)
+        return out
 
     def load_full_state(self, state: Mapping[str, torch.Tensor], updates: int) -> None:
         """Restore from :meth:`full_state` output."""
@@ -331,13 +353,24 @@ class EMA:
                     dst.copy_(src)
         self.updates = int(updates)
 
-    def model_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def model_state(self, module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
         """A full state dict of ``module`` with the averaged parameters in place of the raw ones; the raw ones
         while no update has happened yet (a run shorter than ``every`` steps), since the average would still be
-        the initial weights."""
-        state = full_state_dict(module)
-        if self.updates:
-            state.update(self.full_state())
+        the initial weights. Collective under FSDP2; ``keep`` as in :func:`full_state_dict`."""
+        if not self.updates:
+            return full_state_dict(module, keep)
+        averaged = self.full_state(keep)
+        # the raw tensors the average replaces are not gathered at all (only buffers and frozen parameters)
+        state: dict[str, torch.Tensor] = {}
+        for key, value in unwrap(module).state_dict().items():
+            if key in self.shadow:
+                if keep:
+                    state[key] = averaged[key]
+                continue
+            if is_dtensor(value):
+                value = value.full_tensor()
+            if keep:
+                state[key] = _owned_cpu(value)
         return state
 
 

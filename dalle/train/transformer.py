@@ -44,11 +44,11 @@ from dalle.train.common import (
     derive_seed,
     full_state_dict,
     load_dvae,
-    load_full_state_dict,
     make_generator,
     save_image_grid,
     seed_everything,
     warmup_lr,
+    warn_once,
     write_model_dir,
 )
 from dalle.train.config import TransformerTrainConfig
@@ -326,7 +326,8 @@ class TransformerTrainer(Trainer):
                 self.eval_tokens = torch.cat([encode_images(self.encoder, batch[i : i + 32]).cpu()
                                               for i in range(0, len(batch), 32)])
         self.last_eval: dict[str, float] = {}
-        self._export_cache: tuple[int, nn.Module] | None = None
+        self._export_step: int | None = None  # the step of the export below (same value on every rank)
+        self._export_model: nn.Module | None = None
 
     # -------------------------------------------------------------- data
     def _transform(self, img: Any, rng: random.Random) -> Any:
@@ -393,20 +394,40 @@ class TransformerTrainer(Trainer):
 
     # -------------------------------------------------------------- outputs
     def export_transformer(self) -> nn.Module | None:
-        """A plain DALLETransformer with the EMA (or raw) weights on rank 0, None elsewhere (collective)."""
-        if self._export_cache is not None and self._export_cache[0] == self.step:
-            return self._export_cache[1]
+        """A plain DALLETransformer with the EMA (or raw) weights on rank 0, None elsewhere (collective).
+
+        Every rank makes the same decision (export anew, or reuse this step's export), so that all of them
+        enter the same gathers. Tensors are gathered one by one to the CPU and only rank 0 keeps them; the
+        model takes them over without a second initialisation, and moves to the training device only where
+        it fits beside the sharded training state (else it stays on the CPU, with a warning).
+        """
+        if self._export_step == self.step:
+            return self._export_model
         use_ema = self.ema is not None and self.cfg.export_ema
-        state = self.ema.model_state(self.net) if use_ema else full_state_dict(self.net)
-        if not self.info.is_main:
+        keep = self.info.is_main
+        state = self.ema.model_state(self.net, keep) if use_ema else full_state_dict(self.net, keep)
+        self._export_step, self._export_model = self.step, None
+        if not keep:
             return None
         from dalle.transformer import DALLETransformer
 
-        plain = TransformerLoss(DALLETransformer(copy.deepcopy(self.tcfg)))
-        load_full_state_dict(plain, state)
-        model = plain.transformer.to(self.info.device).eval()
-        self._export_cache = (self.step, model)
-        return model
+        prefix = "transformer."
+        plain = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        model = DALLETransformer.from_state_dict(copy.deepcopy(self.tcfg), plain)
+        self._export_model = model.to(self._export_device(model)).eval()
+        return self._export_model
+
+    def _export_device(self, model: nn.Module) -> torch.device:
+        dev = self.info.device
+        if dev.type != "cuda":
+            return dev
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free, _ = torch.cuda.mem_get_info(dev)
+        if 2 * need > free:  # the weights plus room for activations and the sampling KV cache
+            warn_once(f"the exported model ({need / 2**30:.1f} GiB) does not fit beside the training state on "
+                      f"{dev} ({free / 2**30:.1f} GiB free): evaluation and samples run on the CPU")
+            return torch.device("cpu")
+        return dev
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -418,9 +439,10 @@ class TransformerTrainer(Trainer):
             return {}
         totals = {"loss": 0.0, "text": 0.0, "image": 0.0}
         n = len(self.eval_tokens)
+        dev = model.device  # the training device, or the CPU when the export does not fit there
         for i in range(0, n, 16):
-            tokens = self.eval_tokens[i : i + 16].to(self.info.device)
-            text = self.encode_text(self.eval_captions[i : i + 16], [], train=False).to(self.info.device)
+            tokens = self.eval_tokens[i : i + 16].to(dev)
+            text = self.encode_text(self.eval_captions[i : i + 16], [], train=False).to(dev)
             loss, parts = model.loss(text, tokens)
             k = len(tokens)
             totals["loss"] += float(loss) * k
@@ -445,11 +467,12 @@ class TransformerTrainer(Trainer):
             return
         from PIL import Image
 
-        dev = self.info.device
+        dev = model.device
         text = self.encode_text(prompts, [], train=False).to(dev)
         gens = [make_generator(dev, "samples", i) for i in range(len(prompts))]
         tokens = model.sample(text, generator=gens)
-        images = self.decoder.decode(tokens.to(dev)).float().clamp(0, 1).cpu()
+        model.reset_cache()  # the KV cache would otherwise stay allocated through training
+        images = self.decoder.decode(tokens.to(self.info.device)).float().clamp(0, 1).cpu()
         tiles = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
         save_image_grid(tiles, self.out / "samples" / f"step-{step:08d}.png", captions=prompts)
 
