@@ -14,6 +14,10 @@
 * ``.safetensors`` files as written by :func:`save_model`; the architecture comes from the JSON file
   beside it, else from the file's metadata, else it is inferred from the tensor shapes;
 * ``http(s)://`` URLs of any of the above, downloaded once into :func:`cache_dir`.
+
+:func:`read_lightning_checkpoint` reads the weights of PyTorch Lightning ``.ckpt`` files (taming-transformers'
+and ruDALL-E's VQGANs) with the same reader plus inert stand-ins for the configs, callbacks and numpy values
+such files also hold; those stand-ins are never available to :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import tempfile
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
@@ -44,6 +48,7 @@ __all__ = [
     "load_model",
     "save_model",
     "read_weights",
+    "read_lightning_checkpoint",
     "model_from_state_dict",
     "infer_config",
     "cache_dir",
@@ -217,8 +222,18 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 _ALLOWED = _allowed_globals()
 
 
+def _py3_global(module: str, name: str) -> tuple[str, str]:
+    # Protocol-2 pickles use Python 2 module names (``__builtin__``); report and match Python 3 names.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the allow-listed globals above; storages come from ``persistent_load`` records."""
+
+    #: what the allow-list is for, in the refusal message
+    allow_list_name = "dVAE weight files"
 
     def __init__(self, file: IO[bytes], source: str, storages: dict[str, _StorageRef]) -> None:
         super().__init__(file)
@@ -226,17 +241,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages = storages
 
     def find_class(self, module: str, name: str) -> Any:
-        # Protocol-2 pickles use Python 2 module names (``__builtin__``); report and match Python 3 names.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module, name = _py3_global(module, name)
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafePickleError(
                 f"{self.source}: refusing to load the global {module}.{name}, which is not on the allow-list of "
-                "dVAE weight files; nothing from the file was executed. Only load files you trust with other "
-                "tools, or convert them to safetensors."
+                f"{self.allow_list_name}; nothing from the file was executed. Only load files you trust with "
+                "other tools, or convert them to safetensors."
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -273,9 +285,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return view_ref
 
 
-def _unpickle(f: IO[bytes], source: str, storages: dict[str, _StorageRef]) -> Any:
+def _unpickle(
+    f: IO[bytes],
+    source: str,
+    storages: dict[str, _StorageRef],
+    unpickler: type[_RestrictedUnpickler] = _RestrictedUnpickler,
+) -> Any:
     try:
-        return _RestrictedUnpickler(f, source, storages).load()
+        return unpickler(f, source, storages).load()
     except (UnsafePickleError, ModelLoadError):
         raise
     except EOFError:
@@ -330,24 +347,26 @@ def _resolve_views(storages: dict[str, _StorageRef]) -> None:
             ref.data = base.data[offset : offset + ref.numel]
 
 
-def _read_legacy(f: IO[bytes], source: str) -> tuple[Any, dict[str, _StorageRef]]:
+def _read_legacy(
+    f: IO[bytes], source: str, unpickler: type[_RestrictedUnpickler] = _RestrictedUnpickler
+) -> tuple[Any, dict[str, _StorageRef]]:
     storages: dict[str, _StorageRef] = {}
     remaining = f.seek(0, os.SEEK_END)
     f.seek(0)
-    magic = _unpickle(f, source, storages)
+    magic = _unpickle(f, source, storages, unpickler)
     if magic != _LEGACY_MAGIC:
         raise ModelLoadError(
             f"{source}: not a PyTorch file (bad magic number); expected OpenAI's .pkl, a torch state dict "
             "or a .safetensors file"
         )
-    protocol = _unpickle(f, source, storages)
+    protocol = _unpickle(f, source, storages, unpickler)
     if protocol != _LEGACY_PROTOCOL:
         raise ModelLoadError(f"{source}: unsupported legacy torch protocol version {protocol!r}")
-    sys_info = _unpickle(f, source, storages)
+    sys_info = _unpickle(f, source, storages, unpickler)
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise ModelLoadError(f"{source}: big-endian torch files are not supported")
-    obj = _unpickle(f, source, storages)
-    keys = _unpickle(f, source, storages)
+    obj = _unpickle(f, source, storages, unpickler)
+    keys = _unpickle(f, source, storages, unpickler)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ModelLoadError(f"{source}: malformed storage key list")
     for key in keys:
@@ -372,7 +391,17 @@ def _read_legacy(f: IO[bytes], source: str) -> tuple[Any, dict[str, _StorageRef]
     return obj, storages
 
 
-def _read_zip(path: Path, source: str) -> tuple[Any, dict[str, _StorageRef]]:
+def _read_zip(
+    path: Path,
+    source: str,
+    unpickler: type[_RestrictedUnpickler] = _RestrictedUnpickler,
+    select: Callable[[Any], Any] | None = None,
+) -> tuple[Any, dict[str, _StorageRef]]:
+    """(object, storages) of a zip-format torch file.
+
+    With ``select``, the object is ``select(unpickled)`` and only the storages it reaches are read (a
+    Lightning checkpoint's optimizer state can be twice the size of the weights it keeps).
+    """
     storages: dict[str, _StorageRef] = {}
     try:
         with zipfile.ZipFile(path) as zf:
@@ -387,9 +416,13 @@ def _read_zip(path: Path, source: str) -> tuple[Any, dict[str, _StorageRef]]:
             ):
                 raise ModelLoadError(f"{source}: big-endian torch files are not supported")
             with zf.open(pkl[0]) as fp:
-                obj = _unpickle(io.BytesIO(fp.read()), source, storages)
+                obj = _unpickle(io.BytesIO(fp.read()), source, storages, unpickler)
+            wanted: set[str] | None = None
+            if select is not None:
+                obj = select(obj)
+                wanted = {ref.storage.key for ref in _tensor_refs(obj)}
             for key, ref in storages.items():
-                if getattr(ref, "parent", None) is not None:
+                if getattr(ref, "parent", None) is not None or (wanted is not None and key not in wanted):
                     continue
                 entry = f"{prefix}data/{key}"
                 if entry not in names:
@@ -407,6 +440,20 @@ def _read_zip(path: Path, source: str) -> tuple[Any, dict[str, _StorageRef]]:
         raise ModelLoadError(f"{source}: corrupt or truncated zip archive ({exc}); re-download it") from None
     _resolve_views(storages)
     return obj, storages
+
+
+def _tensor_refs(obj: Any, depth: int = 0) -> Iterator[_TensorRef]:
+    """The _TensorRef leaves of a plain container tree (dicts, lists, tuples)."""
+    if depth > 64:
+        raise ModelLoadError("objects nested too deeply; the file is corrupt")
+    if isinstance(obj, _TensorRef):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensor_refs(v, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensor_refs(v, depth + 1)
 
 
 def _materialize(obj: Any, source: str) -> Any:
@@ -598,6 +645,185 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
         except ValueError:
             meta = None
     return tensors, meta
+
+
+# ------------------------------------------------------------------------------- PyTorch Lightning checkpoints
+class _Inert:
+    """Stand-in for anything a Lightning checkpoint names besides tensors: OmegaConf configs, callbacks,
+    numpy scalars and dtypes, ``typing.Any``, builtin types used as values. Calling the class, ``NEWOBJ``,
+    ``BUILD``, ``SETITEMS`` and ``APPENDS`` only record their arguments; no method of the real class exists
+    here, so nothing the file names can run.
+    """
+
+    pickled_name: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        obj = super().__new__(cls)
+        obj.args, obj.state, obj.entries = args, None, []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.entries.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.entries.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.entries.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<inert {self.pickled_name}>"
+
+
+_INERT_CLASSES: dict[str, type[_Inert]] = {}
+
+
+def _inert_class(qualname: str) -> type[_Inert]:
+    # One class per global, so a class used twice (e.g. as a dict key, as old Lightning stores callbacks)
+    # is the same object both times.
+    cls = _INERT_CLASSES.get(qualname)
+    if cls is None:
+        cls = _INERT_CLASSES[qualname] = type(
+            qualname.rsplit(".", 1)[-1] + "Inert", (_Inert,), {"pickled_name": qualname}
+        )
+    return cls
+
+
+def _defaultdict(*args: Any) -> dict[Any, Any]:
+    # collections.defaultdict(factory): the factory is only ever called on a missing key, never here
+    return {}
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # _codecs.encode(str, "latin1") is how protocol-2 pickles spell bytes (numpy scalars, arrays)
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ModelLoadError(f"unexpected _codecs.encode call in pickle (encoding {encoding!r:.20})")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> _Inert:
+    # copyreg._reconstructor (protocol < 2 objects): only ever builds an inert stand-in
+    if not (isinstance(cls, type) and issubclass(cls, _Inert)):
+        raise ModelLoadError(f"unexpected copyreg._reconstructor call for {cls!r:.60} in pickle")
+    return cls()
+
+
+_TORCH_DTYPE_NAMES = (
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+    "complex64", "complex128",
+)
+# Globals only Lightning checkpoints need. Everything is inert except the few builders of plain data above.
+_LIGHTNING_EXACT: dict[tuple[str, str], Any] = {
+    ("collections", "defaultdict"): _defaultdict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    **{("torch", n): getattr(torch, n) for n in _TORCH_DTYPE_NAMES},
+    **{
+        key: _inert_class(".".join(key))
+        for key in [
+            *[(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+              for n in ("scalar", "_reconstruct")],
+            ("numpy", "dtype"), ("numpy", "ndarray"), ("argparse", "Namespace"),
+            *[("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")],
+            *[("builtins", n) for n in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes",
+                                        "complex", "object", "NoneType")],
+        ]
+    },
+}
+# Whole packages whose classes may appear in a checkpoint's hyper-parameters, callbacks and configs. The
+# names are only matched as text: the packages are never imported (they need not be installed).
+_LIGHTNING_INERT_PREFIXES = (
+    "omegaconf.", "pytorch_lightning.", "lightning.", "lightning_fabric.", "typing.", "numpy.dtypes.", "taming.",
+)
+_LIGHTNING_INERT_MODULES = {"omegaconf", "pytorch_lightning", "lightning", "lightning_fabric", "typing"}
+
+
+class _LightningUnpickler(_RestrictedUnpickler):
+    """The restricted unpickler plus inert stand-ins for what PyTorch Lightning checkpoints hold besides weights.
+
+    Used only by :func:`read_lightning_checkpoint`: :func:`load_model` keeps the strict dVAE allow-list.
+    """
+
+    allow_list_name = "PyTorch Lightning checkpoints"
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _py3_global(module, name)
+        found = _LIGHTNING_EXACT.get((module, name))
+        if found is not None:
+            return found
+        if module in _LIGHTNING_INERT_MODULES or module.startswith(_LIGHTNING_INERT_PREFIXES):
+            return _inert_class(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _lightning_state_dict(obj: Any, source: str) -> dict[str, Any]:
+    """The weights of an unpickled checkpoint: its ``state_dict`` (or the object, if a plain state dict),
+    without ``loss.*`` entries (taming's discriminator and LPIPS network)."""
+    sd = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        if isinstance(obj, dict) and obj and all(isinstance(v, _TensorRef | torch.Tensor) for v in obj.values()):
+            sd = obj
+        else:
+            keys = sorted(str(k) for k in obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise ModelLoadError(f"{source}: not a Lightning checkpoint or state dict (no 'state_dict'; has {keys})")
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise ModelLoadError(f"{source}: state_dict has a non-string key {key!r:.60}")
+        if key.startswith("loss."):
+            continue
+        if not isinstance(value, _TensorRef | torch.Tensor):
+            raise ModelLoadError(f"{source}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key] = value
+    if not out:
+        raise ModelLoadError(f"{source}: the checkpoint's state_dict holds no weights besides loss.*")
+    return out
+
+
+def read_lightning_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The model weights of a PyTorch Lightning ``.ckpt`` (e.g. taming-transformers' or ruDALL-E's VQGANs), safely.
+
+    Returns the checkpoint's ``state_dict`` (tensors on CPU, dtypes as stored) without the ``loss.*`` entries.
+    The pickle is read by the restricted unpickler with inert stand-ins for what such checkpoints carry
+    besides weights (OmegaConf configs, callback classes, numpy scalars, ``typing.Any``, ...): none of those
+    packages is imported and nothing from the file runs; any other global (``os.system``, ``builtins.eval``,
+    ...) raises :class:`~dalle.errors.UnsafePickleError`. Of a zip-format file only the kept tensors are
+    read. Plain state-dict files and ``.safetensors`` files are accepted too.
+
+    Raises:
+        UnsafePickleError: the pickle names a global outside the allow-list (nothing was executed).
+        ModelLoadError: the file is missing, truncated, corrupt or holds no state dict.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{source}: no such file")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        tensors, _ = _read_safetensors(path, source)
+        return {k: v for k, v in tensors.items() if not k.startswith("loss.")}
+
+    def select(obj: Any) -> dict[str, Any]:
+        return _lightning_state_dict(obj, source)
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        obj, _ = _read_zip(path, source, _LightningUnpickler, select)
+    elif head == b"PK\x03\x04":
+        raise ModelLoadError(f"{source}: corrupt or truncated zip archive; re-download it")
+    elif not head.startswith(b"\x80"):
+        raise ModelLoadError(f"{source}: not a PyTorch checkpoint (it does not start with a pickle)")
+    else:
+        with open(path, "rb") as f:
+            obj, _ = _read_legacy(f, source, _LightningUnpickler)
+        obj = select(obj)
+    return {k: v.materialize(source) if isinstance(v, _TensorRef) else v for k, v in obj.items()}
 
 
 # ------------------------------------------------------------------------------------- from tensors to modules
