@@ -33,6 +33,7 @@ block's 1x1 convolutions, which then run on a quarter of the pixels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Any
@@ -335,6 +336,14 @@ class _DVAEModule(nn.Module):
         """The device the parameters live on."""
         return self.blocks.input.w.device
 
+    def _own_precision(self) -> contextlib.AbstractContextManager[Any]:
+        """Switch off an enclosing autocast: every layer casts to the dtype it chose itself (the output layer
+        stays float32), which autocast would otherwise override."""
+        kind = self.device.type
+        if torch.is_autocast_enabled(kind):
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
+
     def compute_dtype(self) -> torch.dtype:
         """The dtype the resblocks compute in on the current device."""
         return self.blocks.group_1.block_1.res_path.conv_1.compute_dtype()
@@ -452,11 +461,12 @@ class Encoder(_DVAEModule):
             raise ImageError(f"Encoder expects float32 input (map_pixels output), got {x.dtype}")
         self._check_spatial(x.shape[2], x.shape[3], "Encoder")
         h = _to_memory_format(x, self.channels_last)
-        for name, module in self.blocks.named_children():
-            if name == "output" and h.is_contiguous(memory_format=torch.channels_last):
-                h = _conv1x1_to_nchw(module.conv, module.relu(h))
-            else:
-                h = module(h)
+        with self._own_precision():
+            for name, module in self.blocks.named_children():
+                if name == "output" and h.is_contiguous(memory_format=torch.channels_last):
+                    h = _conv1x1_to_nchw(module.conv, module.relu(h))
+                else:
+                    h = module(h)
         return h.float().contiguous()
 
     @torch.no_grad()
@@ -574,6 +584,10 @@ class Decoder(_DVAEModule):
         }
 
     def _body(self, h: torch.Tensor) -> torch.Tensor:
+        with self._own_precision():
+            return self._layers(h)
+
+    def _layers(self, h: torch.Tensor) -> torch.Tensor:
         # Everything after the input (embedding) convolution. Each group's upsampling is deferred into the
         # next group's first block (DecoderBlock.forward_upsampled), which does its 1x1 work before it.
         h = _to_memory_format(h, self.channels_last)
@@ -609,7 +623,8 @@ class Decoder(_DVAEModule):
             )
         if z.dtype != torch.float32:
             raise ConfigError(f"Decoder expects float32 input, got {z.dtype}")
-        return self._body(self.blocks.input(z))
+        with self._own_precision():
+            return self._layers(self.blocks.input(z))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The input convolution applied to one-hot ``tokens`` [B, h, w], as an embedding lookup.

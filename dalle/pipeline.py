@@ -224,6 +224,7 @@ class DALLE:
         trained_with_caption_dropout: bool = False,
         device: str | torch.device | None = "cpu",
         dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         cfg = transformer.config
         grid = cfg.image_grid
@@ -254,13 +255,19 @@ class DALLE:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.encoder = encoder.to(self.device).eval()
-        self.decoder = decoder.to(self.device).eval()
-        self.transformer = transformer.to(self.device).eval()
+        # inference only: no parameter needs a gradient (nor autocast a cached half-precision copy of it)
+        self.encoder = encoder.to(self.device).eval().requires_grad_(False)
+        self.decoder = decoder.to(self.device).eval().requires_grad_(False)
+        self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         # the modules' own CUDA precision follows the pipeline's (they would otherwise pick bfloat16 themselves)
         self.encoder.set_dtype(dtype)
         self.decoder.set_dtype(dtype)
         self.transformer.cuda_dtype = dtype
+        if self.device.type == "cuda" and dtype != torch.float32:
+            self.transformer.cast_matmul_weights(dtype)
+        self.compiled = bool(compile)
+        if self.compiled:
+            self.transformer.compile_decoding()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -280,12 +287,15 @@ class DALLE:
         name_or_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = "auto",
         dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> DALLE:
         """Load a model directory written by :meth:`save_pretrained`, or a registered name (``"shapes"``); None
         (the default) is the bundled default model.
 
         ``device="auto"`` picks CUDA when present. ``dtype`` is the compute precision: None gives float32 on
-        CPU and bfloat16 autocast on CUDA.
+        CPU and bfloat16 on CUDA (the blocks' matmul weights stored in bfloat16, the rest float32 under
+        autocast). ``compile=True`` compiles the one-token decode step (CUDA graphs on CUDA; see
+        :meth:`DALLETransformer.compile_decoding`): the first generation pays the compilation.
         """
         from dalle.dvae import Decoder, Encoder
         from dalle.tokenizer import BPETokenizer
@@ -314,6 +324,7 @@ class DALLE:
             trained_with_caption_dropout=bool(cfg.get("trained_with_caption_dropout", False)),
             device=device,
             dtype=dtype,
+            compile=compile,
         )
 
     def config(self) -> dict[str, Any]:
@@ -345,11 +356,6 @@ class DALLE:
         return path
 
     # ------------------------------------------------------------------ helpers
-    def _autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids [len(prompts), text_len] on the model's device (lowercased BPE, padded)."""
         return self.tokenizer.encode(list(prompts), text_len=self.text_len).to(self.device)
@@ -376,7 +382,7 @@ class DALLE:
         images: list[Image.Image] = []
         for i in range(0, len(tokens), bs):
             chunk = tokens[i : i + bs].to(self.device)
-            with _out_of_memory_as_error("decoding", len(chunk), self.device), self._autocast():
+            with _out_of_memory_as_error("decoding", len(chunk), self.device):
                 pixels = self.decoder.decode(chunk)
             out = to_pil(pixels.float().clamp(0, 1).cpu())
             images.extend(out if isinstance(out, list) else [out])
@@ -388,8 +394,7 @@ class DALLE:
         from dalle.images import preprocess
 
         x = preprocess(image, size=self.image_size, allow_upscale=allow_upscale).to(self.device)
-        with self._autocast():
-            return self.encoder.encode(x)
+        return self.encoder.encode(x)  # the dVAE computes in the precision set_dtype gave it
 
     def reconstruct(self, image: ImageLike, *, allow_upscale: bool = False) -> Image.Image:
         """dVAE round trip of one image: encode to tokens, decode back."""
@@ -409,8 +414,7 @@ class DALLE:
         out = []
         for i in range(0, len(prompts), bs):
             text = self.encode_text(prompts[i : i + bs])
-            with self._autocast():
-                ll = self.transformer.image_log_likelihood(text, tokens[i : i + bs].to(self.device))
+            ll = self.transformer.image_log_likelihood(text, tokens[i : i + bs].to(self.device))
             out.append(ll.float().cpu())
         return torch.cat(out) / tokens.shape[1]
 
@@ -474,13 +478,14 @@ class DALLE:
                 self._warn_if_no_text(prompts[i : i + bs], text)
                 gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
                 p = None if prime is None else prime[i : i + bs].to(self.device)
-                with _out_of_memory_as_error("sampling", len(gens), self.device), self._autocast():
+                with _out_of_memory_as_error("sampling", len(gens), self.device):
                     out = self.transformer.sample(
                         text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
                     )
                 grids.append(out.reshape(-1, self.grid, self.grid).cpu())
         finally:
-            self.transformer.reset_cache()  # the KV cache can be large (also after a failure); calls reallocate it
+            if not self.compiled:  # a compiled step keeps its cache: new storage would mean recording anew
+                self.transformer.reset_cache()  # the KV cache can be large (also after a failure)
         return torch.cat(grids)
 
     # ------------------------------------------------------------------ generation

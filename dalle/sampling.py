@@ -167,22 +167,25 @@ def sample(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_cells - n_prime, desc="sampling", unit="tok")
+    # every slot's position as a device tensor made once, not one host-to-device copy per token
+    positions = torch.arange(c.text_len + n_cells, device=device)
     try:
-        logits = model.prefill(text_in, prime_in) if use_cache else full_logits(n_prime)
-        for j in range(n_prime, n_cells):
-            if j > n_prime:
-                if use_cache:
-                    step_in = tokens[:, j - 1]
-                    step_in = torch.cat([step_in, step_in]) if guided else step_in
-                    logits = model.decode_step(step_in, torch.tensor(c.text_len + j, device=device))
-                else:
-                    logits = full_logits(j)
-            tokens[:, j] = sample_logits(combine(logits), temperature, top_k, top_p, generator)
-            if bar is not None:
-                bar.update(1)
-            done = j + 1
-            if callback is not None and ((done - n_prime) % callback_every == 0 or done == n_cells):
-                callback(done, tokens.view(batch, c.image_grid, c.image_grid).clone())
+        with model._autocast(device):  # entered once: the steps inside find it active
+            logits = model.prefill(text_in, prime_in) if use_cache else full_logits(n_prime)
+            for j in range(n_prime, n_cells):
+                if j > n_prime:
+                    if use_cache:
+                        step_in = tokens[:, j - 1]
+                        step_in = torch.cat([step_in, step_in]) if guided else step_in
+                        logits = model.decode_step(step_in, positions[c.text_len + j])
+                    else:
+                        logits = full_logits(j)
+                tokens[:, j] = sample_logits(combine(logits), temperature, top_k, top_p, generator)
+                if bar is not None:
+                    bar.update(1)
+                done = j + 1
+                if callback is not None and ((done - n_prime) % callback_every == 0 or done == n_cells):
+                    callback(done, tokens.view(batch, c.image_grid, c.image_grid).clone())
     finally:
         if bar is not None:
             bar.close()

@@ -172,6 +172,22 @@ class TransformerConfig:
         return cls(**data)
 
 
+def _values_checkable(ids: torch.Tensor) -> bool:
+    """Whether the id range of ``ids`` is checked here: on the CPU, where reading it is cheap. On an accelerator
+    reading a value stalls the host until the device catches up (several times per training step), so there
+    ids are checked where they enter: the tokenizer, the datasets and token shards, :meth:`DALLETransformer.prefill`
+    and the ``DALLE`` pipeline."""
+    return ids.numel() > 0 and ids.device.type == "cpu"
+
+
+def check_id_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    """Raise :class:`ConfigError` unless every id lies in ``[0, vocab_size)`` (reads the tensor: a device sync)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ConfigError(
+            f"{name} ids must be in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ blocks
 
 
@@ -268,6 +284,7 @@ class DALLETransformer(nn.Module):
         self.image_head = nn.Linear(d, config.image_vocab_size, bias=False)
         self.masks = AttentionMasks(t, g, config.conv_kernel)
         self.cache: KVCache | None = None
+        self._compiled_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         #: CUDA compute precision; None follows ``config.cuda_autocast`` (bfloat16 or float32). DALLE sets it.
         self.cuda_dtype: torch.dtype | None = None
         self.register_buffer("_cell_rows", torch.arange(g * g) // g, persistent=False)
@@ -317,8 +334,16 @@ class DALLETransformer(nn.Module):
         return None if dtype == torch.float32 else dtype
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = self.cuda_compute_dtype() if device.type == "cuda" else None
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        """CUDA autocast in the compute dtype; nothing to enter when the same autocast is already active (the
+        decode loop enters it once, not once per token), and switched off for float32 inside another one."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = self.cuda_compute_dtype()
+        if not torch.is_autocast_enabled("cuda"):
+            return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        if dtype is not None and torch.get_autocast_dtype("cuda") == dtype:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cuda", enabled=False)
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         """Validate text ids [B, t<=text_len]; right-pad with the pad id to text_len (documented rule)."""
@@ -333,7 +358,7 @@ class DALLETransformer(nn.Module):
                 f"text has {text.shape[1]} positions but the model takes at most text_len={c.text_len}; "
                 f"encode captions with text_len={c.text_len}"
             )
-        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= c.text_vocab_size):
+        if _values_checkable(text) and (int(text.min()) < 0 or int(text.max()) >= c.text_vocab_size):
             raise ConfigError(
                 f"text ids must be in [0, {c.text_vocab_size}) (the model's text_vocab_size), "
                 f"got values in [{int(text.min())}, {int(text.max())}]; was the caption encoded with another tokenizer?"
@@ -358,7 +383,7 @@ class DALLETransformer(nn.Module):
                 f"{name} must be [batch, n<={max_len}] (raster order) or [batch, rows, {c.image_grid}], "
                 f"got shape {tuple(image.shape)}"
             )
-        if image.numel() and (int(image.min()) < 0 or int(image.max()) >= c.image_vocab_size):
+        if _values_checkable(image) and (int(image.min()) < 0 or int(image.max()) >= c.image_vocab_size):
             raise ConfigError(
                 f"{name} ids must be in [0, {c.image_vocab_size}) (the model's image_vocab_size), "
                 f"got values in [{int(image.min())}, {int(image.max())}]"
@@ -424,10 +449,12 @@ class DALLETransformer(nn.Module):
         targets = text[:, 1:]
         if c.text_loss_ignore_pad:
             targets = targets.masked_fill(targets == c.text_pad_id, -100)
-        if targets.numel() and bool((targets != -100).any()):
-            loss_text = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1))
-        else:  # text_len == 1 or all pads ignored: nothing to predict
-            loss_text = text_logits.sum() * 0.0
+        # a sum over the counted targets divided by their number (at least 1): 0 when nothing is left to predict
+        # (text_len == 1 or every target an ignored pad), decided without reading a value back from the device
+        counted = (targets != -100).sum().clamp_min(1)
+        loss_text = F.cross_entropy(
+            text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        ) / counted
         loss_image = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image.reshape(-1))
         loss = c.text_loss_weight * loss_text + c.image_loss_weight * loss_image
         return loss, {"text": loss_text.detach(), "image": loss_image.detach()}
@@ -440,6 +467,8 @@ class DALLETransformer(nn.Module):
             raise ConfigError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         image = self._check_image(image)
         text = self._check_text(text)
+        check_id_range(text, self.config.text_vocab_size, "text")
+        check_id_range(image, self.config.image_vocab_size, "image")
         if text.shape[0] == 1 and image.shape[0] > 1:
             text = text.expand(image.shape[0], -1)
         _, logits = self(text, image)
@@ -477,6 +506,9 @@ class DALLETransformer(nn.Module):
         prime = self._check_image(prime, "prime", max_len=c.image_len - 1)
         if prime.shape[0] != text.shape[0]:
             raise ConfigError(f"text batch {text.shape[0]} and prime batch {prime.shape[0]} differ")
+        # once per generation, on any device (forward checks values only where that costs no device sync)
+        check_id_range(text, c.text_vocab_size, "text")
+        check_id_range(prime, c.image_vocab_size, "prime")
         sos = torch.full((text.shape[0], 1), self.start_of_image_id, dtype=torch.long, device=self.device)
         cache = self.setup_cache(text.shape[0])
         with self._autocast(self.device):
@@ -487,22 +519,62 @@ class DALLETransformer(nn.Module):
     def decode_step(self, token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
         """Feed one image token per stream at slot ``position`` (text_len + j, with ``token`` the image token of
         cell j - 1) and return float32 logits [B, image_vocab] for cell j. Shapes never change with
-        ``position`` (pass a 0-dim long tensor to avoid recompiles), so the step can be compiled / captured in a
-        CUDA graph. Needs :meth:`prefill` first."""
+        ``position`` (pass a 0-dim long tensor on the model's device to avoid a copy per step), so the step can
+        be compiled / captured in a CUDA graph (:meth:`compile_decoding`). Needs :meth:`prefill` first.
+
+        Compiled for CUDA graphs, the returned tensor is overwritten by the next step: use it (or copy it)
+        before calling again."""
         if self.cache is None:
             raise ConfigError("decode_step needs a filled KV cache: call prefill(text, prime) first")
         device = self.device
         position = torch.as_tensor(position, dtype=torch.long, device=device).reshape(())
+        step = self._compiled_step if self._compiled_step is not None else self._step
+        return step(token.to(device=device, dtype=torch.long), position)
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The body of :meth:`decode_step` (what :meth:`compile_decoding` compiles)."""
+        cache, grid = self.cache, self.config.image_grid
+        assert cache is not None
         cell = position - self.config.text_len
-        with self._autocast(device):
-            x = self.image_emb(token.to(device).long()) + self.row_emb(cell // self.config.image_grid) + self.col_emb(
-                cell % self.config.image_grid
-            )
+        with self._autocast(token.device):
+            x = self.image_emb(token) + self.row_emb(cell // grid) + self.col_emb(cell % grid)
             x = x.unsqueeze(1)
             for i, block in enumerate(self.blocks):
-                x = block.step(x, self.masks, self.cache, i, position)
+                x = block.step(x, self.masks, cache, i, position)
             h = self.ln_f(x)
         return self._heads(h[:, 0], self.image_head)
+
+    def cast_matmul_weights(self, dtype: torch.dtype) -> DALLETransformer:
+        """Store the blocks' linear-layer weights in ``dtype`` (bfloat16 / float16, for CUDA inference); returns
+        self. Autocast then has no half-precision copy of them to make and keep (24.6 GB at the paper's size),
+        while embeddings, LayerNorms, the heads and the residual stream stay float32. Not for training."""
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ConfigError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+        for block in self.blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(dtype)
+        return self
+
+    def compile_decoding(self, mode: str | None = None) -> DALLETransformer:
+        """Compile the one-token decode step with ``torch.compile``; returns self.
+
+        ``mode`` defaults to ``"reduce-overhead"`` on CUDA (CUDA graphs: the step replays as one graph, which
+        makes decoding memory-bound instead of launch-bound) and ``"default"`` elsewhere. The first steps
+        after a change of batch size compile or record anew. ``mode="off"`` goes back to eager decoding.
+        """
+        if mode == "off":
+            self._compiled_step = None
+            return self
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(self._step, mode=mode, dynamic=False)
+        return self
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """True after :meth:`compile_decoding`."""
+        return self._compiled_step is not None
 
     def sample(
         self,

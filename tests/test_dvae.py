@@ -285,6 +285,21 @@ def test_dtype_api_on_cpu() -> None:
     assert all(p.dtype == torch.float32 for p in enc.parameters())
 
 
+def test_enclosing_autocast_does_not_override_the_layers_precision() -> None:
+    """The modules choose their own precision (float32 throughout on CPU, the output layer pinned to float32 on
+    CUDA): an autocast around the call (as a pipeline or training loop may have) changes nothing."""
+    torch.manual_seed(0)
+    enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    dec = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    x = map_pixels(torch.rand(2, 3, 16, 16))
+    with torch.no_grad():
+        logits, images = enc(x), dec.decode(enc.encode(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_ac, images_ac = enc(x), dec.decode(enc.encode(x))
+    assert torch.equal(logits, logits_ac)
+    assert torch.equal(images, images_ac)
+
+
 def test_trainable_like_openai() -> None:
     """Parameters are ordinary trainable nn.Parameters (as in OpenAI's code) and gradients reach them all."""
     torch.manual_seed(0)
