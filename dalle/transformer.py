@@ -180,6 +180,14 @@ def _values_checkable(ids: torch.Tensor) -> bool:
     return ids.numel() > 0 and ids.device.type == "cpu"
 
 
+def _autocast_active(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for device types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def check_id_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
     """Raise :class:`ConfigError` unless every id lies in ``[0, vocab_size)`` (reads the tensor: a device sync)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
@@ -339,7 +347,7 @@ class DALLETransformer(nn.Module):
         if device.type != "cuda":
             return contextlib.nullcontext()
         dtype = self.cuda_compute_dtype()
-        if not torch.is_autocast_enabled("cuda"):
+        if not _autocast_active("cuda"):
             return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         if dtype is not None and torch.get_autocast_dtype("cuda") == dtype:
             return contextlib.nullcontext()
@@ -415,8 +423,11 @@ class DALLETransformer(nn.Module):
         return self.ln_f(x)
 
     def _heads(self, h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-        with torch.autocast(h.device.type, enabled=False):  # logits in float32 (paper §2.4)
-            return F.linear(h.float(), head.weight.float())
+        """Logits in float32 (paper §2.4), also inside an autocast region."""
+        if _autocast_active(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return F.linear(h.float(), head.weight.float())
+        return F.linear(h.float(), head.weight.float())
 
     # ------------------------------------------------------------------------------------ public API
 

@@ -350,3 +350,14 @@ def test_data_that_leaves_nothing_to_train_on_is_explained(tmp_path) -> None:
     make_image_folder(tmp_path / "bad", n=5, corrupt=(0, 1, 2, 3, 4))
     with pytest.raises(ImageError, match="none of the 5 training images is readable"):
         next(make_batches(ImageTextFolder(tmp_path / "bad"), batch_size=2))
+
+
+def test_token_shards_refuse_ids_outside_the_vocabulary(tmp_path) -> None:
+    """Ids are checked where they enter (the transformer does not read them back from a GPU in training)."""
+    writer = TokenShardWriter(tmp_path / "tokens", grid=2, image_size=16, vocab_size=8)
+    writer.add(np.array([[0, 1, 2, 7], [1, 2, 3, 9]], dtype=np.int64), ["fine", "corrupt"])
+    writer.close()
+    shards = TokenShards(tmp_path / "tokens")
+    assert shards.get(0)[1] == "fine"
+    with pytest.raises(ConfigError, match="outside the vocabulary of 8 codes"):
+        shards.get(1)

@@ -578,3 +578,34 @@ def test_torchrun_evaluates_and_samples_at_one_step(tmp_path, dvae_dir) -> None:
         assert all(math.isfinite(r["eval_loss"]) for r in evals)
         assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
         assert (run / "model" / "transformer.safetensors").is_file()
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, dvae_dir, monkeypatch) -> None:
+    """Metrics and the gradient norm stay on the device; the training loop reads them once per optimizer step
+    (one transfer, which also decides whether the step was finite), not per metric and micro-batch (on a GPU
+    every read waits for the device). Counted: tensor reads made by the training code itself (the model's own
+    checks are covered by test_forward_and_loss_read_no_value_back_from_the_device)."""
+    import traceback
+    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
+                                    "steps": 2, "grad_accum": 2})
+    trainer = TransformerTrainer(cfg)
+    batch = next(iter(trainer.batches(0)))
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            if f"dalle{os.sep}train{os.sep}" in caller:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    record = trainer.train_step(batch)
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
+    assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and record["image"] > 0

@@ -190,7 +190,15 @@ class TokenShards:
         caption = self.captions[shard][local]
         if rng is not None and "\n" in caption:
             caption = _pick_caption(caption, rng)
-        return np.asarray(self.tokens[shard][local], dtype=np.int64), caption, f"{shard}:{local}"
+        tokens = np.asarray(self.tokens[shard][local], dtype=np.int64)
+        # checked here, on the host: the transformer does not read ids back from an accelerator in training
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.image_vocab_size):
+            raise ConfigError(
+                f"token shard {shard} of {self.root}, sample {local}, holds ids in [{int(tokens.min())}, "
+                f"{int(tokens.max())}], outside the vocabulary of {self.image_vocab_size} codes: the shard is "
+                "corrupt; encode the dataset again with dalle encode-dataset"
+            )
+        return tokens, caption, f"{shard}:{local}"
 
 
 class TarShards:

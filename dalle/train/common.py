@@ -1066,12 +1066,13 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _grad_norm(self) -> torch.Tensor:
+        """The total gradient norm (clipped to ``clip_grad``), a 0-dim tensor left on the device."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.loop.clip_grad if self.loop.clip_grad else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if is_dtensor(norm):
             norm = norm.full_tensor()
-        return norm.detach().float().cpu()
+        return norm.detach()
 
     def schedule_position(self) -> float:
         """Where the schedules stand, in steps: the step, or under ``time_limit`` the further of the step and
@@ -1099,6 +1100,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = self.split(batch, self.loop.grad_accum)
         total_n = sum(self.batch_size_of(m) for m in micro)
+        # metric sums stay on the device: the host reads them once per step (one transfer, which also decides
+        # whether the step is finite), not once per metric and micro-batch
         sums: dict[str, torch.Tensor] = {}
         for i, m in enumerate(micro):
             n = self.batch_size_of(m)
@@ -1107,14 +1110,17 @@ class Trainer:
                 # weight each micro-batch by its share of the rank's samples: the sum is the rank mean
                 (loss * (n / total_n)).backward()
             for key, val in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + float(val.detach()) * n
+                weighted = val.detach().double() * n
+                sums[key] = sums[key] + weighted if key in sums else weighted
         norm = self._grad_norm()
         keys = sorted(sums)
-        packed = torch.tensor([float(sums[k]) for k in keys] + [float(total_n), float(norm)], dtype=torch.float64)
-        packed = all_reduce_sum(packed, self.info)
-        n_global = packed[-2].item()
-        means = {k: packed[i].item() / n_global for i, k in enumerate(keys)}
-        grad_norm = packed[-1].item() / self.info.world_size  # identical on every rank after DDP's all-reduce
+        dev = norm.device
+        packed = torch.stack([sums[k].to(dev) for k in keys] + [norm.double(), torch.tensor(float(total_n), device=dev,
+                                                                                              dtype=torch.float64)])
+        packed = all_reduce_sum(packed, self.info).tolist()
+        n_global = packed[-1]
+        means = {k: packed[i] / n_global for i, k in enumerate(keys)}
+        grad_norm = packed[-2] / self.info.world_size  # identical on every rank after DDP's all-reduce
         finite = all(math.isfinite(v) for v in means.values()) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
