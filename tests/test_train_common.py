@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,18 @@ def test_settings_that_init_decides_are_said_to_be_ignored(tmp_path) -> None:
         build("train", "--init", str(init), "--text-len", "16")  # the init model's own value
         build("train-dvae", "--init", str(init), "--new-decoder", "--n-hid", "16")  # a new decoder takes it
         build("train", "--text-len", "32")  # no --init
+
+
+def test_model_flags_accept_registered_names(tmp_path, monkeypatch) -> None:
+    """--dvae / --init / remap's NEW_DVAE take a registered name (the bundled models) as well as a directory;
+    a directory of that name in the working directory wins."""
+    from dalle.pipeline import REGISTRY
+    from dalle.train.common import load_dvae, model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert model_path("shapes") == REGISTRY["shapes"]
+    assert model_path("no-such-model") == Path("no-such-model")
+    encoder, decoder, size = load_dvae("shapes")
+    assert encoder.vocab_size == decoder.vocab_size and size == 256
+    (tmp_path / "shapes").mkdir()
+    assert model_path("shapes") == Path("shapes")

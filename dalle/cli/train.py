@@ -298,8 +298,10 @@ def _warn_ignored_with_init(cfg: Any, given: set[str]) -> None:
     than the init model's: say so."""
     if not getattr(cfg, "init", None):
         return
+    from dalle.train.common import model_path
+
     try:
-        init = json.loads((Path(cfg.init) / "config.json").read_text())
+        init = json.loads((model_path(cfg.init) / "config.json").read_text())
     except (OSError, ValueError):
         return  # the trainer reports an unreadable --init
     if hasattr(cfg, "text_len"):  # dalle train: the init model's text stream

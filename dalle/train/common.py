@@ -815,13 +815,26 @@ def _lock_run_dir(out: Path) -> IO[str] | None:
 _RESULT_DIRS = ("model", "dvae")
 
 
+def model_path(spec: str | os.PathLike[str]) -> Path:
+    """The directory a model flag names: an existing path as it is, else a registered model's directory
+    (``shapes``, ``shapes-128``: the bundled ones), else the path as given (so that the caller's error names it).
+    A directory wins over a registered name of the same spelling."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    from dalle.pipeline import REGISTRY, resolve_model
+
+    return resolve_model(str(spec)) if str(spec) in REGISTRY else path
+
+
 def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Encoder, Decoder, int]:
     """Load (encoder, decoder, image_size) from a dVAE directory (:func:`save_dvae_dir`), a model directory
-    (:func:`write_model_dir`) or a training run's output holding one of them (``dvae/`` or ``model/``). For
-    OpenAI's ``encoder.pkl``/``decoder.pkl`` use :func:`dalle.load_model`."""
+    (:func:`write_model_dir`), a registered model's name (e.g. ``shapes``: its dVAE) or a training run's output
+    holding one of them (``dvae/`` or ``model/``). For OpenAI's ``encoder.pkl``/``decoder.pkl`` use
+    :func:`dalle.load_model`."""
     from dalle.dvae import Decoder, Encoder
 
-    root = Path(path)
+    root = model_path(path)
     if not (root / "config.json").is_file():
         inner = [root / name for name in _RESULT_DIRS if (root / name / "config.json").is_file()]
         if len(inner) == 1:  # `dalle train-dvae --out RUN` writes RUN/dvae; `dalle train` writes RUN/model

@@ -45,6 +45,7 @@ from dalle.train.common import (
     full_state_dict,
     load_dvae,
     make_generator,
+    model_path,
     save_image_grid,
     seed_everything,
     warmup_lr,
@@ -222,7 +223,7 @@ class TransformerTrainer(Trainer):
         if cfg.tokenizer:
             self.tokenizer = BPETokenizer.load(cfg.tokenizer)
         elif cfg.init:
-            self.tokenizer = BPETokenizer.load(Path(cfg.init) / "tokenizer.model")
+            self.tokenizer = BPETokenizer.load(model_path(cfg.init) / "tokenizer.model")
         else:
             if info.is_main and not (resume and tok_file.is_file()):
                 caps = _collect_captions(self.source, cfg.tokenizer_samples)
@@ -242,7 +243,7 @@ class TransformerTrainer(Trainer):
         if cfg.init:
             import json
 
-            base = json.loads((Path(cfg.init) / "config.json").read_text())["transformer"]
+            base = json.loads((model_path(cfg.init) / "config.json").read_text())["transformer"]
             fixed = {k: v for k, v in overrides.items() if k in ("depth", "heads", "head_dim") and v != base.get(k)}
             if fixed:  # the weights' shapes: only dropout, attention types and the conv kernel may change
                 raise ConfigError(
@@ -272,7 +273,7 @@ class TransformerTrainer(Trainer):
         if cfg.init:
             from safetensors.torch import load_file
 
-            state = load_file(str(Path(cfg.init) / "transformer.safetensors"))
+            state = load_file(str(model_path(cfg.init) / "transformer.safetensors"))
             if base["image_grid"] != grid:
                 state = resize_grid_embeddings(state, grid)
             try:
