@@ -403,9 +403,9 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     empty_captions = 0
     bar = None
     if cfg.progress:
-        from tqdm import tqdm
+        from dalle._progress import progress_bar
 
-        bar = tqdm(desc="encoding", unit="img", total=cfg.limit, file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(cfg.limit, "encoding", "img")
 
     # closing() shuts the loader's worker processes down at once should encoding fail
     batches = contextlib.closing(_prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers))

@@ -39,7 +39,6 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -1224,9 +1223,9 @@ class Trainer:
         start = self.step
         bar = None
         if self.info.is_main and lp.progress:
-            from tqdm import tqdm
+            from dalle._progress import progress_bar
 
-            bar = tqdm(total=lp.steps, initial=start, desc=f"train {self.kind}", dynamic_ncols=True, file=sys.stderr)
+            bar = progress_bar(lp.steps, f"train {self.kind}", "step", initial=start)
         self._bar = bar
         t_last, samples_last = _clock(), self.samples_seen
         t_start, seconds_before = t_last, self.train_seconds
