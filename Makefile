@@ -1,19 +1,34 @@
-# Every target sets up .venv on first use, so `make demo` and `make test` work on a fresh machine.
+# Every target sets up .venv on first use, so `make demo` and `make test` work on a fresh machine. `make demo`
+# installs what generating needs; `make test` (and setup, lint, bench) adds the development tools and the
+# test-only reference implementations.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 OUT    ?= outputs
+# Where torch comes from. Empty: pip's default (PyPI's build, which carries the CUDA libraries: several GB).
+# By default, on a machine without an NVIDIA driver (no nvidia-smi) that can reach PyTorch's CPU index, the
+# CPU-only build from there (a few hundred MB). Set TORCH_INDEX=URL to choose an index, TORCH_INDEX= for PyPI.
+ifeq ($(origin TORCH_INDEX),undefined)
+TORCH_INDEX := $(shell if ! command -v nvidia-smi >/dev/null 2>&1 && \
+	curl -fsI --max-time 5 https://download.pytorch.org/whl/cpu/ >/dev/null 2>&1; then \
+	echo https://download.pytorch.org/whl/cpu; fi)
+endif
 
 .PHONY: setup test test-all demo lint bench clean
 
-setup: $(STAMP)
+setup: $(DEV)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install torch torchvision
+	$(PIP) install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -e .
+	touch $(STAMP)
+
+$(DEV): $(STAMP)
 	# youtokentome has no wheel for Python 3.11 and needs Cython outside pip's build isolation.
 	$(PIP) install cython setuptools wheel
 	$(PIP) install --no-build-isolation youtokentome
@@ -25,23 +40,23 @@ $(STAMP): pyproject.toml
 	# dalle then encodes with its pure-Python BPE (same ids); only training a tokenizer needs youtokentome.
 	$(PY) -c "import youtokentome" || { echo "youtokentome does not load here: uninstalling it"; \
 		$(PIP) uninstall -y youtokentome; }
-	touch $(STAMP)
+	touch $(DEV)
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(DEV)
 	$(PY) -m pytest -q -m ''
 
 demo: $(STAMP)
 	$(PY) -m dalle demo --output-dir $(OUT)
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check dalle tests benchmarks
 
 # The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). The references: OpenAI's dall_e
 # for the dVAE (it imports attrs without declaring it), transformers and DALLE-pytorch for sampling.
-bench: $(STAMP)
+bench: $(DEV)
 	$(PIP) install DALL-E attrs transformers dalle-pytorch "pytorch-lightning<2" "setuptools<81"
 	$(PY) benchmarks/bench_peers.py --threads 2
 	$(PY) benchmarks/bench_peers.py --threads 2 --batch 4 --repeats 2
