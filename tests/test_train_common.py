@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -302,10 +301,6 @@ def test_invalid_settings_are_rejected() -> None:
         DVAETrainConfig(batch_size=2, grad_accum=4).validate()
     with pytest.raises(ConfigError, match="caption_dropout"):
         TransformerTrainConfig(caption_dropout=1.5).validate()
-
-
-def test_no_stray_env_hooks() -> None:
-    assert "DALLE_TRAIN_STEP_SLEEP" not in os.environ
 
 
 def test_progress_bar_end_under_a_time_limit_is_the_estimated_last_step() -> None:

@@ -35,9 +35,52 @@ def dvae_dir(tmp_path_factory) -> Path:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DALLE_TRAIN_")}
+    env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
+
+
+# Test-only instrumentation, patched into the subprocesses by the scripts below (the library has no test hooks):
+# a pause after every training step, so that a run can be killed between two checkpoints
+_SLOW_STEPS = """
+import time
+from dalle.train.common import Trainer
+
+_step = Trainer.train_step
+
+
+def _slow_step(self, batch):
+    record = _step(self, batch)
+    time.sleep(0.3)
+    return record
+
+
+Trainer.train_step = _slow_step
+"""
+
+# every rank writes a digest of the weights it holds when its run ends (rank-R.sha256 in the run directory)
+_RANK_DIGESTS = """
+import hashlib
+from dalle.train.common import full_state_dict
+from dalle.train.dvae import DVAETrainer
+from dalle.train.transformer import TransformerTrainer
+
+
+def _with_digest(finish):
+    def finish_with_digest(self):
+        digest = hashlib.sha256()
+        for key, value in sorted(full_state_dict(self.model).items()):
+            digest.update(key.encode())
+            digest.update(value.float().numpy().tobytes())
+        (self.out / f"rank-{self.info.rank}.sha256").write_text(digest.hexdigest() + "\\n")
+        return finish(self)
+
+    return finish_with_digest
+
+
+for _cls in (DVAETrainer, TransformerTrainer):
+    _cls.finish = _with_digest(_cls.finish)
+"""
 
 
 def _losses(run: Path, kind: str = "train") -> dict[int, float]:
@@ -270,9 +313,11 @@ def test_kill_9_then_resume_gives_the_same_losses(tmp_path) -> None:
     settings = {**TINY_DVAE, "steps": 9, "ckpt_every": 3}
     cfg = _config_file(tmp_path, "train-dvae", settings)
     cmd = [sys.executable, "-m", "dalle", "train-dvae", "--config", str(cfg), "--threads", "1"]
-    env = {**_env(), "DALLE_TRAIN_STEP_SLEEP": "0.3"}
+    slow = tmp_path / "slow.py"
+    slow.write_text(_SLOW_STEPS + "import sys\nfrom dalle.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     run = tmp_path / "run"
-    victim = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = subprocess.Popen([sys.executable, str(slow), *cmd[3:], "--out", str(run)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # the uninterrupted reference runs in this process meanwhile (same code, one thread: same floats)
     DVAETrainer(DVAETrainConfig(**{**settings, "out_dir": str(tmp_path / "ref")})).fit()
     deadline = time.time() + 180
@@ -334,10 +379,10 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     tcfg = _config_file(tmp_path, "train", {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3,
                                             "eval_samples": 0})
     script = tmp_path / "both.py"
-    script.write_text(_TORCHRUN_SCRIPT)
+    script.write_text(_RANK_DIGESTS + _TORCHRUN_SCRIPT)
     # one launch, two ranks: the dVAE under DDP (2 x 2 samples), then the transformer under FSDP2 (2 x 4)
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(dcfg), str(tcfg), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # the one-process references (global batches 4 and 8) run here meanwhile
     DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "steps": 3, "ckpt_every": 3, "out_dir": str(tmp_path / "one")})).fit()
@@ -347,7 +392,7 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
         # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
         for name in ("ddp", "fsdp", "timed"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
-        proc = subprocess.run(cmd, env={**_env(), "DALLE_TRAIN_RANK_DIGEST": "1"}, cwd=tmp_path,
+        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path,
                               capture_output=True, timeout=500)
         out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err.decode()[-3000:]

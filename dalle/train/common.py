@@ -897,8 +897,6 @@ class Trainer:
         self.model: nn.Module  # what the step calls: ``net`` or its DDP wrapper
         self.optimizer: torch.optim.Optimizer
         self.ema: EMA | None = None
-        # a test hook: seconds to sleep after each step, so a subprocess can be killed mid-run
-        self._step_sleep = float(os.environ.get("DALLE_TRAIN_STEP_SLEEP", "0") or 0)
 
     # -------------------------------------------------------------- hooks for subclasses
     # Both trainers read batches the same way: from ``self.source`` with ``self.cfg`` (batch_size, seed,
@@ -1238,8 +1236,6 @@ class Trainer:
                     self._account_skipped(batch)
                     rec = self.train_step(batch)
                     self.after_step(rec)
-                    if self._step_sleep:
-                        time.sleep(self._step_sleep)
                     time_up = self._advance_clock(seconds_before + _clock() - t_start)
                     last = self.step >= lp.steps or time_up
                     if lp.log_every and (self.step % lp.log_every == 0 or last or self.step == start + 1):
@@ -1266,12 +1262,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if os.environ.get("DALLE_TRAIN_RANK_DIGEST"):  # a test hook: every rank records what it holds
-            digest = hashlib.sha256()
-            for key, value in sorted(full_state_dict(self.model).items()):
-                digest.update(key.encode())
-                digest.update(value.float().numpy().tobytes())
-            (self.out / f"rank-{self.info.rank}.sha256").write_text(digest.hexdigest() + "\n")
         return self.finish()
 
     def _account_skipped(self, batch: Any) -> None:
