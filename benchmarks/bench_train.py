@@ -46,7 +46,7 @@ def run(image_size: int, batch: int, steps: int, bf16: bool, device: str, shards
             bf16=bf16, cpu_bf16=bf16,
         )
         TransformerTrainer(cfg).fit()
-        from dalle.train.common import read_metrics
+        from dalle.train.outputs import read_metrics
 
         rows = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "train"]
     times = [r["time"] for r in rows]

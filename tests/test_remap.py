@@ -12,7 +12,7 @@ from dalle.cli import main as cli_main
 from dalle.data.datasets import TokenShardWriter
 from dalle.errors import ConfigError
 from dalle.pipeline import DALLE
-from dalle.train.common import save_dvae_dir
+from dalle.train.exports import save_dvae_dir
 from dalle.train.remap import main, remap_image_codes
 from dalle.train.testing import make_tiny_dvae_dir
 from tests.test_pipeline import build_tiny

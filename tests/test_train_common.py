@@ -10,17 +10,13 @@ import pytest
 import torch
 
 from dalle.errors import CheckpointError, ConfigError
-from dalle.train.common import (
-    EMA,
-    CheckpointManager,
-    MetricsLogger,
-    cosine_schedule,
-    derive_seed,
-    read_metrics,
-    warmup_lr,
-)
+from dalle.seeds import derive_seed
+from dalle.train.checkpoints import CheckpointManager
 from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 from dalle.train.dvae import gumbel_noise, kl_to_uniform, logit_laplace_nll, schedules
+from dalle.train.ema import EMA
+from dalle.train.outputs import MetricsLogger, read_metrics
+from dalle.train.schedules import cosine_schedule, warmup_lr
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -201,7 +197,7 @@ def test_rng_state_is_plain_data_and_round_trips(tmp_path) -> None:
 
     import numpy as np
 
-    from dalle.train.common import rng_state, set_rng_state
+    from dalle.seeds import rng_state, set_rng_state
 
     random.seed(3)
     np.random.seed(4)
@@ -229,7 +225,7 @@ def test_metrics_truncate_after_resume_point(tmp_path) -> None:
 
 def test_loss_curve_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from dalle.train.common import plot_loss_curve
+    from dalle.train.outputs import plot_loss_curve
 
     log = MetricsLogger(tmp_path / "m.jsonl")
     for s in range(1, 20):
@@ -306,7 +302,7 @@ def test_invalid_settings_are_rejected() -> None:
 def test_progress_bar_end_under_a_time_limit_is_the_estimated_last_step() -> None:
     from types import SimpleNamespace
 
-    from dalle.train.common import estimated_last_step
+    from dalle.train.loop import estimated_last_step
 
     loop = SimpleNamespace(time_limit=10.0, steps=100_000)  # 600 s
     # 50 steps in the first 60 s of this process, the run at 60 s: 540 s left at 50/60 steps a second
@@ -319,7 +315,7 @@ def test_progress_bar_end_under_a_time_limit_is_the_estimated_last_step() -> Non
 
 
 def test_resume_compares_the_data_path_not_its_spelling(tmp_path, monkeypatch) -> None:
-    from dalle.train.common import _differs
+    from dalle.train.loop import _differs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "imgs").mkdir()
@@ -360,7 +356,7 @@ def test_model_flags_accept_registered_names(tmp_path, monkeypatch) -> None:
     """--dvae / --init / remap's NEW_DVAE take a registered name (the bundled models) as well as a directory;
     a directory of that name in the working directory wins."""
     from dalle.pipeline import REGISTRY
-    from dalle.train.common import load_dvae, model_path
+    from dalle.train.exports import load_dvae, model_path
 
     monkeypatch.chdir(tmp_path)
     assert model_path("shapes") == REGISTRY["shapes"]

@@ -157,8 +157,8 @@ def test_shapes_sources_and_dense_scenes() -> None:
 
 def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     from dalle.cli import main
-    from dalle.train.common import load_dvae
     from dalle.train.config import TransformerTrainConfig
+    from dalle.train.exports import load_dvae
     from dalle.train.transformer import TransformerTrainer, encode_images
 
     dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
@@ -250,8 +250,8 @@ def test_encode_dataset_upscale_warning_is_shown_once_with_workers(tmp_path, mon
 def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     from dalle.cli import main
     from dalle.data import shapes
-    from dalle.train.common import load_dvae
     from dalle.train.config import TransformerTrainConfig
+    from dalle.train.exports import load_dvae
     from dalle.train.transformer import TransformerTrainer, encode_images
 
     dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from dalle.errors import CheckpointError, ConfigError
-from dalle.train.common import CheckpointManager, TrainingInterrupted, read_metrics
+from dalle.train.checkpoints import CheckpointManager
 from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 from dalle.train.dvae import DVAETrainer
+from dalle.train.loop import TrainingInterrupted
+from dalle.train.outputs import read_metrics
 from dalle.train.testing import TINY_DVAE, TINY_TRANSFORMER, make_tiny_dvae_dir
 from dalle.train.transformer import TransformerTrainer
 
@@ -44,7 +46,7 @@ def _env() -> dict[str, str]:
 # a pause after every training step, so that a run can be killed between two checkpoints
 _SLOW_STEPS = """
 import time
-from dalle.train.common import Trainer
+from dalle.train.loop import Trainer
 
 _step = Trainer.train_step
 
@@ -61,7 +63,7 @@ Trainer.train_step = _slow_step
 # every rank writes a digest of the weights it holds when its run ends (rank-R.sha256 in the run directory)
 _RANK_DIGESTS = """
 import hashlib
-from dalle.train.common import full_state_dict
+from dalle.train.distributed import full_state_dict
 from dalle.train.dvae import DVAETrainer
 from dalle.train.transformer import TransformerTrainer
 
@@ -104,7 +106,7 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals and {"psnr", "perplexity", "codes_used"} <= set(evals[-1])
     assert 1.0 <= evals[-1]["perplexity"] <= 32
-    from dalle.train.common import load_dvae
+    from dalle.train.exports import load_dvae
 
     enc, dec, size = load_dvae(out)
     assert size == 32 and enc.vocab_size == 32
@@ -133,7 +135,7 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
 def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir) -> None:
     from dalle.data.shapes import sample
     from dalle.images import preprocess
-    from dalle.train.common import load_dvae
+    from dalle.train.exports import load_dvae
 
     settings = {**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True, "new_decoder": True, "n_hid": 12,
                 "n_blk_per_group": 2, "n_init": 16, "steps": 30, "ckpt_every": 30, "lr": 1e-2}
@@ -344,7 +346,7 @@ _TORCHRUN_SCRIPT = """
 import sys
 from dalle.cli import build_parser
 from dalle.cli.train import build_config
-from dalle.train.common import close_distributed, init_distributed
+from dalle.train.distributed import close_distributed, init_distributed
 from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 from dalle.train.dvae import train_dvae
 from dalle.train.transformer import train_transformer
@@ -445,15 +447,15 @@ def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) ->
 def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_clock(
     tmp_path, dvae_dir, monkeypatch
 ) -> None:
-    from dalle.train import common
-    from dalle.train.common import CheckpointManager
+    from dalle.train import loop
+    from dalle.train.checkpoints import CheckpointManager
 
     settings = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 100_000, "time_limit": 0.03, "log_every": 1,
                 "warmup_steps": 2, "ckpt_every": 0, "eval_every": 0, "sample_every": 0, "plot_every": 0}
     run = tmp_path / "run"
     trainer = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}))
     tick = 0.25  # a deterministic clock: every step takes 0.25 s, so the 1.8 s limit is up after step 8
-    monkeypatch.setattr(common, "_clock", lambda: trainer.step * tick)
+    monkeypatch.setattr(loop, "_clock", lambda: trainer.step * tick)
     out = trainer.fit()
     assert out is not None and (out / "transformer.safetensors").is_file()  # exported as at a normal end
     records = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
@@ -566,7 +568,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path) -
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path) -> None:
-    from dalle.train.common import _lock_run_dir
+    from dalle.train.loop import _lock_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -585,7 +587,7 @@ _TORCHRUN_EVAL_SCRIPT = """
 import sys
 from dalle.cli import build_parser
 from dalle.cli.train import build_config
-from dalle.train.common import close_distributed, init_distributed
+from dalle.train.distributed import close_distributed, init_distributed
 from dalle.train.config import TransformerTrainConfig
 from dalle.train.transformer import train_transformer
 

@@ -298,7 +298,7 @@ def _warn_ignored_with_init(cfg: Any, given: set[str]) -> None:
     than the init model's: say so."""
     if not getattr(cfg, "init", None):
         return
-    from dalle.train.common import model_path
+    from dalle.train.exports import model_path
 
     try:
         init = json.loads((model_path(cfg.init) / "config.json").read_text())
@@ -321,7 +321,8 @@ def _warn_ignored_with_init(cfg: Any, given: set[str]) -> None:
 
 
 def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: str) -> int:
-    from dalle.train.common import TrainingInterrupted, close_distributed, init_distributed
+    from dalle.train.distributed import close_distributed, init_distributed
+    from dalle.train.loop import TrainingInterrupted
 
     info = init_distributed(cfg.device)
     try:
@@ -376,7 +377,8 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     """Encode ``cfg.data`` with the dVAE into token shards; returns (directory, samples, skipped images)."""
     from dalle.data.datasets import TarShards, TokenShards, TokenShardWriter, count_once, open_source
     from dalle.errors import ConfigError
-    from dalle.train.common import check_image_size, resolve_device
+    from dalle.loading import resolve_device
+    from dalle.train.loop import check_image_size
     from dalle.train.transformer import encode_images, encoder_digest, load_dvae_any, prepare_encoder
 
     if not (cfg.data and cfg.dvae and cfg.out_dir):

@@ -34,7 +34,7 @@ from dalle.data.datasets import (
 )
 from dalle.errors import ConfigError
 from dalle.pipeline import DALLE
-from dalle.train.common import load_dvae
+from dalle.train.exports import load_dvae
 from dalle.train.transformer import encode_images
 
 

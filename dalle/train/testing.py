@@ -31,7 +31,7 @@ def make_tiny_dvae_dir(path: str | os.PathLike[str], image_size: int = 32, vocab
     import torch
 
     from dalle.dvae import Decoder, Encoder
-    from dalle.train.common import save_dvae_dir
+    from dalle.train.exports import save_dvae_dir
 
     torch.manual_seed(seed)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=vocab_size)

@@ -35,24 +35,14 @@ import torch
 from torch import nn
 
 from dalle.errors import ConfigError
-from dalle.train.common import (
-    EMA,
-    DistInfo,
-    Trainer,
-    barrier,
-    check_image_size,
-    derive_seed,
-    full_state_dict,
-    load_dvae,
-    make_generator,
-    model_path,
-    save_image_grid,
-    seed_everything,
-    warmup_lr,
-    warn_once,
-    write_model_dir,
-)
+from dalle.seeds import derive_seed, make_generator, seed_everything
 from dalle.train.config import TransformerTrainConfig
+from dalle.train.distributed import DistInfo, barrier, full_state_dict
+from dalle.train.ema import EMA
+from dalle.train.exports import load_dvae, model_path, write_model_dir
+from dalle.train.loop import Trainer, check_image_size
+from dalle.train.outputs import save_image_grid, warn_once
+from dalle.train.schedules import warmup_lr
 
 
 def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
