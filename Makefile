@@ -68,5 +68,11 @@ bench: $(DEV)
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51
 	$(PY) benchmarks/bench_train.py --image-size 256 --batch 8 16
 
+# One-shot GPU check (issue 20): report in $(OUT)/gpu-check/gpu-check.md (without CUDA: a CPU smoke run on tiny
+# configurations). On the lent device: see scripts/gpu_check_wheels.sh for the command and the wheels to carry.
+.PHONY: gpu-check
+gpu-check: $(DEV)
+	PYTHONPATH=. $(PY) scripts/gpu_check.py --out $(OUT)/gpu-check
+
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info
