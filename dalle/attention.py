@@ -197,8 +197,14 @@ def _flex_attention():
     """FlexAttention compiled once per process (it is slow and memory-hungry uncompiled)."""
     global _flex_compiled
     if _flex_compiled is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
+        # one compilation per mask type and grad mode (four types: eight), which is dynamo's default limit; past
+        # it FlexAttention would silently run uncompiled (slow, memory-hungry)
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled
 

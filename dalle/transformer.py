@@ -567,19 +567,26 @@ class DALLETransformer(nn.Module):
                     module.to(dtype)
         return self
 
-    def compile_decoding(self, mode: str | None = None) -> DALLETransformer:
+    def compile_decoding(
+        self, mode: str | None = None, *, backend: str = "inductor", fullgraph: bool = False
+    ) -> DALLETransformer:
         """Compile the one-token decode step with ``torch.compile``; returns self.
 
         ``mode`` defaults to ``"reduce-overhead"`` on CUDA (CUDA graphs: the step replays as one graph, which
         makes decoding memory-bound instead of launch-bound) and ``"default"`` elsewhere. The first steps
         after a change of batch size compile or record anew. ``mode="off"`` goes back to eager decoding.
+        ``backend`` and ``fullgraph`` go to ``torch.compile`` (``backend="eager"`` traces without generating
+        code: a quick check that the step is one graph).
         """
         if mode == "off":
             self._compiled_step = None
             return self
-        if mode is None:
+        if backend != "inductor":
+            mode = None  # modes are inductor's
+        elif mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self._compiled_step = torch.compile(self._step, mode=mode, dynamic=False)
+        self._compiled_step = torch.compile(self._step, mode=mode, backend=backend, fullgraph=fullgraph,
+                                            dynamic=False)
         return self
 
     @property

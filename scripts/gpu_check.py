@@ -494,7 +494,7 @@ def _compile(model: Any, smoke: bool) -> None:
     if smoke:
         # inductor's C++ code generation takes tens of seconds on a small CPU: the smoke run checks that the step
         # traces as one graph (what CUDA graphs need), with dynamo's eager backend instead
-        model._compiled_step = torch.compile(model._step, backend="eager", fullgraph=True, dynamic=False)
+        model.compile_decoding(backend="eager", fullgraph=True)
     else:
         model.compile_decoding()  # mode "reduce-overhead" on CUDA
 
