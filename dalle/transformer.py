@@ -217,25 +217,27 @@ class SelfAttention(nn.Module):
         return q, k, v  # each [B, H, P, Dh]
 
     def forward(
-        self, x: torch.Tensor, masks: AttentionMasks, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        masks: AttentionMasks,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention over the first ``x.shape[1]`` slots; with ``cache`` the keys/values are stored too."""
+        """Attention over the first ``x.shape[1]`` slots, storing keys/values in ``cache`` when given; or, with
+        ``position`` (a 0-dim long tensor; needs ``cache``), of one new slot ``x`` [B, 1, d] over the cache."""
         q, k, v = self._split(x)
-        if cache is not None:
-            cache.write_prefix(layer, k, v)
-        p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, masks, self.attn_type, self.backend, p)
+        if position is not None:
+            assert cache is not None, "one-slot attention reads the KV cache"
+            cache.write_one(layer, position, k, v)
+            table = masks.decode_table(self.attn_type, x.device)
+            y = attend_one(q, cache.k[layer], cache.v[layer], table, position).to(x.dtype)
+        else:
+            if cache is not None:
+                cache.write_prefix(layer, k, v)
+            p = self.dropout if self.training else 0.0
+            y = attend(q, k, v, masks, self.attn_type, self.backend, p)
         return self.proj(y.transpose(1, 2).reshape(x.shape))
-
-    def step(
-        self, x: torch.Tensor, masks: AttentionMasks, cache: KVCache, layer: int, position: torch.Tensor
-    ) -> torch.Tensor:
-        """One new slot ``position``: x is [B, 1, d]."""
-        q, k, v = self._split(x)
-        cache.write_one(layer, position, k, v)
-        table = masks.decode_table(self.attn_type, x.device)
-        y = attend_one(q, cache.k[layer], cache.v[layer], table, position)
-        return self.proj(y.to(x.dtype).transpose(1, 2).reshape(x.shape))
 
 
 class Block(nn.Module):
@@ -253,18 +255,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, masks: AttentionMasks, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        masks: AttentionMasks,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full (or prefix) pass; stores keys/values in ``cache`` when given."""
-        x = x + self.drop(self.attn(self.ln_1(x), masks, cache, layer))
+        """Full (or prefix) pass, storing keys/values in ``cache`` when given; with ``position``, the one-slot
+        pass of cached decoding (one method, so that module hooks such as FSDP2's see both)."""
+        x = x + self.drop(self.attn(self.ln_1(x), masks, cache, layer, position))
         return x + self.drop(self.mlp(self.ln_2(x)))
-
-    def step(
-        self, x: torch.Tensor, masks: AttentionMasks, cache: KVCache, layer: int, position: torch.Tensor
-    ) -> torch.Tensor:
-        """One-slot pass for cached decoding."""
-        x = x + self.attn.step(self.ln_1(x), masks, cache, layer, position)
-        return x + self.mlp(self.ln_2(x))
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -551,7 +552,7 @@ class DALLETransformer(nn.Module):
             x = self.image_emb(token) + self.row_emb(cell // grid) + self.col_emb(cell % grid)
             x = x.unsqueeze(1)
             for i, block in enumerate(self.blocks):
-                x = block.step(x, self.masks, cache, i, position)
+                x = block(x, self.masks, cache, i, position)
             h = self.ln_f(x)
         return self._heads(h[:, 0], self.image_head)
 
