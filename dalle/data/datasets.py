@@ -8,6 +8,8 @@ Sources (all yield ``(image or None, caption, name)``; ``None`` marks an unreada
 * :class:`TarShards` - WebDataset-style ``.tar`` files: members ``KEY.jpg|png|...`` and ``KEY.txt`` next to
   each other, read as a stream (never unpacked to disk).
 * :class:`ShapesSource` - :func:`dalle.data.shapes.sample`, an endless index-addressable stream.
+* :class:`LettersSource` - :func:`dalle.data.letters.sample`: 360 coloured letters on white, a fixed tiny
+  dataset (map-style, like a folder).
 * :class:`TokenShards` - what ``dalle encode-dataset`` writes: image tokens in memory-mapped ``.npy`` files
   plus the captions, so that transformer training never runs the dVAE encoder.
 
@@ -153,6 +155,30 @@ class ShapesSource:
         return image, caption, f"{name}:{self.seed}:{self.offset + index}"
 
 
+class LettersSource:
+    """The fixed letters dataset (:mod:`dalle.data.letters`): items ``0 .. count-1`` of seed ``seed``, rendered
+    at ``size``. Map-style with a length, so it is batched and held out like a folder of images."""
+
+    def __init__(self, seed: int = 0, size: int = 64, count: int | None = None) -> None:
+        from dalle.data import letters
+
+        self.seed = int(seed)
+        self.size = int(size)
+        self.count = int(count if count is not None else letters.COUNT)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int, rng: random.Random | None = None) -> RawSample:
+        """Letter image ``index`` and its caption."""
+        from dalle.data import letters
+
+        if not 0 <= index < self.count:
+            raise IndexError(f"letters index {index} out of range 0..{self.count - 1}")
+        image, caption = letters.sample(index, seed=self.seed, size=self.size)
+        return image, caption, f"letters:{self.seed}:{index}"
+
+
 class TokenShards:
     """Pre-tokenized data written by :class:`TokenShardWriter` (``dalle encode-dataset``), memory-mapped."""
 
@@ -268,8 +294,9 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
     """Turn a data argument into a source.
 
     ``shapes`` or ``shapes:SEED`` -> :class:`ShapesSource`; ``shapes-dense[:SEED]`` -> the dense scenes of
-    :func:`dalle.data.shapes.dense_scene` (uncaptioned, dVAE only); a directory with ``meta.json`` ->
-    :class:`TokenShards`; a directory with ``.tar`` files, a ``.tar`` path or a glob -> :class:`TarShards`
+    :func:`dalle.data.shapes.dense_scene` (uncaptioned, dVAE only); ``letters[:SEED]`` ->
+    :class:`LettersSource` (360 coloured letters on white, :mod:`dalle.data.letters`; a folder of that name
+    wins, with a warning); a directory with ``meta.json`` -> :class:`TokenShards`; a directory with ``.tar`` files, a ``.tar`` path or a glob -> :class:`TarShards`
     (several separated by commas); any other directory -> :class:`ImageTextFolder`.
     """
     text = str(spec)
@@ -286,6 +313,14 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
                     "train the transformer on 'shapes[:SEED]' or on its encoded tokens"
                 )
             return ShapesSource(seed=seed, size=size, dense=dense)
+    if (text == "letters" or text.startswith("letters:")) and not Path(text).is_dir():
+        seed_text = text.split(":", 1)[1] if ":" in text else "0"
+        try:
+            return LettersSource(seed=int(seed_text), size=size)
+        except ValueError:
+            raise ConfigError(f"{text!r}: the seed after 'letters:' must be an integer") from None
+    if text == "letters" or text.startswith("letters:"):
+        warnings.warn(f"--data {text!r}: using the folder {text!r}, not the built-in letters dataset", stacklevel=2)
     parts = [s for s in text.split(",") if s]
     if len(parts) > 1 or text.endswith(".tar") or any(ch in text for ch in "*?["):
         return TarShards(parts)
@@ -298,7 +333,8 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
         return ImageTextFolder(path, require_captions=require_captions)
     raise ConfigError(
         f"cannot use {text!r} as training data: give a folder of images with .txt captions, .tar shards "
-        "(a file, a folder of them or a glob), a token-shard folder from `dalle encode-dataset`, or 'shapes'"
+        "(a file, a folder of them or a glob), a token-shard folder from `dalle encode-dataset`, 'shapes' "
+        "or 'letters'"
     )
 
 

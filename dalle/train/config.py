@@ -36,9 +36,18 @@ class LoopConfig:
 
 # the paper's run: 3M updates; beta warm-up 5k, tau annealing 150k, step-size annealing 1.2M
 PAPER_STEPS = 3_000_000
-PAPER_BETA_FRAC = 5_000 / PAPER_STEPS
-PAPER_TAU_FRAC = 150_000 / PAPER_STEPS
-PAPER_LR_FRAC = 1_200_000 / PAPER_STEPS
+PAPER_BETA_STEPS, PAPER_TAU_STEPS, PAPER_LR_STEPS = 5_000, 150_000, 1_200_000
+PAPER_BETA_FRAC = PAPER_BETA_STEPS / PAPER_STEPS
+PAPER_TAU_FRAC = PAPER_TAU_STEPS / PAPER_STEPS
+PAPER_LR_FRAC = PAPER_LR_STEPS / PAPER_STEPS
+# Default schedule lengths: the paper's lengths in updates, but at most these shares of the run. A 3M-update
+# run gets exactly the paper's schedules. A short run used to get the paper's *fractions* (issue 22): 1000
+# updates meant the full KL weight after 2 updates, tau at 1/16 after 50 and the step size at 1.25e-6 for the
+# last 600, so the KL term kept the encoder's softmax near uniform while tau froze the (random) gumbel
+# choices, and the decoder learned the average image (coloured letters: 8 codes, 12 dB, grey blobs). Capped
+# this way the encoder learns for a tenth of the run before the KL weight is full, tau anneals over half of
+# it and the step size over all of it (same letters run: 17.5 dB and a 3x lower loss; see BENCHMARKS.md).
+MAX_BETA_SHARE, MAX_TAU_SHARE, MAX_LR_SHARE = 0.1, 0.5, 1.0
 
 
 @dataclass
@@ -55,16 +64,16 @@ class DVAETrainConfig(LoopConfig):
     vocab_size: int = 8192
     lr: float = 1e-4
     lr_end: float = 1.25e-6
-    lr_steps: int | None = None  # default: PAPER_LR_FRAC of the run
+    lr_steps: int | None = None  # default: the paper's 1.2M updates, at most the whole run
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     kl_weight: float = 6.6
-    kl_steps: int | None = None  # beta warm-up length; default PAPER_BETA_FRAC of the run
+    kl_steps: int | None = None  # beta warm-up length; default the paper's 5k updates, at most a tenth of the run
     tau_start: float = 1.0
     tau_end: float = 1.0 / 16.0
-    tau_steps: int | None = None  # default PAPER_TAU_FRAC of the run
+    tau_steps: int | None = None  # default the paper's 150k updates, at most half the run
     ema_decay: float = 0.999
     ema_every: int = 1
     straight_through: bool = False  # NOT the paper: one-hot forward, soft backward
@@ -81,14 +90,15 @@ class DVAETrainConfig(LoopConfig):
     export_ema: bool = True
 
     def resolved_steps(self) -> dict[str, int]:
-        """Schedule lengths actually used (the paper's fractions of ``steps`` unless set)."""
-        def frac(value: int | None, f: float) -> int:
-            return int(value) if value is not None else max(1, round(self.steps * f))
+        """Schedule lengths actually used unless set: the paper's lengths in updates, capped at a tenth (KL
+        warm-up), half (tau) and all (step size) of ``steps`` (see MAX_BETA_SHARE)."""
+        def length(value: int | None, paper: int, share: float) -> int:
+            return int(value) if value is not None else max(1, min(paper, round(self.steps * share)))
 
         return {
-            "kl_steps": frac(self.kl_steps, PAPER_BETA_FRAC),
-            "tau_steps": frac(self.tau_steps, PAPER_TAU_FRAC),
-            "lr_steps": frac(self.lr_steps, PAPER_LR_FRAC),
+            "kl_steps": length(self.kl_steps, PAPER_BETA_STEPS, MAX_BETA_SHARE),
+            "tau_steps": length(self.tau_steps, PAPER_TAU_STEPS, MAX_TAU_SHARE),
+            "lr_steps": length(self.lr_steps, PAPER_LR_STEPS, MAX_LR_SHARE),
         }
 
     def validate(self) -> None:

@@ -12,14 +12,16 @@ Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented 
 * ``loss = (nll + beta * kl) / (H * W * C)``, averaged over the batch (effective KL weight beta / 192 at the
   paper's sizes).
 
-Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6, each
-over a fraction of the run: the paper's 5k, 150k and 1.2M of 3M updates unless set. AdamW (0.9, 0.999),
+Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6, over
+the paper's 5k, 150k and 1.2M updates capped at a tenth, half and all of the run unless set (issue 22: the
+paper's fractions of a short run left no time to learn before the KL weight was full and tau low). AdamW (0.9, 0.999),
 eps 1e-8, weight decay 1e-4; EMA of the weights (decay 0.999) is what gets exported and evaluated.
 Not in the paper: ``freeze_encoder`` (with ``init``) trains only the decoder, on the one-hot argmax codes of the
 frozen encoder, i.e. the codes ``encode`` gives and a transformer samples; the token space stays the same, so a
 transformer trained on it keeps working with the new decoder. ``new_decoder`` starts that decoder afresh.
 Evaluation: hard (argmax) reconstructions of held-out images -> PSNR, and the perplexity of the code
-histogram (exp of its entropy; K means every code equally used) plus the number of codes used.
+histogram (exp of its entropy; K means every code equally used) plus the number of codes used; the run ends
+with a summary (:func:`dvae_verdict`) that warns loudly when those say the dVAE is unusable.
 """
 
 from __future__ import annotations
@@ -155,6 +157,109 @@ def reconstruction_metrics(
     return metrics, torch.cat(recons)
 
 
+# ---------------------------------------------------------------------------------------------- run verdict
+# A dVAE is judged unusable (the run summary says so loudly) when any of these holds on its held-out images:
+# * PSNR below MIN_PSNR_DB: an RMS error of 10% of the pixel range (25 grey levels) everywhere, or letters /
+#   edges missing on a flat background, which is what collapsed runs give (issue 22: 16 dB, grey blobs);
+# * PSNR less than MIN_GAIN_DB above the flat-colour baseline (every image painted in its own mean colour):
+#   the codes then carry next to no information about where anything is;
+# * fewer codes in use than the images have common cell colours (:func:`cell_variety`): even the flat
+#   colours cannot all be drawn (a collapsed codebook: 1-8 codes on coloured letters).
+MIN_PSNR_DB = 20.0
+MIN_GAIN_DB = 3.0
+
+
+def flat_colour_psnr(images: torch.Tensor) -> float:
+    """Mean PSNR (dB) of replacing each uint8 image [N, 3, S, S] by its own mean colour: the floor a useful
+    dVAE must clear by a margin."""
+    x = images.float() / 255.0
+    mse = ((x - x.mean(dim=(2, 3), keepdim=True)) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return (10.0 * torch.log10(1.0 / mse)).mean().item()
+
+
+def cell_variety(images: torch.Tensor, levels: int = 4, min_share: float = 0.005) -> int:
+    """Common cell colours of uint8 images [N, 3, S, S]: the mean colours of their 8x8 cells (one token each),
+    quantised to ``levels`` per channel, counted where they cover at least ``min_share`` of the cells. A dVAE
+    needs at least one code for each (7 for the letters dataset and for shapes scenes; photos reach dozens)."""
+    b, c, h, w = images.shape
+    cells = images[:, :, : h - h % 8, : w - w % 8].float()
+    cells = cells.reshape(b, c, h // 8, 8, w // 8, 8).mean(dim=(3, 5))
+    q = (cells * levels / 256.0).long().clamp_(0, levels - 1)
+    keys = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]
+    counts = torch.bincount(keys.flatten(), minlength=levels**3)
+    return max(1, int((counts >= max(1.0, min_share * keys.numel())).sum().item()))
+
+
+def dvae_verdict(
+    metrics: Mapping[str, float], *, vocab_size: int, steps: int, last_train: Mapping[str, Any] | None = None,
+    cfg: DVAETrainConfig | None = None,
+) -> tuple[bool, list[str], list[str]]:
+    """Judge a trained dVAE from its evaluation ``metrics`` (``psnr``, ``codes_used``, and ``flat_psnr`` /
+    ``cell_variety`` where known). Returns (usable, problems, advice): what is wrong, and which flags to change,
+    using the last training record (``kl``, ``beta``) and the settings to tell the failure modes apart."""
+    problems: list[str] = []
+    psnr, codes = metrics.get("psnr"), metrics.get("codes_used")
+    flat, variety = metrics.get("flat_psnr"), metrics.get("cell_variety")
+    if psnr is not None and psnr < MIN_PSNR_DB:
+        problems.append(f"PSNR {psnr:.1f} dB is below {MIN_PSNR_DB:.0f} dB (an RMS error of 10% of the range)")
+    if psnr is not None and flat is not None and psnr < flat + MIN_GAIN_DB:
+        problems.append(
+            f"PSNR {psnr:.1f} dB is not {MIN_GAIN_DB:.0f} dB better than painting each image in its mean colour "
+            f"({flat:.1f} dB): the codes carry almost no information"
+        )
+    if codes is not None and variety is not None and codes < variety:
+        problems.append(
+            f"{int(codes)} codes in use (of {vocab_size}) for images with {int(variety)} common cell colours: "
+            "the codebook has collapsed"
+        )
+    elif codes is not None and codes <= 2:
+        problems.append(f"{int(codes)} codes in use (of {vocab_size}): the codebook has collapsed")
+    if not problems:
+        return True, [], []
+    advice: list[str] = []
+    kl = (last_train or {}).get("kl")
+    ln_k = math.log(vocab_size)
+    if kl is not None and kl >= 0.98 * ln_k:
+        advice.append(
+            f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one code for "
+            "sure and unused codes get no gradient; lower --lr (1e-4 .. 3e-4) and keep --kl-steps a tenth of the run"
+        )
+    elif kl is not None and kl < 0.1 * ln_k:
+        advice.append(
+            f"the posterior stayed near uniform (KL {kl:.2f} of ln {vocab_size} = {ln_k:.2f}): the KL term won "
+            "and the gumbel noise picks the codes, so the decoder learns the average image; lengthen "
+            "--kl-steps / --tau-steps (or leave them unset: a tenth / half of the run), or lower --kl-weight"
+        )
+    if steps < 1000:
+        advice.append(f"only {steps} updates: train longer (--steps, --time-limit) or use a smaller model")
+    if cfg is not None and cfg.n_hid >= 128 and cfg.image_size <= 128:
+        advice.append(
+            f"--n-hid {cfg.n_hid} is the paper's width for 256-px photos; small flat-colour images learn in "
+            "CPU minutes with --n-hid 32 --n-blk-per-group 1 --n-init 64"
+        )
+    if vocab_size > 1024:
+        advice.append(f"--vocab-size {vocab_size} is more than a small dataset can fill: try 512")
+    advice.append("a recipe that learns coloured letters on white in CPU minutes: --config recipes/letters/dvae.json")
+    return False, problems, advice
+
+
+def format_verdict(usable: bool, problems: list[str], advice: list[str], metrics: Mapping[str, float]) -> str:
+    """The run summary as text: one line when usable, a loud multi-line warning otherwise."""
+    head = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("psnr", "flat_psnr", "codes_used", "cell_variety", "perplexity")
+        if k in metrics
+    )
+    if usable:
+        return f"dVAE summary: {head} (usable)"
+    bar = "!" * 78
+    lines = [bar, "WARNING: THIS dVAE IS UNUSABLE (" + head + ")"]
+    lines += [f"  - {p}" for p in problems]
+    lines.append("What to change:")
+    lines += [f"  * {a}" for a in advice]
+    lines.append(bar)
+    return "\n".join(lines)
+
+
 class DVAETrainer(Trainer):
     """Trains an :class:`dalle.dvae.Encoder` / :class:`dalle.dvae.Decoder` pair (one process or torchrun DDP)."""
 
@@ -211,6 +316,14 @@ class DVAETrainer(Trainer):
         )
         self.last_eval: dict[str, float] = {}
         self._collapsed_steps = 0
+        self._last_record: dict[str, Any] = {}
+        # what the run summary judges the PSNR and the codes in use against (see dvae_verdict)
+        self._baseline: dict[str, float] = {}
+        if self.eval_images is not None:
+            self._baseline = {
+                "flat_psnr": flat_colour_psnr(self.eval_images),
+                "cell_variety": float(cell_variety(self.eval_images)),
+            }
 
     # -------------------------------------------------------------- data
     def _transform(self, img: Any, rng: random.Random) -> Any:
@@ -248,6 +361,7 @@ class DVAETrainer(Trainer):
         """Warn once when the posterior has collapsed: KL at ln K means every position is a one-hot on one
         code, the softmax is saturated and the run cannot recover. Not with a frozen encoder: the KL is then
         fixed by its weights (nothing in the run can change it), and only the decoder learns."""
+        self._last_record = dict(record)
         if self.cfg.freeze_encoder:
             return
         collapsed = record.get("kl", 0.0) >= 0.995 * math.log(self.vocab_size)
@@ -287,6 +401,7 @@ class DVAETrainer(Trainer):
             return {}
         enc, dec = self._export_modules()
         metrics, recons = reconstruction_metrics(enc, dec, self.eval_images)
+        metrics.update(self._baseline)
         self.last_eval = metrics
         self._last_recons = recons
         return metrics
@@ -312,7 +427,34 @@ class DVAETrainer(Trainer):
             return None
         enc, dec = self._export_modules()
         extra = {"steps": self.step, "eval": self.last_eval, "ema": bool(self.ema and self.cfg.export_ema)}
+        summary = self.summarize()
+        if summary is not None:
+            extra["usable"] = summary["usable"]
         return save_dvae_dir(self.out / "dvae", enc.cpu(), dec.cpu(), self.cfg.image_size, extra)
+
+    def summarize(self) -> dict[str, Any] | None:
+        """The run summary (main rank): judge the last evaluation with :func:`dvae_verdict`, print it to
+        stderr (a loud warning, and a Python warning, when the dVAE is unusable) and log it to metrics.jsonl
+        as ``{"kind": "summary", "usable", "problems", "advice", ...}``. None without an evaluation."""
+        import sys
+
+        if not self.info.is_main:
+            return None
+        if not self.last_eval:
+            print("dVAE summary: no evaluation ran (--eval-images 0 or --eval-every 0), so the result is not "
+                  "judged; run `dalle reconstruct` on a few images to check it", file=sys.stderr)
+            return None
+        usable, problems, advice = dvae_verdict(
+            self.last_eval, vocab_size=self.vocab_size, steps=self.step, last_train=self._last_record, cfg=self.cfg
+        )
+        text = format_verdict(usable, problems, advice, self.last_eval)
+        print(text, file=sys.stderr, flush=True)
+        if not usable:
+            warnings.warn("the trained dVAE is unusable: " + "; ".join(problems), stacklevel=2)
+        record = {"kind": "summary", "step": self.step, "usable": usable, "problems": problems, "advice": advice,
+                  **self.last_eval}
+        self.metrics.log(record)
+        return record
 
 
 def train_dvae(cfg: DVAETrainConfig, resume: bool | str = False, info: DistInfo | None = None) -> Path | None:
@@ -329,5 +471,9 @@ __all__ = [
     "logit_laplace_nll",
     "reconstruction_metrics",
     "schedules",
+    "cell_variety",
+    "dvae_verdict",
+    "flat_colour_psnr",
+    "format_verdict",
     "train_dvae",
 ]
