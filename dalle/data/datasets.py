@@ -63,7 +63,7 @@ RawSample = tuple[Image.Image | None, str, str]  # (image or None when unreadabl
 
 
 def _derive_seed(*keys: Any) -> int:
-    from dalle.train.common import derive_seed
+    from dalle.seeds import derive_seed
 
     return derive_seed(*keys)
 

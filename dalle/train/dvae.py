@@ -39,18 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle.train.common import (
-    EMA,
-    DistInfo,
-    Trainer,
-    cosine_schedule,
-    load_full_state_dict,
-    make_generator,
-    save_dvae_dir,
-    save_image_grid,
-    seed_everything,
-)
+from dalle.seeds import make_generator, seed_everything
 from dalle.train.config import PAPER_BETA_FRAC, PAPER_LR_FRAC, PAPER_TAU_FRAC, DVAETrainConfig  # noqa: F401
+from dalle.train.distributed import DistInfo, load_full_state_dict
+from dalle.train.ema import EMA
+from dalle.train.exports import save_dvae_dir
+from dalle.train.loop import Trainer
+from dalle.train.outputs import save_image_grid
+from dalle.train.schedules import cosine_schedule
 
 
 def schedules(step: float, cfg: DVAETrainConfig) -> dict[str, float]:
@@ -275,7 +271,7 @@ class DVAETrainer(Trainer):
         self.cfg = cfg
         seed_everything(cfg.seed)
         if cfg.init:
-            from dalle.train.common import load_dvae
+            from dalle.train.exports import load_dvae
 
             encoder, decoder, _ = load_dvae(cfg.init)
             if cfg.new_decoder:

@@ -15,7 +15,7 @@
 
 Data: token shards from ``dalle encode-dataset`` (no encoder at training time), or any image source
 (folder, tar shards, ``shapes``) encoded on the fly by the frozen dVAE encoder (argmax tokens, never gumbel
-noise: trap 9 of the spec). The output is a model directory (:func:`dalle.train.common.write_model_dir`)
+noise: trap 9 of the spec). The output is a model directory (:func:`dalle.train.exports.write_model_dir`)
 that :meth:`dalle.pipeline.DALLE.from_pretrained` loads.
 
 Determinism: caption-dropout and BPE-dropout decisions, augmentation and data order are seeded by (seed,
