@@ -92,11 +92,12 @@ class PyBPE:
                     if dropout_prob > 0.0:
                         pieces = self._encode_word(word, dropout_prob, rng)
                     else:
-                        pieces = self._cache.get(word)
-                        if pieces is None:
+                        cached = self._cache.get(word)
+                        if cached is None:
                             if len(self._cache) >= _CACHE_WORDS:
                                 self._cache.clear()
-                            pieces = self._cache[word] = self._encode_word(word, 0.0, rng)
+                            cached = self._cache[word] = self._encode_word(word, 0.0, rng)
+                        pieces = cached
                     for tid, text in pieces:
                         ids.append(tid)
                         texts.append(text)

@@ -36,7 +36,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +183,7 @@ class AttentionMasks:
 
             with torch.inference_mode(False):
                 self._cache[key] = create_block_mask(mask_mod, None, None, length, length, device=str(device))
-        return self._cache[key]
+        return cast("BlockMask", self._cache[key])
 
 
 # ---------------------------------------------------------------------------------------------- kernels

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -177,7 +177,8 @@ class Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` ("same" padding), in the compute dtype the module chose for this device."""
         dtype = self.compute_dtype()
-        w, b = self.w, self.b
+        w: torch.Tensor = self.w
+        b: torch.Tensor = self.b
         if w.dtype != dtype:
             w, b = w.to(dtype), b.to(dtype)
         if x.dtype != dtype:
@@ -192,6 +193,7 @@ class _Block(nn.Module):
     """Pre-activation bottleneck resblock: ``id_path(x) + post_gain * res_path(x)``."""
 
     kernels: tuple[int, int, int, int] = (3, 3, 3, 1)
+    res_path: _ResPath
 
     def __init__(
         self,
@@ -213,7 +215,7 @@ class _Block(nn.Module):
             if n_in != n_out
             else nn.Identity()
         )
-        self.res_path = nn.Sequential(
+        res_path = nn.Sequential(
             OrderedDict(
                 [
                     ("relu_1", nn.ReLU()),
@@ -233,6 +235,7 @@ class _Block(nn.Module):
                 ]
             )
         )
+        self.res_path = cast("_ResPath", res_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._rest(self.res_path.conv_1(torch.relu(x)), self.id_path(x))
@@ -278,6 +281,28 @@ class DecoderBlock(_Block):
         return self._rest(h, identity)
 
 
+if TYPE_CHECKING:
+    # Static views of the nn.Sequential containers built below, so that attribute access such as
+    # ``self.blocks.input`` or ``self.res_path.conv_1`` is typed (nn.Module.__getattr__ returns
+    # ``Tensor | Module``). Only the type checker sees them; at runtime the containers are nn.Sequential.
+    class _ResPath(nn.Sequential):
+        conv_1: Conv2d
+        conv_2: Conv2d
+        conv_3: Conv2d
+        conv_4: Conv2d
+
+    class _Group(nn.Sequential):
+        block_1: _Block
+
+    class _DVAEBlocks(nn.Sequential):
+        input: Conv2d
+        group_1: _Group
+
+    class _EncoderOutput(nn.Sequential):
+        relu: nn.ReLU
+        conv: Conv2d
+
+
 def _to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -306,6 +331,8 @@ class _DVAEModule(nn.Module):
     # rounding (~1e-6 relative). Set to False on an instance to run OpenAI's NCHW kernels (the encoder then
     # reproduces OpenAI's outputs bit for bit on CPU).
     channels_last: bool = True
+    blocks: _DVAEBlocks
+    use_mixed_precision: bool
 
     def _init_precision(self, dtype: torch.dtype | str | None) -> None:
         self._dtype = resolve_dtype(dtype)
@@ -403,7 +430,7 @@ class Encoder(_DVAEModule):
                 layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
             return nn.Sequential(OrderedDict(layers))
 
-        self.blocks = nn.Sequential(
+        blocks = nn.Sequential(
             OrderedDict(
                 [
                     ("input", Conv2d(input_channels, n_hid, 7, device=device, requires_grad=requires_grad)),
@@ -435,6 +462,7 @@ class Encoder(_DVAEModule):
                 ]
             )
         )
+        self.blocks = cast("_DVAEBlocks", blocks)
         self._init_precision(dtype)
 
     def config(self) -> dict[str, Any]:
@@ -464,7 +492,8 @@ class Encoder(_DVAEModule):
         with self._own_precision():
             for name, module in self.blocks.named_children():
                 if name == "output" and h.is_contiguous(memory_format=torch.channels_last):
-                    h = _conv1x1_to_nchw(module.conv, module.relu(h))
+                    output = cast("_EncoderOutput", module)
+                    h = _conv1x1_to_nchw(output.conv, output.relu(h))
                 else:
                     h = module(h)
         return h.float().contiguous()
@@ -527,7 +556,7 @@ class Decoder(_DVAEModule):
                 layers.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             return nn.Sequential(OrderedDict(layers))
 
-        self.blocks = nn.Sequential(
+        blocks = nn.Sequential(
             OrderedDict(
                 [
                     (
@@ -568,6 +597,7 @@ class Decoder(_DVAEModule):
                 ]
             )
         )
+        self.blocks = cast("_DVAEBlocks", blocks)
         self._init_precision(dtype)
 
     def config(self) -> dict[str, Any]:

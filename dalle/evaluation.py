@@ -101,7 +101,8 @@ def evaluate(
     gen_seconds = judge_seconds = 0.0
     for name in names:
         prompts = shapes.eval_prompts(name, prompts_per_set)
-        per_prompt, failures = [], Counter()
+        per_prompt: list[dict[str, Any]] = []
+        failures: Counter[str] = Counter()
         group = max(1, _IMAGES_PER_CALL // images_per_prompt)
         for start in range(0, len(prompts), group):
             chunk = prompts[start : start + group]

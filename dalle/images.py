@@ -196,7 +196,7 @@ def preprocess(image: ImageLike, size: int = 256, allow_upscale: bool = False) -
     r = size / s
     new_w, new_h = max(size, round(r * w)), max(size, round(r * h))
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.LANCZOS)
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
@@ -315,9 +315,10 @@ def save_png(
     Latin-1 text goes into tEXt chunks, anything else into iTXt (Pillow's choice). Returns the path.
     """
     if isinstance(image, torch.Tensor):
-        image = to_pil(image)
-        if isinstance(image, list):
+        pil = to_pil(image)
+        if isinstance(pil, list):
             raise ImageError("save_png takes one image; use make_grid for a batch")
+        image = pil
     if not isinstance(image, Image.Image):
         raise ImageError(f"save_png expects a PIL image or a tensor, got {type(image).__name__}")
     info = PngImagePlugin.PngInfo()

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import random
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ def rng_state() -> dict[str, Any]:
     """The global RNG states (Python, NumPy, torch CPU and CUDA), for checkpoints."""
     # Only plain containers, numbers, strings and tensors, so that checkpoints load with weights_only=True:
     # NumPy's key array travels as an int64 tensor.
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True (the default) gives the MT19937 tuple; the stubs also allow the dict form
+    kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),

@@ -637,7 +637,7 @@ class BPETokenizer:
         return {"model": self._model, "n_threads": self._n_threads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["model"], n_threads=state["n_threads"], source="unpickled tokenizer model")
+        type(self).__init__(self, state["model"], n_threads=state["n_threads"], source="unpickled tokenizer model")
 
     def __repr__(self) -> str:
         info = self._info

@@ -274,6 +274,10 @@ class Block(nn.Module):
 class DALLETransformer(nn.Module):
     """The DALL-E transformer (see the module docstring for the stream layout)."""
 
+    # non-persistent buffers (register_buffer in __init__): the grid row and column of each image slot
+    _cell_rows: torch.Tensor
+    _cell_cols: torch.Tensor
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         if not isinstance(config, TransformerConfig):

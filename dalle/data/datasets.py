@@ -145,8 +145,8 @@ class ShapesSource:
     def __len__(self) -> int:  # pragma: no cover - endless; callers check `is_endless`
         raise TypeError("the shapes stream is endless")
 
-    def get(self, index: int, rng: random.Random | None = None) -> RawSample:
-        """Rendered scene ``offset + index`` of stream ``seed``."""
+    def get(self, index: int, rng: random.Random | None = None) -> tuple[Image.Image, str, str]:
+        """Rendered scene ``offset + index`` of stream ``seed`` (always readable: a RawSample with an image)."""
         from dalle.data import shapes
 
         draw = shapes.dense_sample if self.dense else shapes.sample
@@ -387,8 +387,8 @@ def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
                 f"an image ({img.width}x{img.height} after its square crop) is smaller than the training size "
                 f"({w}x{h}) and is upscaled (bicubic); more may follow, this is said once", 3
             )
-        return img.resize((w, h), Image.BICUBIC)
-    return img.resize((w, h), Image.BOX)  # area averaging, as the paper's AREA resize
+        return img.resize((w, h), Image.Resampling.BICUBIC)
+    return img.resize((w, h), Image.Resampling.BOX)  # area averaging, as the paper's AREA resize
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -416,7 +416,7 @@ def dvae_augment(img: Image.Image, size: int, rng: random.Random, flip: bool = T
     x, y = rng.randint(0, t - size), rng.randint(0, t - size)
     img = img.crop((x, y, x + size, y + size))
     if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
 
 
@@ -620,7 +620,8 @@ class _TarBatches(torch.utils.data.IterableDataset):
         while True:
             raw = [next(stream) for _ in range(self.b)]
             if (step - self.start) % nw == wid:
-                items, skipped = [], []
+                items: list[tuple[Any, str, int, list[str]] | None] = []
+                skipped: list[str] = []
                 for j, (data, text, key) in enumerate(raw):
                     pos = step * self.gb + self.rank * self.b + j
                     rng = random.Random(_derive_seed(self.seed, "sample", pos))
@@ -665,6 +666,7 @@ def make_batches(
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     global_batch = batch_size * world_size
+    ds: torch.utils.data.Dataset[Any]
     if isinstance(source, TarShards):
         ds = _TarBatches(source, transform, seed, start_step, global_batch, batch_size, rank, world_size,
                          exclude_keys)
@@ -701,8 +703,8 @@ def held_out(source: Any, n: int, size: int) -> tuple[list[Image.Image], list[st
     if isinstance(source, ShapesSource):
         other = ShapesSource(seed=source.seed + 7919, size=source.size)
         for i in range(n):
-            img, cap, _ = other.get(i)
-            images.append(center_crop(img, size))
+            scene, cap, _ = other.get(i)
+            images.append(center_crop(scene, size))
             captions.append(cap)
         return images, captions, 0, frozenset()
     if isinstance(source, TarShards):

@@ -70,7 +70,7 @@ class CheckpointManager:
         self.keep = int(keep)
 
     def _complete(self) -> list[tuple[int, Path]]:
-        found = []
+        found: list[tuple[int, Path]] = []
         if not self.root.is_dir():
             return found
         for entry in self.root.iterdir():

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from dalle.train.exports import save_dvae_dir
 from dalle.train.loop import Trainer
 from dalle.train.outputs import save_image_grid
 from dalle.train.schedules import cosine_schedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dalle.dvae import Decoder, Encoder
 
 
 def schedules(step: float, cfg: DVAETrainConfig) -> dict[str, float]:
@@ -87,7 +90,7 @@ class DVAELoss(nn.Module):
     """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
 
     def __init__(
-        self, encoder: nn.Module, decoder: nn.Module, straight_through: bool = False, freeze_encoder: bool = False
+        self, encoder: Encoder, decoder: Decoder, straight_through: bool = False, freeze_encoder: bool = False
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -122,7 +125,7 @@ class DVAELoss(nn.Module):
 
 @torch.no_grad()
 def reconstruction_metrics(
-    encoder: nn.Module, decoder: nn.Module, images: torch.Tensor, batch_size: int = 16
+    encoder: Encoder, decoder: Decoder, images: torch.Tensor, batch_size: int = 16
 ) -> tuple[dict[str, float], torch.Tensor]:
     """PSNR (dB, images in [0, 1]) of argmax reconstructions, code perplexity and codes used.
 
@@ -260,6 +263,8 @@ class DVAETrainer(Trainer):
     """Trains an :class:`dalle.dvae.Encoder` / :class:`dalle.dvae.Decoder` pair (one process or torchrun DDP)."""
 
     kind = "dvae"
+    cfg: DVAETrainConfig
+    net: DVAELoss
 
     def __init__(self, cfg: DVAETrainConfig, info: DistInfo | None = None) -> None:
         from dalle.data.datasets import center_crop, held_out, open_source, to_uint8_tensor
@@ -291,7 +296,8 @@ class DVAETrainer(Trainer):
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.net.parameters():
             if p.requires_grad:  # a frozen encoder (freeze_encoder) stays out of the optimizer
                 (decay if p.dim() > 1 else no_decay).append(p)
@@ -383,7 +389,7 @@ class DVAETrainer(Trainer):
         return d
 
     # -------------------------------------------------------------- evaluation and outputs
-    def _export_modules(self) -> tuple[nn.Module, nn.Module]:
+    def _export_modules(self) -> tuple[Encoder, Decoder]:
         """Plain copies of encoder and decoder holding the EMA (or raw) weights, in eval mode."""
         net = copy.deepcopy(self.net).to(memory_format=torch.contiguous_format)  # safetensors wants NCHW
         if self.ema is not None and self.cfg.export_ema:

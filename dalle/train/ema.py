@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -12,8 +12,8 @@ from dalle.errors import CheckpointError, ConfigError
 from dalle.train.distributed import _owned_cpu, full_state_dict, is_dtensor, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed.tensor import DTensor
 
-    pass
 
 class EMA:
     """Exponential moving average of a module's floating-point parameters.
@@ -56,7 +56,7 @@ class EMA:
         out: dict[str, torch.Tensor] = {}
         for key, value in self.shadow.items():
             if is_dtensor(value):
-                value = value.full_tensor()
+                value = cast("DTensor", value).full_tensor()
             if keep:
                 out[key] = _owned_cpu(value)
         return out
@@ -71,8 +71,9 @@ class EMA:
                 if is_dtensor(dst):
                     from torch.distributed.tensor import distribute_tensor
 
-                    src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
-                    dst.to_local().copy_(src.to_local())
+                    sharded = cast("DTensor", dst)
+                    src = distribute_tensor(src.to(dst.device, dst.dtype), sharded.device_mesh, sharded.placements)
+                    sharded.to_local().copy_(src.to_local())
                 else:
                     dst.copy_(src)
         self.updates = int(updates)

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -36,8 +36,18 @@ from dalle.train.exports import _RESULT_DIRS, _write_json
 from dalle.train.outputs import MetricsLogger, _clock, plot_loss_curve, warn_once
 
 if TYPE_CHECKING:  # pragma: no cover
+    import random
 
-    pass
+    from torch.distributed.tensor import DTensor
+
+
+class _BatchSettings(Protocol):
+    """What :meth:`Trainer.batches` reads from a trainer's ``cfg`` (both train configs have these fields)."""
+
+    batch_size: int
+    seed: int
+    num_workers: int
+
 
 class StopSignal:
     """Turns SIGTERM and SIGINT into a flag the training loop checks after each step.
@@ -126,6 +136,11 @@ class Trainer:
     """
 
     kind = "base"
+    # set by the subclasses' constructors; read by :meth:`batches`
+    cfg: _BatchSettings
+    source: Any  # a data source from dalle.data.datasets.open_source
+    _exclude_last: int
+    _exclude_keys: frozenset[str]
 
     def __init__(self, loop: LoopConfig, info: DistInfo) -> None:
         self.loop = loop
@@ -159,6 +174,10 @@ class Trainer:
             start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
             exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
         )
+
+    def _transform(self, img: Any, rng: random.Random) -> Any:  # pragma: no cover - abstract
+        """The per-sample transform :meth:`batches` applies (augmentation, resizing)."""
+        raise NotImplementedError
 
     def split(self, batch: Any, parts: int) -> list[Any]:
         """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
@@ -320,8 +339,9 @@ class Trainer:
     def _sync_grads_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         if not last and isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(last)
+        set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if set_sync is not None:  # FSDP2
+            set_sync(last)
         return contextlib.nullcontext()
 
     def _grad_norm(self) -> torch.Tensor:
@@ -330,7 +350,7 @@ class Trainer:
         max_norm = self.loop.clip_grad if self.loop.clip_grad else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if is_dtensor(norm):
-            norm = norm.full_tensor()
+            norm = cast("DTensor", norm).full_tensor()
         return norm.detach()
 
     def schedule_position(self) -> float:
@@ -376,10 +396,10 @@ class Trainer:
         dev = norm.device
         packed = torch.stack([sums[k].to(dev) for k in keys] + [norm.double(), torch.tensor(float(total_n), device=dev,
                                                                                               dtype=torch.float64)])
-        packed = all_reduce_sum(packed, self.info).tolist()
-        n_global = packed[-1]
-        means = {k: packed[i] / n_global for i, k in enumerate(keys)}
-        grad_norm = packed[-2] / self.info.world_size  # identical on every rank after DDP's all-reduce
+        totals = all_reduce_sum(packed, self.info).tolist()
+        n_global = totals[-1]
+        means = {k: totals[i] / n_global for i, k in enumerate(keys)}
+        grad_norm = totals[-2] / self.info.world_size  # identical on every rank after DDP's all-reduce
         finite = all(math.isfinite(v) for v in means.values()) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -392,7 +412,7 @@ class Trainer:
             self.nonfinite_run += 1
         self.step += 1
         self.samples_seen += int(n_global)
-        out = {**means, **sched, "grad_norm": grad_norm, "nonfinite": self.nonfinite_total}
+        out: dict[str, float] = {**means, **sched, "grad_norm": grad_norm, "nonfinite": self.nonfinite_total}
         if not finite and self.nonfinite_run >= self.loop.max_nonfinite:
             last = self.ckpt.latest()
             raise CheckpointError(

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,9 +36,14 @@ from dalle.errors import ConfigError
 from dalle.pipeline import DALLE
 from dalle.train.exports import load_dvae
 from dalle.train.transformer import encode_images
+from dalle.transformer import DALLETransformer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dalle.dvae import Encoder
+    from dalle.vqgan import VQGANEncoder
 
 
-def code_cooccurrence(old_encoder: torch.nn.Module, new_encoder: torch.nn.Module,
+def code_cooccurrence(old_encoder: Encoder | VQGANEncoder, new_encoder: Encoder | VQGANEncoder,
                       batches: Iterable[torch.Tensor], vocab: int) -> torch.Tensor:
     """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over uint8 image batches."""
     counts = torch.zeros(vocab, vocab, dtype=torch.int64)
@@ -90,6 +95,9 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
         raise ConfigError(f"{out_dir} already exists and is not empty; remap writes a new model directory, so "
                           "give a new OUT")
     pipe = DALLE.from_pretrained(model_dir, device="cpu")
+    if not isinstance(pipe.transformer, DALLETransformer):  # its embedding and head are what remap rewrites
+        raise ConfigError(f"{model_dir} holds a {type(pipe.transformer).__name__}; remap works on dalle's own "
+                          "model directories")
     encoder, decoder, size = load_dvae(new_dvae)
     if size != pipe.image_size:
         raise ConfigError(f"the new dVAE was trained at {size} px and the model works at {pipe.image_size} px; "

@@ -43,7 +43,7 @@ def random_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image
     """A blocky random RGB image of ``size`` (w, h)."""
     w, h = size
     small = rng.integers(0, 256, size=(max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((w, h), Image.NEAREST)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST)
 
 
 def make_image_folder(

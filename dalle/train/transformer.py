@@ -29,7 +29,7 @@ import random
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -43,6 +43,11 @@ from dalle.train.exports import load_dvae, model_path, write_model_dir
 from dalle.train.loop import Trainer, check_image_size
 from dalle.train.outputs import save_image_grid, warn_once
 from dalle.train.schedules import warmup_lr
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dalle.dvae import Decoder, Encoder
+    from dalle.transformer import DALLETransformer
+    from dalle.vqgan import VQGANEncoder
 
 
 def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
@@ -61,7 +66,7 @@ def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[st
 class TransformerLoss(nn.Module):
     """Wraps a DALLETransformer so that ``forward`` is its training loss (what DDP / FSDP2 hook)."""
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: DALLETransformer) -> None:
         super().__init__()
         self.transformer = transformer
 
@@ -90,7 +95,7 @@ def encoder_digest(encoder: nn.Module) -> str:
 
 
 @torch.no_grad()
-def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def encode_images(encoder: Encoder | VQGANEncoder, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, S, S] -> argmax image tokens [B, (S/8)^2] (int64, raster order).
 
     ``encoder`` is used as it is (see :func:`prepare_encoder` for the setting every caller here uses).
@@ -107,14 +112,16 @@ def caption_dropped(seed: int, position: int, p: float) -> bool:
     return p > 0 and random.Random(derive_seed(seed, "caption-dropout", position)).random() < p
 
 
-def load_dvae_any(spec: str, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+def load_dvae_any(spec: str, device: torch.device) -> tuple[Encoder, Decoder, int]:
     """A dVAE from a directory (``dalle train-dvae`` output or a model directory) or ``ENC,DEC`` weight files
     that :func:`dalle.loading.load_model` reads (OpenAI's .pkl files included); image size 256 for the latter."""
     if "," in spec:
         from dalle.loading import load_model
 
         enc_path, dec_path = spec.split(",", 1)
-        return load_model(enc_path, device), load_model(dec_path, device), 256
+        # load_model gives an Encoder or a Decoder by the file's contents; the spec names ENC first
+        encoder, decoder = load_model(enc_path, device), load_model(dec_path, device)
+        return cast("Encoder", encoder), cast("Decoder", decoder), 256
     return load_dvae(spec, device)
 
 
@@ -156,6 +163,8 @@ class TransformerTrainer(Trainer):
     """Trains a :class:`dalle.transformer.DALLETransformer` (one process, torchrun DDP or FSDP2)."""
 
     kind = "transformer"
+    cfg: TransformerTrainConfig
+    net: TransformerLoss
 
     def __init__(self, cfg: TransformerTrainConfig, info: DistInfo | None = None, resume: bool = False) -> None:
         from dalle.data.datasets import ShapesSource, TokenShards, held_out, open_source
@@ -179,6 +188,7 @@ class TransformerTrainer(Trainer):
         if cfg.dvae is not None:
             self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
         else:
+            assert cfg.init is not None  # checked above
             self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
         if self.pretokenized and cfg.image_size is None:  # shards know the side they were encoded at
             self.image_size = int(self.source.meta.get("image_size", self.source.grid * 8))
@@ -282,7 +292,8 @@ class TransformerTrainer(Trainer):
         elif info.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for _, p in self.net.named_parameters():
             (decay if p.dim() > 1 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
@@ -318,7 +329,7 @@ class TransformerTrainer(Trainer):
                                               for i in range(0, len(batch), 32)])
         self.last_eval: dict[str, float] = {}
         self._export_step: int | None = None  # the step of the export below (same value on every rank)
-        self._export_model: nn.Module | None = None
+        self._export_model: DALLETransformer | None = None
 
     # -------------------------------------------------------------- data
     def _transform(self, img: Any, rng: random.Random) -> Any:
@@ -384,7 +395,7 @@ class TransformerTrainer(Trainer):
         return d
 
     # -------------------------------------------------------------- outputs
-    def export_transformer(self) -> nn.Module | None:
+    def export_transformer(self) -> DALLETransformer | None:
         """A plain DALLETransformer with the EMA (or raw) weights on rank 0, None elsewhere (collective).
 
         Every rank makes the same decision (export anew, or reuse this step's export), so that all of them
@@ -394,9 +405,9 @@ class TransformerTrainer(Trainer):
         """
         if self._export_step == self.step:
             return self._export_model
-        use_ema = self.ema is not None and self.cfg.export_ema
+        ema = self.ema if self.cfg.export_ema else None
         keep = self.info.is_main
-        state = self.ema.model_state(self.net, keep) if use_ema else full_state_dict(self.net, keep)
+        state = ema.model_state(self.net, keep) if ema is not None else full_state_dict(self.net, keep)
         self._export_step, self._export_model = self.step, None
         if not keep:
             return None
