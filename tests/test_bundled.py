@@ -29,6 +29,7 @@ def test_bundled_files_fit_the_size_budget():
     assert json.loads((REGISTRY["shapes"] / "config.json").read_text())["image_size"] == 256
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["shapes", "shapes-128"])
 def test_bundled_model_generates_on_cpu(name):
     pipe = DALLE.from_pretrained(name, device="cpu")
@@ -60,6 +61,7 @@ def test_bundled_dvae_reconstructs_a_rendered_scene():
     assert psnr > 15, psnr
 
 
+@pytest.mark.integration
 def test_bundled_model_draws_the_colour_and_shape_it_is_asked_for():
     """A behavioural floor, far below the evaluation's targets: the model has learned colours and shapes."""
     from dalle.data import shapes

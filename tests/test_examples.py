@@ -20,6 +20,7 @@ def model_env(tmp_path_factory):
     return {"DALLE_MODEL": str(root / "tiny"), "DALLE_EXAMPLE_OUT": str(root / "out")}
 
 
+@pytest.mark.integration
 def test_script_runs(model_env, monkeypatch):
     for key, value in model_env.items():
         monkeypatch.setenv(key, value)
@@ -28,6 +29,7 @@ def test_script_runs(model_env, monkeypatch):
     assert {p.name for p in out.glob("*.png")} == {"text_to_image.png", "completion.png", "reconstruction.png"}
 
 
+@pytest.mark.integration
 def test_notebook_executes(model_env, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -12,6 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_gpu_check_cpu_smoke_writes_a_report_without_failures(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     try:

@@ -273,6 +273,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
     assert any(not torch.equal(before[k], weights["model"][k]) for k in before)
 
 
+@pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_dir) -> None:
     # BPE dropout 0.5: its draws are seeded per sample position too, so resumption stays exact
     base = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 8, "ckpt_every": 100, "caption_dropout": 0.3,
@@ -311,6 +312,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_
     assert (run / "model" / "config.json").is_file()
 
 
+@pytest.mark.integration
 def test_kill_9_then_resume_gives_the_same_losses(tmp_path) -> None:
     settings = {**TINY_DVAE, "steps": 9, "ckpt_every": 3}
     cfg = _config_file(tmp_path, "train-dvae", settings)
@@ -373,6 +375,7 @@ close_distributed()
 """
 
 
+@pytest.mark.integration
 def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
@@ -602,6 +605,7 @@ close_distributed()
 """
 
 
+@pytest.mark.integration
 def test_torchrun_evaluates_and_samples_at_one_step(tmp_path, dvae_dir) -> None:
     """Evaluation and sample grids at the same step (the defaults do that at step 500 and at the end) under
     FSDP2 and DDP: every rank must take part in the same collectives (a cached export on rank 0 only hung)."""
