@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = actions.add_parser("encode", help="print the token ids of captions (one line each)")
     e.add_argument("--model", required=True, help="tokenizer model file")
-    e.add_argument("captions", nargs="+", metavar="CAPTION")
+    e.add_argument("captions", nargs="+", metavar="CAPTION", help="captions to encode (quote each one)")
     e.add_argument("--text-len", type=int, default=256, help="text positions (default 256; used by --padded)")
     e.add_argument("--padded", action="store_true", help="print all --text-len ids, pads included")
     e.add_argument("--pieces", action="store_true", help="print subword pieces instead of ids (unknown runs as <UNK>)")
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = actions.add_parser("decode", help="turn token ids back into text")
     d.add_argument("--model", required=True, help="tokenizer model file")
-    d.add_argument("ids", nargs="+", type=int, metavar="ID")
+    d.add_argument("ids", nargs="+", type=int, metavar="ID", help="token ids to decode")
     d.set_defaults(func=run)
 
 

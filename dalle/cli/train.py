@@ -151,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "process); the output is the same for any number. Tar shards are a stream and are always read "
                    "in this process")
     p.add_argument("--device", default=argparse.SUPPRESS, help=_HELP["device"])
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress output (default: a bar on a terminal, a line every 10 s elsewhere)")
     p.set_defaults(func=run_encode_dataset, _command="encode-dataset")
 
     p = sub.add_parser(
