@@ -17,7 +17,7 @@ TORCH_INDEX := $(shell if ! command -v nvidia-smi >/dev/null 2>&1 && \
 	echo https://download.pytorch.org/whl/cpu; fi)
 endif
 
-.PHONY: setup test test-all demo lint bench clean
+.PHONY: setup test test-fast test-all demo lint bench clean
 
 setup: $(DEV)
 
@@ -45,6 +45,10 @@ $(DEV): $(STAMP)
 test: $(DEV)
 	$(PY) -m pytest -q
 
+# the inner loop: everything but the end-to-end runs marked `integration` (about a minute)
+test-fast: $(DEV)
+	$(PY) -m pytest -q -m 'not slow and not integration'
+
 test-all: $(DEV)
 	$(PY) -m pytest -q -m ''
 
@@ -55,9 +59,10 @@ lint: $(DEV)
 	$(VENV)/bin/ruff check dalle tests benchmarks
 
 # The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). The references: OpenAI's dall_e
-# for the dVAE (it imports attrs without declaring it), transformers and DALLE-pytorch for sampling.
+# for the dVAE (it imports attrs without declaring it), transformers and DALLE-pytorch for sampling, rudalle
+# (installed by setup) with transformers and more_itertools for ruDALL-E generation.
 bench: $(DEV)
-	$(PIP) install DALL-E attrs transformers dalle-pytorch "pytorch-lightning<2" "setuptools<81"
+	$(PIP) install DALL-E attrs transformers more_itertools dalle-pytorch "pytorch-lightning<2" "setuptools<81"
 	$(PY) benchmarks/bench_peers.py --threads 2
 	$(PY) benchmarks/bench_peers.py --threads 2 --batch 4 --repeats 2
 	$(PY) benchmarks/bench_dvae.py
@@ -67,6 +72,7 @@ bench: $(DEV)
 	$(PY) benchmarks/bench_transformer.py --points 6 --threads 2
 	$(PY) benchmarks/bench_tokenizer.py --repeats 51
 	$(PY) benchmarks/bench_train.py --image-size 256 --batch 8 16
+	$(PY) benchmarks/bench_rudalle.py --depth 2 --threads 2
 
 # One-shot GPU check (issue 20): report in $(OUT)/gpu-check/gpu-check.md (without CUDA: a CPU smoke run on tiny
 # configurations). On the lent device: see scripts/gpu_check_wheels.sh for the command and the wheels to carry.

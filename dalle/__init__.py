@@ -31,6 +31,13 @@ _EXPORTS: dict[str, str] = {
     "DALLETransformer": "dalle.transformer",
     "DALLE": "dalle.pipeline",
     "generate": "dalle.pipeline",
+    "border_mask": "dalle.pipeline",
+    "convert_rudalle": "dalle.pipeline",
+    "RuDalleConfig": "dalle.rudalle",
+    "RuDalleTokenizer": "dalle.rudalle",
+    "RuDalleTransformer": "dalle.rudalle",
+    "VQGANEncoder": "dalle.vqgan",
+    "VQGANDecoder": "dalle.vqgan",
     "DalleError": "dalle.errors",
     "ModelLoadError": "dalle.errors",
     "UnsafePickleError": "dalle.errors",
@@ -49,9 +56,16 @@ __all__ = [
     "Encoder",
     "ImageError",
     "ModelLoadError",
+    "RuDalleConfig",
+    "RuDalleTokenizer",
+    "RuDalleTransformer",
     "TokenizerError",
     "TransformerConfig",
     "UnsafePickleError",
+    "VQGANDecoder",
+    "VQGANEncoder",
+    "border_mask",
+    "convert_rudalle",
     "generate",
     "load_model",
     "make_grid",
@@ -73,9 +87,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from dalle.images import make_grid, preprocess
     from dalle.loading import load_model
-    from dalle.pipeline import DALLE, generate
+    from dalle.pipeline import DALLE, border_mask, convert_rudalle, generate
+    from dalle.rudalle import RuDalleConfig, RuDalleTokenizer, RuDalleTransformer
     from dalle.tokenizer import BPETokenizer
     from dalle.transformer import DALLETransformer, TransformerConfig
+    from dalle.vqgan import VQGANDecoder, VQGANEncoder
 
 
 def __getattr__(name: str) -> Any:

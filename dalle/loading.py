@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
@@ -53,6 +53,10 @@ __all__ = [
     "infer_config",
     "cache_dir",
     "download",
+    "download_hf_file",
+    "hf_endpoint",
+    "hf_url",
+    "write_safetensors",
     "sha256_file",
     "resolve_device",
     "OPENAI_ENCODER_URL",
@@ -1126,7 +1130,9 @@ def _stream(url: str, out: IO[bytes], timeout: float, progress: bool | None, req
     return h.hexdigest()
 
 
-def _progress(chunks: Iterator[bytes], total: int | None, url: str, enabled: bool | None) -> Iterator[bytes]:
+def _progress(
+    chunks: Iterator[bytes], total: int | None, url: str, enabled: bool | None, initial: int = 0
+) -> Iterator[bytes]:
     if enabled is False:
         yield from chunks
         return
@@ -1135,6 +1141,7 @@ def _progress(chunks: Iterator[bytes], total: int | None, url: str, enabled: boo
     # disable=None: tqdm shows the bar only when stderr is a terminal.
     with tqdm(
         total=total,
+        initial=initial,
         unit="B",
         unit_scale=True,
         desc=Path(urlparse(url).path).name,
@@ -1143,3 +1150,171 @@ def _progress(chunks: Iterator[bytes], total: int | None, url: str, enabled: boo
         for chunk in chunks:
             bar.update(len(chunk))
             yield chunk
+
+
+# ------------------------------------------------------------------------------ Hugging Face Hub files
+HF_ENDPOINT = "https://huggingface.co"
+#: statuses with which the Hub answers for a repository that does not exist (any more) under that name
+_HF_MISSING = (401, 404)
+
+
+def hf_endpoint() -> str:
+    """The Hub's base URL: ``$DALLE_HF_ENDPOINT`` (e.g. a mirror, or a local test server), else
+    https://huggingface.co."""
+    return (os.environ.get("DALLE_HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+
+
+def hf_url(repo: str, filename: str) -> str:
+    """``{endpoint}/{repo}/resolve/main/{filename}``: the URL of a file of a Hub repository."""
+    return f"{hf_endpoint()}/{repo}/resolve/main/{filename}"
+
+
+def download_hf_file(
+    repos: str | Sequence[str], filename: str, *, progress: bool | None = None, timeout: float = 60.0
+) -> Path:
+    """Download ``filename`` from the first of ``repos`` (Hub repository ids, e.g. an old name and its
+    renamed successor) that has it, into ``cache_dir()/huggingface/{first repo}/{filename}``; return the path.
+
+    A cached file is returned without network access. The body goes to ``{filename}.part`` beside the target
+    and is renamed into place only when complete; an interrupted download keeps the ``.part`` file and the
+    next call resumes it with an HTTP Range request. A repository that answers 401 or 404 (the Hub's answer
+    for a repository that does not exist under that name) is skipped for the next one. With
+    ``DALLE_OFFLINE=1`` a missing file raises :class:`~dalle.errors.DownloadError`. Two processes must not
+    download the same file at once.
+    """
+    repo_list = [repos] if isinstance(repos, str) else list(repos)
+    if not repo_list or not all(isinstance(r, str) and r.count("/") == 1 for r in repo_list):
+        raise ConfigError(f"repos must be Hub repository ids like 'owner/name', got {repos!r}")
+    if not filename or "/" in filename or filename.startswith("."):
+        raise ConfigError(f"filename must be a plain file name, got {filename!r}")
+    target = cache_dir() / "huggingface" / repo_list[0].replace("/", "--") / filename
+    if target.is_file():
+        return target
+    if _offline():
+        raise DownloadError(
+            f"{filename} of {repo_list[0]} is not in the cache ({target}) and DALLE_OFFLINE is set; unset "
+            "DALLE_OFFLINE or put the file there"
+        )
+    import requests
+
+    part = target.with_name(target.name + ".part")
+    tried = []
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for repo in repo_list:
+            url = hf_url(repo, filename)
+            status = _fetch_resumable(url, part, timeout, progress, requests)
+            if status is None:
+                publish(part, target)
+                return target
+            tried.append(f"{url} (HTTP {status})")
+    except requests.ConnectionError as exc:
+        raise DownloadError(
+            f"could not download {filename}: cannot connect to {urlparse(hf_endpoint()).netloc} "
+            f"({type(exc).__name__}); check the network (or $DALLE_HF_ENDPOINT), or download the file yourself "
+            "and run `dalle convert` on it"
+        ) from None
+    except requests.RequestException as exc:
+        got = part.stat().st_size if part.exists() else 0
+        raise DownloadError(
+            f"download of {filename} interrupted after {got} bytes ({exc}); run the same command again to "
+            f"resume it ({part} is kept)"
+        ) from None
+    except OSError as exc:
+        raise DownloadError(f"could not save {filename} into {target.parent}: {exc}") from None
+    raise DownloadError(
+        f"{filename} was not found: {'; '.join(tried)}. The repository may have been renamed, removed or made "
+        "private; download the file yourself and run `dalle convert` on it"
+    )
+
+
+def _content_range_total(value: str | None) -> tuple[int, int | None] | None:
+    """(first byte, total or None) of a ``Content-Range: bytes a-b/total`` header."""
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
+    if not match:
+        return None
+    return int(match.group(1)), None if match.group(2) == "*" else int(match.group(2))
+
+
+def _fetch_resumable(url: str, part: Path, timeout: float, progress: bool | None, requests: Any) -> int | None:
+    """Fetch ``url`` into ``part``, continuing what ``part`` already holds; None when complete, else the HTTP
+    status meaning "no such repository" (401 / 404). Raises DownloadError on other HTTP errors and on a short
+    body (``part`` is kept for the next try)."""
+    for attempt in range(2):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as resp:
+            if resp.status_code in _HF_MISSING:
+                return resp.status_code
+            if resp.status_code == 416 and attempt == 0:  # the partial file is not a prefix we can extend
+                part.unlink(missing_ok=True)
+                continue
+            if resp.status_code >= 400:
+                raise DownloadError(f"could not download {url}: HTTP {resp.status_code} {resp.reason}")
+            content_range = _content_range_total(resp.headers.get("Content-Range"))
+            if resp.status_code == 206 and content_range is not None and content_range[0] == have:
+                start, total, mode = have, content_range[1], "ab"
+            else:  # a full body (the server ignored the Range): start again
+                length = resp.headers.get("Content-Length")
+                start, mode = 0, "wb"
+                total = int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
+            got = start
+            with open(part, mode) as out:
+                # small chunks: a dropped connection loses the unfinished chunk, resumed from the last whole one
+                for chunk in _progress(resp.iter_content(chunk_size=1 << 14), total, url, progress, initial=start):
+                    out.write(chunk)
+                    got += len(chunk)
+            if total is not None and got != total:
+                raise DownloadError(
+                    f"download of {url} stopped after {got} of {total} bytes (connection lost); run the same "
+                    f"command again to resume it ({part} is kept)"
+                )
+        return None
+    raise DownloadError(f"could not download {url}: the server refused to resume or restart it")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ streaming safetensors writer
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``tensors`` as a safetensors file one tensor at a time (memory stays at one tensor: a 21.5 GiB
+    memory-mapped checkpoint converts without being read into memory at once), atomically. ``dtype``
+    converts floating-point tensors; others are written as they are."""
+    path = Path(path)
+    entries, offset = {}, 0
+    for name, t in tensors.items():
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if out_dtype not in _SAFETENSORS_DTYPES:
+            raise ConfigError(f"tensor {name!r} has dtype {out_dtype}, which safetensors cannot store")
+        size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    header: dict[str, Any] = dict(entries)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            for t in tensors.values():
+                t = t.detach()
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                data = t.contiguous().cpu().reshape(-1).view(torch.uint8)
+                out.write(memoryview(data.numpy()))
+        publish(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return path

@@ -3,11 +3,29 @@
 A model directory holds::
 
     config.json            {"format_version": 1, "name", "image_size", "text_len", "transformer": {...},
-                            "encoder": {...}, "decoder": {...}, "trained_with_caption_dropout": bool}
+                            "encoder": {...}, "decoder": {...}, "trained_with_caption_dropout": bool,
+                            "architecture": "dalle" | "rudalle", "image_tokenizer": "dvae" | "vqgan",
+                            "sampling": {"top_k", "top_p", "sampler", "filter"}}
     transformer.safetensors
     encoder.safetensors
     decoder.safetensors
     tokenizer.model        (youtokentome BPE model)
+
+``architecture`` (absent: ``"dalle"``) names the transformer class: :class:`~dalle.transformer.DALLETransformer`
+with :class:`~dalle.tokenizer.BPETokenizer`, or :class:`~dalle.rudalle.RuDalleTransformer` with
+:class:`~dalle.rudalle.RuDalleTokenizer` (``transformer`` then holds a ``RuDalleConfig``).
+``image_tokenizer`` (absent: ``"dvae"``) names the image tokenizer: OpenAI's dVAE (:mod:`dalle.dvae`) or a
+taming VQGAN (:mod:`dalle.vqgan`; ``encoder`` / ``decoder`` hold their constructor arguments). ``sampling``
+(optional) holds the model's default sampling settings, used where ``generate`` is not given them.
+Weights keep the dtype they were written in (ruDALL-E's float16 stays float16 on disk).
+
+ruDALL-E models load without ever holding a float32 copy on CUDA: the modules are built on the ``meta``
+device and take the tensors read one by one from the memory-mapped safetensors file (``assign=True``), in
+float16 (their own dtype; ``dtype=torch.bfloat16`` converts) on CUDA and in float32 on the CPU, which computes
+in float32 (a model that would not fit in the available memory is refused before loading, with the figures).
+The registered names ``rudalle-malevich``, ``rudalle-malevich-v2``, ``rudalle-emojich``,
+``rudalle-surrealist-xl`` and ``rudalle-kandinsky`` download the released files from the Hugging Face Hub and
+convert them once into a model directory in the cache (:func:`ensure_rudalle_model`).
 
 Seeds: image ``k`` (0-based) of a prompt generated with seed ``s`` is sampled from its own
 ``torch.Generator`` seeded with ``s + k``. It does not depend on the batch size, on the other prompts of the
@@ -32,16 +50,20 @@ import torch
 from PIL import Image
 
 from dalle._files import publish
-from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError
+from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError, TokenizerError
 from dalle.loading import PRETRAINED_DIR, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
     from dalle.images import ImageLike
+    from dalle.rudalle import RuDalleConfig, RuDalleTokenizer, RuDalleTransformer
     from dalle.tokenizer import BPETokenizer
     from dalle.transformer import DALLETransformer, TransformerConfig
+    from dalle.vqgan import VQGANDecoder, VQGANEncoder
 
 FORMAT_VERSION = 1
+ARCHITECTURES: tuple[str, ...] = ("dalle", "rudalle")
+IMAGE_TOKENIZERS: tuple[str, ...] = ("dvae", "vqgan")
 DEFAULT_MODEL = "shapes"
 #: registered model names -> model directories shipped inside the package
 REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes", "shapes-128": PRETRAINED_DIR / "shapes-128"}
@@ -107,8 +129,12 @@ def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
     (one holding ``config.json``) at the given path wins over a registered name, as a local folder does in
     Hugging Face's ``from_pretrained``, with a warning; pass ``"./shapes"`` style paths to be explicit.
     """
+    from dalle.rudalle import RUDALLE_HUB
+
     key = DEFAULT_MODEL if name_or_dir is None else str(name_or_dir)
     local = name_or_dir is not None and (Path(key).expanduser() / "config.json").is_file()
+    if key in RUDALLE_HUB and not local:
+        return ensure_rudalle_model(key)
     if key in REGISTRY and not local:
         path = REGISTRY[key]
         if not (path / "config.json").is_file():
@@ -122,7 +148,7 @@ def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
                       "directory)", UserWarning, stacklevel=3)
     path = Path(name_or_dir).expanduser()
     if not path.exists():
-        names = ", ".join(sorted(REGISTRY))
+        names = ", ".join(sorted(REGISTRY) + sorted(RUDALLE_HUB))
         raise ModelLoadError(f"no model directory {str(path)!r} and no registered model of that name (known: {names})")
     if not path.is_dir():
         raise ModelLoadError(f"{str(path)!r} is a file; a model is a directory written by DALLE.save_pretrained")
@@ -148,6 +174,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("transformer", "encoder", "decoder", "image_size"):
         if key not in config:
             raise ModelLoadError(f"{path / 'config.json'} lacks the key {key!r}")
+    for key, allowed in (("architecture", ARCHITECTURES), ("image_tokenizer", IMAGE_TOKENIZERS)):
+        if config.get(key, allowed[0]) not in allowed:
+            raise ModelLoadError(f"{path / 'config.json'}: {key} {config[key]!r} is not one of {', '.join(allowed)}; "
+                                 "upgrade dalle or re-save the model")
+    if not isinstance(config.get("sampling", {}), dict):
+        raise ModelLoadError(f"{path / 'config.json'}: sampling must be an object of default settings")
     return config
 
 
@@ -176,6 +208,137 @@ def _save_weights(module: torch.nn.Module, file: Path) -> None:
     publish(tmp, file)
 
 
+def default_dtype(device: torch.device, architecture: str = "dalle") -> torch.dtype:
+    """The compute precision a pipeline uses unless told: float32 on the CPU; on CUDA bfloat16 for dalle
+    models and float16 for ruDALL-E models (their weights' own dtype; rudalle runs them in float16)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if architecture == "rudalle" else torch.bfloat16
+
+
+def _float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter (float32 if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+_SAMPLING_KEYS = ("top_k", "top_p", "sampler", "filter")
+
+
+def _check_sampling_defaults(sampling: dict[str, Any]) -> dict[str, Any]:
+    """Validate a model's default sampling settings (keys of :data:`_SAMPLING_KEYS`; None = unset)."""
+    from dalle.sampling import FILTERS, SAMPLERS
+
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"sampling must be a dict of default settings, got {type(sampling).__name__}")
+    unknown = sorted(set(sampling) - set(_SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown sampling defaults {unknown}; known: {', '.join(_SAMPLING_KEYS)}")
+    out = {k: v for k, v in sampling.items() if v is not None}
+    top_k, top_p = out.get("top_k", 0), out.get("top_p", 1.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"sampling top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"sampling top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if out.get("sampler", SAMPLERS[0]) not in SAMPLERS:
+        raise ConfigError(f"sampling sampler must be one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
+    if out.get("filter", FILTERS[0]) not in FILTERS:
+        raise ConfigError(f"sampling filter must be one of {', '.join(FILTERS)}, got {out['filter']!r}")
+    return out
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_fits(what: str, num_params: int, dtype: torch.dtype, device: torch.device) -> None:
+    """OutOfMemoryError, before anything is allocated, when ``num_params`` in ``dtype`` cannot fit on ``device``."""
+    need = num_params * torch.empty((), dtype=dtype).element_size()
+    free = _available_memory(device)
+    if free is None or need <= free:
+        return
+    gib = 2**30
+    if device.type == "cpu":
+        half = num_params * 2 / gib
+        raise OutOfMemoryError(
+            f"{what} has {num_params / 1e9:.2f}B parameters: {need / gib:.1f} GiB as float32, which the CPU needs "
+            f"(it computes in float32), but only {free / gib:.1f} GiB of memory is available. Run it on a CUDA GPU "
+            f"(float16 weights, {half:.1f} GiB of GPU memory plus the KV cache) or on a machine with more memory"
+        )
+    raise OutOfMemoryError(
+        f"{what} needs {need / gib:.1f} GiB for its {dtype} weights on {device}, but only {free / gib:.1f} GiB is "
+        "free; use a GPU with more memory, free memory held by other processes, or run on the CPU"
+    )
+
+
+def _read_safetensors(file: Path, device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """(tensors, stored float dtype) of a safetensors file, read tensor by tensor from the memory-mapped file
+    straight to ``device`` and converted to ``dtype`` (floating-point tensors only; None keeps them)."""
+    from safetensors import SafetensorError, safe_open
+
+    state, stored = {}, None
+    try:
+        with safe_open(str(file), framework="pt", device="cpu" if device.type != "cuda" else str(device)) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    stored = stored or t.dtype
+                    t = t.to(dtype) if dtype is not None else t
+                state[key] = t.to(device)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read weights from {file}: {exc}") from exc
+    return state, stored or torch.float32
+
+
+def _load_rudalle_transformer(
+    file: Path, config: RuDalleConfig, device: torch.device, dtype: torch.dtype, what: str
+) -> tuple[RuDalleTransformer, torch.dtype]:
+    """(model, dtype stored on disk): built on meta, taking the tensors of ``file`` in ``dtype`` on ``device``."""
+    from dalle.rudalle import RuDalleTransformer
+
+    with torch.device("meta"):
+        num_params = RuDalleTransformer(config).num_parameters()
+    _check_fits(f"the transformer of {what!r}", num_params, dtype, device)
+    state, stored = _read_safetensors(file, device, dtype)
+    try:
+        model = RuDalleTransformer.from_rudalle_checkpoint(state, config, device=device, dtype=None)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"weights in {file} do not fit config.json: {exc}") from exc
+    return model, stored
+
+
+def _load_image_tokenizer(path: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """(encoder, decoder) of a model directory: OpenAI's dVAE or a taming VQGAN (float32 weights)."""
+    if cfg.get("image_tokenizer", "dvae") == "dvae":
+        from dalle.dvae import Decoder, Encoder
+
+        encoder, decoder = Encoder(**cfg["encoder"]), Decoder(**cfg["decoder"])
+        _load_weights(encoder, path / "encoder.safetensors")
+        _load_weights(decoder, path / "decoder.safetensors")
+        return encoder, decoder
+    from dalle.vqgan import VQGANDecoder, VQGANEncoder
+
+    halves = []
+    for cls, key in ((VQGANEncoder, "encoder"), (VQGANDecoder, "decoder")):
+        module = cls(**{**cfg[key], "device": "meta"})
+        state, _ = _read_safetensors(path / f"{key}.safetensors", torch.device("cpu"), torch.float32)
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"weights in {path / f'{key}.safetensors'} do not fit config.json: {exc}") from exc
+        halves.append(module)
+    return halves[0], halves[1]
+
+
 def describe_model(name_or_dir: str | os.PathLike[str]) -> str:
     """A few lines describing a model directory (for ``dalle info --model``), without loading the weights."""
     path = resolve_model(name_or_dir)
@@ -184,6 +347,7 @@ def describe_model(name_or_dir: str | os.PathLike[str]) -> str:
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     lines = [
         f"model        {cfg.get('name', path.name)} ({path})",
+        f"architecture {cfg.get('architecture', 'dalle')} transformer, {cfg.get('image_tokenizer', 'dvae')} images",
         f"image        {cfg['image_size']}x{cfg['image_size']} pixels, "
         f"{t.get('image_grid')}x{t.get('image_grid')} tokens from {t.get('image_vocab_size')} codes",
         f"text         up to {t.get('text_len')} tokens, vocabulary {t.get('text_vocab_size')}",
@@ -206,18 +370,24 @@ class GenerationOutput:
 
 
 class DALLE:
-    """Text-to-image generation with a tokenizer, a dVAE (encoder + decoder) and a transformer.
+    """Text-to-image generation with a text tokenizer, an image tokenizer (encoder + decoder) and a transformer.
 
-    Build one with :meth:`from_pretrained` (a directory or a registered name such as ``"shapes"``), or from
-    parts. All modules live on ``self.device`` in eval mode.
+    Parts: a :class:`~dalle.transformer.DALLETransformer` with a :class:`~dalle.tokenizer.BPETokenizer`, or a
+    :class:`~dalle.rudalle.RuDalleTransformer` with a :class:`~dalle.rudalle.RuDalleTokenizer`; either with
+    OpenAI's dVAE (:class:`~dalle.dvae.Encoder` / :class:`~dalle.dvae.Decoder`) or a taming VQGAN
+    (:class:`~dalle.vqgan.VQGANEncoder` / :class:`~dalle.vqgan.VQGANDecoder`). Build one with
+    :meth:`from_pretrained` (a directory or a registered name such as ``"shapes"`` or ``"rudalle-malevich"``),
+    or from parts. All modules live on ``self.device`` in eval mode. ``sampling`` holds default sampling
+    settings (``top_k``, ``top_p``, ``sampler``, ``filter``) that :meth:`generate` uses where it is not given
+    them.
     """
 
     def __init__(
         self,
-        tokenizer: BPETokenizer,
-        encoder: Encoder,
-        decoder: Decoder,
-        transformer: DALLETransformer,
+        tokenizer: BPETokenizer | RuDalleTokenizer,
+        encoder: Encoder | VQGANEncoder,
+        decoder: Decoder | VQGANDecoder,
+        transformer: DALLETransformer | RuDalleTransformer,
         image_size: int,
         *,
         name: str = "custom",
@@ -225,13 +395,22 @@ class DALLE:
         device: str | torch.device | None = "cpu",
         dtype: torch.dtype | None = None,
         compile: bool = False,
+        sampling: dict[str, Any] | None = None,
     ) -> None:
+        from dalle.rudalle import RuDalleTokenizer, RuDalleTransformer
+
         cfg = transformer.config
         grid = cfg.image_grid
-        if image_size % 8 or image_size // 8 != grid:
+        self.architecture = "rudalle" if isinstance(transformer, RuDalleTransformer) else "dalle"
+        self.image_tokenizer = "dvae" if getattr(encoder, "kind", None) != "vqgan-encoder" else "vqgan"
+        if self.architecture == "rudalle" and not isinstance(tokenizer, RuDalleTokenizer):
+            raise ConfigError(f"a RuDalleTransformer reads captions encoded by RuDalleTokenizer ([2] + ids + [3], "
+                              f"0-padded), got a {type(tokenizer).__name__}; wrap the BPE model with RuDalleTokenizer")
+        factor = int(getattr(encoder, "factor", 8))  # pixels per token side of the encoder's input
+        if image_size % factor or image_size // factor != grid:
             raise ConfigError(
                 f"image_size {image_size} does not match the transformer's {grid}x{grid} token grid "
-                f"(the dVAE downsamples by 8, so image_size must be {grid * 8})"
+                f"(the image tokenizer downsamples by {factor}, so image_size must be {grid * factor})"
             )
         if encoder.vocab_size != cfg.image_vocab_size or decoder.vocab_size != cfg.image_vocab_size:
             raise ConfigError(
@@ -247,14 +426,20 @@ class DALLE:
         from dalle.tokenizer import PAD_ID, UNK_ID, WORD_MARK
 
         vocab = tokenizer.vocab()  # pads, unknowns and a bare word marker say nothing about the image
-        self._no_info_ids = torch.tensor([PAD_ID, UNK_ID] + ([vocab.index(WORD_MARK)] if WORD_MARK in vocab else []))
+        no_info = [PAD_ID, UNK_ID] + ([vocab.index(WORD_MARK)] if WORD_MARK in vocab else [])
+        if isinstance(tokenizer, RuDalleTokenizer):  # nor do the BOS / EOS every ruDALL-E caption carries
+            no_info += [tokenizer.bos_id, tokenizer.eos_id]
+        self._no_info_ids = torch.tensor(sorted(set(no_info)))
+        self.sampling = _check_sampling_defaults(sampling or {})
         self.image_size = int(image_size)
         self.name = name
         self.trained_with_caption_dropout = bool(trained_with_caption_dropout)
         self.device = resolve_device(device)
         if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            dtype = default_dtype(self.device, self.architecture)
         self.dtype = dtype
+        #: dtype of the transformer's floating-point weights in the files save_pretrained writes by default
+        self.weights_dtype = _float_dtype(transformer)
         # inference only: no parameter needs a gradient (nor autocast a cached half-precision copy of it)
         self.encoder = encoder.to(self.device).eval().requires_grad_(False)
         self.decoder = decoder.to(self.device).eval().requires_grad_(False)
@@ -263,7 +448,13 @@ class DALLE:
         self.encoder.set_dtype(dtype)
         self.decoder.set_dtype(dtype)
         self.transformer.cuda_dtype = dtype
-        if self.device.type == "cuda" and dtype != torch.float32:
+        if self.architecture == "rudalle":
+            # CUDA: every weight in the compute dtype, as rudalle's fp16 mode (its clamps and PB-relax are made
+            # for float16); CPU: float32, the only precision the CPU computes in
+            weight_dtype = dtype if self.device.type == "cuda" else torch.float32
+            if _float_dtype(self.transformer) != weight_dtype:
+                self.transformer.to(weight_dtype)
+        elif self.device.type == "cuda" and dtype != torch.float32:
             self.transformer.cast_matmul_weights(dtype)
         self.compiled = bool(compile)
         if self.compiled:
@@ -289,32 +480,47 @@ class DALLE:
         dtype: torch.dtype | None = None,
         compile: bool = False,
     ) -> DALLE:
-        """Load a model directory written by :meth:`save_pretrained`, or a registered name (``"shapes"``); None
-        (the default) is the bundled default model.
+        """Load a model directory written by :meth:`save_pretrained` (or ``dalle convert``), or a registered
+        name: ``"shapes"`` (bundled), ``"rudalle-malevich"``, ``"rudalle-emojich"``, ``"rudalle-surrealist-xl"``,
+        ``"rudalle-kandinsky"`` (downloaded and converted once, see :func:`ensure_rudalle_model`); None (the
+        default) is the bundled default model.
 
         ``device="auto"`` picks CUDA when present. ``dtype`` is the compute precision: None gives float32 on
-        CPU and bfloat16 on CUDA (the blocks' matmul weights stored in bfloat16, the rest float32 under
-        autocast). ``compile=True`` compiles the one-token decode step (CUDA graphs on CUDA; see
-        :meth:`DALLETransformer.compile_decoding`): the first generation pays the compilation.
+        CPU; on CUDA bfloat16 for dalle models (the blocks' matmul weights stored in bfloat16, the rest float32
+        under autocast) and float16 for ruDALL-E models (all weights float16, as stored). ``compile=True``
+        compiles the one-token decode step (CUDA graphs on CUDA; see :meth:`DALLETransformer.compile_decoding`):
+        the first generation pays the compilation.
         """
-        from dalle.dvae import Decoder, Encoder
-        from dalle.tokenizer import BPETokenizer
-        from dalle.transformer import DALLETransformer, TransformerConfig
-
         path = resolve_model(name_or_dir)
         cfg = _read_config(path)
+        architecture = cfg.get("architecture", "dalle")
+        dev = resolve_device(device)
+        if dtype is None:
+            dtype = default_dtype(dev, architecture)
         try:
-            tcfg = TransformerConfig.from_dict(cfg["transformer"])
-            encoder = Encoder(**cfg["encoder"])
-            decoder = Decoder(**cfg["decoder"])
-        except (TypeError, ValueError) as exc:
+            encoder, decoder = _load_image_tokenizer(path, cfg)
+            if architecture == "rudalle":
+                from dalle.rudalle import RuDalleConfig, RuDalleTokenizer
+
+                rcfg = RuDalleConfig.from_dict(cfg["transformer"])
+                transformer, stored = _load_rudalle_transformer(
+                    path / "transformer.safetensors", rcfg, dev, dtype if dev.type == "cuda" else torch.float32,
+                    str(cfg.get("name", path.name)),
+                )
+                tokenizer: Any = RuDalleTokenizer.load(path / "tokenizer.model")
+            else:
+                from dalle.tokenizer import BPETokenizer
+                from dalle.transformer import DALLETransformer, TransformerConfig
+
+                transformer = DALLETransformer(TransformerConfig.from_dict(cfg["transformer"]))
+                _load_weights(transformer, path / "transformer.safetensors")
+                stored = None
+                tokenizer = BPETokenizer.load(path / "tokenizer.model")
+        except (ModelLoadError, TokenizerError):
+            raise
+        except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise ModelLoadError(f"{path / 'config.json'} describes an invalid model: {exc}") from exc
-        transformer = DALLETransformer(tcfg)
-        _load_weights(transformer, path / "transformer.safetensors")
-        _load_weights(encoder, path / "encoder.safetensors")
-        _load_weights(decoder, path / "decoder.safetensors")
-        tokenizer = BPETokenizer.load(path / "tokenizer.model")
-        return cls(
+        pipe = cls(
             tokenizer,
             encoder,
             decoder,
@@ -322,37 +528,49 @@ class DALLE:
             int(cfg["image_size"]),
             name=str(cfg.get("name", path.name)),
             trained_with_caption_dropout=bool(cfg.get("trained_with_caption_dropout", False)),
-            device=device,
+            device=dev,
             dtype=dtype,
             compile=compile,
+            sampling=cfg.get("sampling"),
         )
+        if stored is not None:
+            pipe.weights_dtype = stored
+        return pipe
 
     def config(self) -> dict[str, Any]:
-        """The ``config.json`` content of this model."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "image_size": self.image_size,
-            "text_len": self.text_len,
-            "trained_with_caption_dropout": self.trained_with_caption_dropout,
-            "transformer": self.transformer.config.to_dict(),
-            "encoder": self.encoder.config(),
-            "decoder": self.decoder.config(),
-        }
+        """The ``config.json`` content of this model (a dalle model with a dVAE writes no
+        ``architecture`` / ``image_tokenizer`` keys, so older dalle versions read it too)."""
+        return _config_dict(
+            name=self.name, image_size=self.image_size, text_len=self.text_len,
+            trained_with_caption_dropout=self.trained_with_caption_dropout,
+            transformer=self.transformer.config.to_dict(), encoder=self.encoder.config(),
+            decoder=self.decoder.config(), architecture=self.architecture, image_tokenizer=self.image_tokenizer,
+            sampling=self.sampling,
+        )
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the model directory (config, safetensors weights, tokenizer); each file is replaced atomically."""
+    def save_pretrained(self, directory: str | os.PathLike[str], weights_dtype: torch.dtype | None = None) -> Path:
+        """Write the model directory (config, safetensors weights, tokenizer); each file is replaced atomically,
+        ``config.json`` last.
+
+        ``weights_dtype`` (e.g. ``torch.float16``) converts the transformer's floating-point weights in the
+        file; None keeps the dtype the model was loaded from (float16 for converted ruDALL-E models, even
+        after loading them as float32 on the CPU) or, for a model built from parts, its parameters' dtype.
+        """
+        from dalle.loading import write_safetensors
+
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        _save_weights(self.transformer, path / "transformer.safetensors")
+        if self.architecture == "rudalle" or weights_dtype is not None:
+            state = _without_masks(self.transformer.state_dict())
+            write_safetensors(state, path / "transformer.safetensors", dtype=weights_dtype or self.weights_dtype)
+        else:
+            _save_weights(self.transformer, path / "transformer.safetensors")
         _save_weights(self.encoder, path / "encoder.safetensors")
         _save_weights(self.decoder, path / "decoder.safetensors")
         tmp = path / "tokenizer.model.tmp"
         self.tokenizer.save(tmp)
         os.replace(tmp, path / "tokenizer.model")
-        tmp = path / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config(), indent=2) + "\n")
-        os.replace(tmp, path / "config.json")
+        _write_config(path, self.config())
         return path
 
     # ------------------------------------------------------------------ helpers
@@ -400,9 +618,17 @@ class DALLE:
         """dVAE round trip of one image: encode to tokens, decode back."""
         return self.decode_tokens(self.encode_image(image, allow_upscale=allow_upscale))[0]
 
+    @property
+    def higher_score_is_better(self) -> bool:
+        """False for ruDALL-E models, whose :meth:`score` is rudalle's perplexity (lower is better)."""
+        return self.architecture != "rudalle"
+
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], tokens: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Mean log-likelihood per image token of each grid given its prompt (the built-in rerank score)."""
+        """The built-in rerank score of each grid given its prompt: the mean log-likelihood per image token
+        (higher is better) for dalle models; for ruDALL-E models rudalle's own score, the perplexity of
+        ``generate_images`` (:func:`dalle.rudalle.rerank_scores`; lower is better, see
+        :attr:`higher_score_is_better`)."""
         cells = self.grid * self.grid
         if not isinstance(tokens, torch.Tensor) or tokens.numel() != len(prompts) * cells:
             raise ConfigError(
@@ -414,9 +640,16 @@ class DALLE:
         out = []
         for i in range(0, len(prompts), bs):
             text = self.encode_text(prompts[i : i + bs])
-            ll = self.transformer.image_log_likelihood(text, tokens[i : i + bs].to(self.device))
-            out.append(ll.float().cpu())
-        return torch.cat(out) / tokens.shape[1]
+            grids = tokens[i : i + bs].to(self.device)
+            if self.architecture == "rudalle":
+                from dalle.rudalle import rerank_scores
+
+                _, logits = self.transformer(text, grids)
+                out.append(rerank_scores(logits, grids, self.transformer.config.version).float().cpu())
+            else:
+                ll = self.transformer.image_log_likelihood(text, grids)
+                out.append(ll.float().cpu() / tokens.shape[1])
+        return torch.cat(out)
 
     def _default_batch_size(self) -> int:
         """8 on CPU; on CUDA as many rows (at most 32) as half the free memory holds, counting two KV caches
@@ -426,18 +659,26 @@ class DALLE:
         free, _ = torch.cuda.mem_get_info(self.device)
         return batch_size_for_memory(free, kv_cache_bytes(self.transformer.config, self.dtype))
 
-    def _check_sampling_args(
+    def _sampling(
         self, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None,
-        batch_size: int | None = None,
-    ) -> None:
+        batch_size: int | None = None, sampler: str | None = None, filter: str | None = None,
+    ) -> dict[str, Any]:
+        """Validate the sampling arguments and return the keyword arguments of :func:`dalle.sampling.sample`:
+        None takes the model's default (:attr:`sampling`); ``top_k=0`` and ``top_p=1`` switch a filter off."""
+        from dalle.sampling import FILTERS, SAMPLERS
+
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-            raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+            raise ConfigError(f"top_k must be an integer >= 0 (0: off) or None (the model's default), got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+            raise ConfigError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)} or None, got {sampler!r}")
+        if filter is not None and filter not in FILTERS:
+            raise ConfigError(f"filter must be one of {', '.join(FILTERS)} or None, got {filter!r}")
         if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale > 0):
             raise ConfigError(f"guidance_scale must be a number > 0 or None, got {guidance_scale!r}")
         if guidance_scale is not None and not self.trained_with_caption_dropout:
@@ -445,6 +686,17 @@ class DALLE:
                 f"model {self.name!r} was not trained with caption dropout, so it has no unconditional mode "
                 "for classifier-free guidance; leave guidance_scale (--guidance) unset or train with --caption-dropout"
             )
+        d = self.sampling
+        top_k = d.get("top_k") if top_k is None else top_k
+        top_p = d.get("top_p") if top_p is None else top_p
+        return {
+            "temperature": temperature,
+            "top_k": top_k or None,
+            "top_p": None if top_p is None or top_p >= 1 else top_p,
+            "guidance_scale": guidance_scale,
+            "sampler": sampler or d.get("sampler"),
+            "filter": filter or d.get("filter"),
+        }
 
     def _warn_if_no_text(self, prompts: list[str], text: torch.Tensor) -> None:
         """Warn when a prompt has no known token: the model then draws from its caption-free mode, which only a
@@ -463,24 +715,29 @@ class DALLE:
         prompts: list[str],
         seeds: list[int],
         *,
-        prime: torch.Tensor | None,
         batch_size: int | None,
         progress: bool,
         callback: Callable[[int, torch.Tensor], None] | None,
+        prompt_tokens: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
-        """Sample one token grid per (prompt, seed) row, in micro-batches; returns [N, grid, grid] on CPU."""
-        bs = batch_size or self._default_batch_size()  # batch_size was checked by _check_sampling_args
+        """Sample one token grid per (prompt, seed) row, in micro-batches; returns [N, grid, grid] on CPU.
+        ``prompt_tokens`` [N, cells] / ``prompt_mask`` [cells] (optional) are the kept cells."""
+        from dalle.sampling import sample
+
+        bs = batch_size or self._default_batch_size()  # batch_size was checked by _sampling
         grids = []
         try:
             for i in range(0, len(prompts), bs):
                 text = self.encode_text(prompts[i : i + bs])
                 self._warn_if_no_text(prompts[i : i + bs], text)
                 gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[i : i + bs]]
-                p = None if prime is None else prime[i : i + bs].to(self.device)
+                given = None if prompt_tokens is None else prompt_tokens[i : i + bs].to(self.device)
                 with _out_of_memory_as_error("sampling", len(gens), self.device):
-                    out = self.transformer.sample(
-                        text, generator=gens, prime=p, callback=callback, progress=progress, **sampling
+                    out = sample(
+                        self.transformer, text, generator=gens, callback=callback, progress=progress,
+                        prompt_tokens=given, prompt_mask=prompt_mask if given is not None else None, **sampling,
                     )
                 grids.append(out.reshape(-1, self.grid, self.grid).cpu())
         finally:
@@ -505,6 +762,8 @@ class DALLE:
         *,
         scorer: Scorer | None = None,
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        sampler: str | None = None,
+        filter: str | None = None,
     ) -> list[Image.Image] | GenerationOutput:
         """Generate ``num_images`` images for each prompt.
 
@@ -514,15 +773,20 @@ class DALLE:
             seed: base seed; image k of a prompt uses seed ``seed + k`` (random when None; see
                 ``GenerationOutput.seeds``).
             temperature, top_k, top_p: sampling settings (the paper samples at temperature 1, no top-k/p).
+                None takes the model's default (:attr:`sampling`: none for dalle models, rudalle's
+                recommended top_k 1024 / top_p 0.99 for ruDALL-E models); ``top_k=0`` / ``top_p=1`` is off.
             guidance_scale: classifier-free guidance strength (models trained with caption dropout only).
             rerank: draw this many candidates per prompt and keep the ``num_images`` best by ``scorer``
-                (default: the model's own mean image-token log-likelihood).
+                (default: :meth:`score`, the model's own mean image-token log-likelihood, or for ruDALL-E
+                models rudalle's perplexity, of which the lowest are kept).
             batch_size: images sampled at once (default 8 on CPU; on CUDA up to 32, as many as half the free
                 memory holds with two KV caches per image).
             progress: show a tqdm bar over image tokens.
             return_tokens: return a :class:`GenerationOutput` with token grids, seeds and scores.
             scorer: ``score(prompt, images) -> tensor`` of one score per image, higher is better (e.g. CLIP).
             callback: ``callback(step, tokens)`` during sampling, for showing partial images.
+            sampler: ``"race"`` or ``"multinomial"`` (rudalle's draw); filter: ``"dalle"`` or ``"rudalle"``
+                (transformers' top-k/top-p rule); None takes the model's default (see :mod:`dalle.sampling`).
         """
         if not isinstance(prompts, (str, Iterable)):
             raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
@@ -539,22 +803,13 @@ class DALLE:
             if not (isinstance(rerank, int) and rerank >= num_images):
                 raise ConfigError(f"rerank ({rerank!r}) must be an integer >= num_images ({num_images})")
             candidates = rerank
-        self._check_sampling_args(temperature, top_k, top_p, guidance_scale, batch_size)
+        settings = self._sampling(temperature, top_k, top_p, guidance_scale, batch_size, sampler, filter)
         base = _base_seed(seed, candidates)
 
         rows = [p for p in prompt_list for _ in range(candidates)]
         seeds = [base + k for _ in prompt_list for k in range(candidates)]
         tokens = self._sample_rows(
-            rows,
-            seeds,
-            prime=None,
-            batch_size=batch_size,
-            progress=progress,
-            callback=callback,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            guidance_scale=guidance_scale,
+            rows, seeds, batch_size=batch_size, progress=progress, callback=callback, **settings
         )
         scores = None
         if rerank is not None:
@@ -584,7 +839,7 @@ class DALLE:
                 s = torch.as_tensor(scorer(prompt, self.decode_tokens(cand, batch_size)), dtype=torch.float32).flatten().cpu()
                 if s.numel() != candidates:
                     raise ConfigError(f"scorer returned {s.numel()} scores for {candidates} images")
-            order = torch.argsort(s, descending=True, stable=True)[:keep]
+            order = torch.argsort(s, descending=scorer is not None or self.higher_score_is_better, stable=True)[:keep]
             kept_tokens.append(cand[order])
             kept_seeds.extend(seeds[j * candidates + int(i)] for i in order)
             kept_scores.append(s[order])
@@ -612,41 +867,68 @@ class DALLE:
         *,
         allow_upscale: bool = False,
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        keep: torch.Tensor | None = None,
+        sampler: str | None = None,
+        filter: str | None = None,
     ) -> list[Image.Image] | GenerationOutput:
         """Image completion: keep the top ``rows`` token rows of ``image`` and sample the rest from ``prompt``.
 
-        ``rows`` defaults to the paper's proportion, 15 of 32 rows (rounded for other grid sizes). The kept
-        token rows are returned unchanged (``return_tokens=True`` shows them).
+        ``rows`` defaults to the paper's proportion, 15 of 32 rows (rounded for other grid sizes). ``keep``, a
+        bool [grid, grid] mask, keeps any set of token cells instead (e.g. borders, as rudalle's image
+        prompts; see :func:`border_mask`) and replaces ``rows``. The kept cells are returned unchanged
+        (``return_tokens=True`` shows them). Sampling settings as for :meth:`generate`.
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt is {type(prompt).__name__}, not a string")
-        if rows is None:
-            rows = self.completion_rows
-        if not (isinstance(rows, int) and 0 <= rows <= self.grid):
-            raise ConfigError(f"rows must be an integer between 0 and {self.grid}, got {rows!r}")
+        if keep is not None and rows is not None:
+            raise ConfigError("give rows (top token rows kept) or keep (a mask of kept cells), not both")
+        if keep is None:
+            if rows is None:
+                rows = self.completion_rows
+            if not (isinstance(rows, int) and 0 <= rows <= self.grid):
+                raise ConfigError(f"rows must be an integer between 0 and {self.grid}, got {rows!r}")
+            keep = torch.zeros(self.grid, self.grid, dtype=torch.bool)
+            keep[:rows] = True
+        if not (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.shape == (self.grid, self.grid)):
+            raise ConfigError(f"keep must be a bool tensor [{self.grid}, {self.grid}] of kept token cells, got "
+                              f"{getattr(keep, 'dtype', type(keep).__name__)} of shape {tuple(getattr(keep, 'shape', ()))}")
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
-        self._check_sampling_args(temperature, top_k, top_p, guidance_scale, batch_size)
+        settings = self._sampling(temperature, top_k, top_p, guidance_scale, batch_size, sampler, filter)
         base = _base_seed(seed, num_images)
         source = self.encode_image(image, allow_upscale=allow_upscale).cpu()
-        prime = source[:, :rows].reshape(1, -1).repeat(num_images, 1)
+        given = source.reshape(1, -1).repeat(num_images, 1)
         seeds = [base + k for k in range(num_images)]
         tokens = self._sample_rows(
             [prompt] * num_images,
             seeds,
-            prime=prime if rows > 0 else None,
             batch_size=batch_size,
             progress=progress,
             callback=callback,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            guidance_scale=guidance_scale,
+            prompt_tokens=given if bool(keep.any()) else None,
+            prompt_mask=keep.reshape(-1),
+            **settings,
         )
         images = self.decode_tokens(tokens, batch_size)
         if return_tokens:
             return GenerationOutput(images, tokens, seeds, [prompt] * num_images)
         return images
+
+
+def border_mask(grid: int, top: int = 0, bottom: int = 0, left: int = 0, right: int = 0) -> torch.Tensor:
+    """A bool [grid, grid] mask of the token cells within the given number of rows / columns of each edge
+    (rudalle's ``ImagePrompts`` borders), for :meth:`DALLE.complete`'s ``keep``."""
+    for side, width in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
+        if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= grid:
+            raise ConfigError(f"{side} must be an integer from 0 to {grid}, got {width!r}")
+    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    mask[:top] = True
+    mask[:, :left] = True
+    if bottom:
+        mask[grid - bottom :] = True
+    if right:
+        mask[:, grid - right :] = True
+    return mask
 
 
 _DEFAULT_MODELS: dict[tuple[str, str], DALLE] = {}
@@ -681,4 +963,161 @@ def generate(
     return pipe.generate(prompt, **kwargs)
 
 
-__all__ = ["DALLE", "GenerationOutput", "generate", "load_default", "describe_model", "resolve_model", "REGISTRY"]
+# ------------------------------------------------------------------------------------ model directory files
+def _config_dict(
+    *, name: str, image_size: int, text_len: int, trained_with_caption_dropout: bool, transformer: dict[str, Any],
+    encoder: dict[str, Any], decoder: dict[str, Any], architecture: str = "dalle", image_tokenizer: str = "dvae",
+    sampling: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``config.json`` content; the keys added for ruDALL-E / VQGAN models are written only where they differ
+    from what older files mean by their absence."""
+    config: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "image_size": image_size,
+        "text_len": text_len,
+        "trained_with_caption_dropout": trained_with_caption_dropout,
+    }
+    if architecture != "dalle":
+        config["architecture"] = architecture
+    if image_tokenizer != "dvae":
+        config["image_tokenizer"] = image_tokenizer
+    if sampling:
+        config["sampling"] = dict(sampling)
+    if source:
+        config["source"] = dict(source)
+    config.update(transformer=transformer, encoder=encoder, decoder=decoder)
+    return config
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path / "config.json")
+
+
+def _without_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ruDALL-E state dict without its attention masks (rebuilt on load, never stored)."""
+    from dalle.rudalle import MASK_NAMES
+
+    return {k: v for k, v in state.items() if k.removeprefix("transformer.") not in MASK_NAMES}
+
+
+def convert_rudalle(
+    out_dir: str | os.PathLike[str],
+    transformer: str | os.PathLike[str],
+    vqgan: str | os.PathLike[str],
+    bpe: str | os.PathLike[str],
+    preset: str = "malevich",
+    *,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Convert ruDALL-E's released files into a dalle model directory and return its path.
+
+    ``transformer``: a rudalle ``pytorch_model*.bin`` (read with ``torch.load(weights_only=True)``,
+    memory-mapped); ``vqgan``: the Lightning ``.ckpt`` of the Sber VQGAN (read safely, see
+    :func:`dalle.loading.read_lightning_checkpoint`; its architecture is read from the tensor shapes);
+    ``bpe``: the youtokentome ``bpe.model``. ``preset`` names the transformer's configuration
+    (:data:`dalle.rudalle.PRESET_NAMES`) and ``overrides`` replace fields of it (custom or test checkpoints).
+    ``sampling``: the model's default sampling settings (default: rudalle's recommended ones).
+
+    The transformer's tensors are checked against the configuration (names and shapes) and written one by one
+    in their own dtype (float16 stays float16), so converting Kandinsky (21.5 GiB) needs no more memory than
+    its largest tensor. Files are replaced atomically, ``config.json`` last: a directory without it is an
+    unfinished conversion.
+    """
+    from dalle.loading import read_lightning_checkpoint, write_safetensors
+    from dalle.rudalle import (
+        RUDALLE_SAMPLING,
+        RuDalleConfig,
+        RuDalleTokenizer,
+        RuDalleTransformer,
+        read_rudalle_checkpoint,
+    )
+    from dalle.vqgan import vqgan_from_state_dict
+
+    try:
+        config = RuDalleConfig.preset(preset, **(overrides or {}))
+    except TypeError as exc:  # dataclasses.replace names the unknown field
+        raise ConfigError(f"bad configuration overrides {overrides}: {exc}") from None
+    tokenizer = RuDalleTokenizer.load(bpe)
+    if tokenizer.vocab_size > config.bpe_vocab_size:
+        raise ModelLoadError(f"{bpe} has {tokenizer.vocab_size} tokens, more than the {config.bpe_vocab_size} text ids "
+                             f"of the {preset!r} configuration; is it the right bpe.model?")
+    state = read_rudalle_checkpoint(transformer)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in _without_masks(RuDalleTransformer(config).state_dict()).items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        detail = "; ".join(f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong)) if keys)
+        raise ModelLoadError(f"{transformer} does not hold a {preset!r} ruDALL-E transformer: {detail}. Pass the "
+                             "preset the checkpoint was released as (--preset)")
+    encoder, decoder = vqgan_from_state_dict(read_lightning_checkpoint(vqgan), None, source=os.fspath(vqgan))
+    if decoder.vocab_size != config.image_vocab_size:
+        raise ModelLoadError(f"the VQGAN {vqgan} has {decoder.vocab_size} codes, the transformer "
+                             f"{config.image_vocab_size}; they do not belong together")
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, path / "transformer.safetensors", metadata={"format": "dalle.rudalle"})
+    del state
+    _save_weights(encoder, path / "encoder.safetensors")
+    _save_weights(decoder, path / "decoder.safetensors")
+    tmp = path / "tokenizer.model.tmp"
+    tokenizer.save(tmp)
+    os.replace(tmp, path / "tokenizer.model")
+    _write_config(path, _config_dict(
+        name=name or path.name, image_size=config.image_grid * encoder.factor, text_len=config.text_len,
+        trained_with_caption_dropout=False, transformer=config.to_dict(), encoder=encoder.config(),
+        decoder=decoder.config(), architecture="rudalle", image_tokenizer="vqgan",
+        sampling=_check_sampling_defaults(dict(RUDALLE_SAMPLING) if sampling is None else sampling),
+        source=source or {"preset": preset},
+    ))
+    return path
+
+
+def download_rudalle(name: str, *, progress: bool | None = None) -> dict[str, Path]:
+    """Download the files of a released ruDALL-E model (``rudalle-malevich``, ...; see
+    :data:`dalle.rudalle.RUDALLE_HUB`) from the Hugging Face Hub (``$DALLE_HF_ENDPOINT`` replaces it) into the
+    cache; returns the local paths by role (``transformer``, ``vqgan``, ``bpe``). Downloads resume."""
+    from dalle.loading import download_hf_file
+    from dalle.rudalle import RUDALLE_BPE_FILE, RUDALLE_HUB, RUDALLE_UTILS_REPOS, RUDALLE_VQGAN_FILE
+
+    if name not in RUDALLE_HUB:
+        raise ConfigError(f"unknown ruDALL-E model {name!r}; choose one of {', '.join(RUDALLE_HUB)}")
+    entry = RUDALLE_HUB[name]
+    return {
+        "transformer": download_hf_file(entry["repos"], entry["filename"], progress=progress),
+        "vqgan": download_hf_file(RUDALLE_UTILS_REPOS, RUDALLE_VQGAN_FILE, progress=progress),
+        "bpe": download_hf_file(RUDALLE_UTILS_REPOS, RUDALLE_BPE_FILE, progress=progress),
+    }
+
+
+def ensure_rudalle_model(name: str, *, progress: bool | None = None) -> Path:
+    """The model directory of a released ruDALL-E model in the cache (``cache_dir()/models/{name}``):
+    downloaded (:func:`download_rudalle`) and converted (:func:`convert_rudalle`) on first use. The
+    downloaded originals stay in ``cache_dir()/huggingface`` (delete them to free the space)."""
+    from dalle.loading import cache_dir
+    from dalle.rudalle import RUDALLE_HUB
+
+    if name not in RUDALLE_HUB:
+        raise ConfigError(f"unknown ruDALL-E model {name!r}; choose one of {', '.join(RUDALLE_HUB)}")
+    path = cache_dir() / "models" / name
+    if (path / "config.json").is_file():
+        return path
+    files = download_rudalle(name, progress=progress)
+    entry = RUDALLE_HUB[name]
+    return convert_rudalle(path, files["transformer"], files["vqgan"], files["bpe"], entry["preset"], name=name,
+                           overrides=entry.get("overrides"), source={"preset": entry["preset"], "repos": list(entry["repos"]),
+                                   "filename": entry["filename"]})
+
+
+__all__ = [
+    "DALLE", "GenerationOutput", "generate", "load_default", "describe_model", "resolve_model", "REGISTRY",
+    "border_mask", "convert_rudalle", "download_rudalle", "ensure_rudalle_model", "default_dtype",
+]

@@ -101,6 +101,27 @@ RUDALLE_MODELS: dict[str, dict[str, Any]] = {
 }
 PRESET_NAMES: tuple[str, ...] = tuple(RUDALLE_MODELS)
 
+#: a middle setting of the (top_k, top_p) list rudalle's README samples Malevich with; the released models'
+#: default sampling in dalle (``DALLE.generate`` uses it when top_k / top_p are not given)
+RUDALLE_SAMPLING: dict[str, Any] = {"top_k": 1024, "top_p": 0.99, "sampler": "multinomial", "filter": "rudalle"}
+#: Hub repositories of the files every released model shares (rudalle 1.1.3's get_vae / get_tokenizer)
+RUDALLE_UTILS_REPOS: tuple[str, ...] = ("shonenkov/rudalle-utils",)
+RUDALLE_VQGAN_FILE = "vqgan.gumbelf8-sber.model.ckpt"
+RUDALLE_BPE_FILE = "bpe.model"
+#: dalle's registered names of the released models: preset, Hub repositories (rudalle 1.1.3's repo id first,
+#: then the name the organisation was renamed to) and the transformer's file name
+RUDALLE_HUB: dict[str, dict[str, Any]] = {
+    "rudalle-malevich": {"preset": "malevich", "filename": "pytorch_model_v3.bin",
+                         "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich")},
+    "rudalle-malevich-v2": {"preset": "malevich-v2", "filename": "pytorch_model_v2.bin",
+                            "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich")},
+    "rudalle-emojich": {"preset": "emojich", "filename": "pytorch_model.bin",
+                        "repos": ("sberbank-ai/rudalle-Emojich", "ai-forever/rudalle-Emojich")},
+    "rudalle-surrealist-xl": {"preset": "surrealist-xl", "filename": "pytorch_model.bin",
+                              "repos": ("shonenkov-AI/rudalle-xl-surrealist",)},
+    "rudalle-kandinsky": {"preset": "kandinsky", "filename": "pytorch_model.bin", "repos": ("shonenkov-AI/Kandinsky",)},
+}
+
 
 # --------------------------------------------------------------------------------------------------- config
 
@@ -555,6 +576,10 @@ class RuDalleTransformer(nn.Module):
     :meth:`from_rudalle_checkpoint` (or ``load_state_dict(rudalle_state_dict)``, masks optional).
     """
 
+    #: :func:`dalle.sampling.sample` draws like rudalle's ``generate_images`` unless told otherwise
+    default_sampler = "multinomial"
+    default_filter = "rudalle"
+
     def __init__(self, config: RuDalleConfig) -> None:
         super().__init__()
         if not isinstance(config, RuDalleConfig):
@@ -569,6 +594,7 @@ class RuDalleTransformer(nn.Module):
         self.to_logits = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, c.joint_vocab_size))
         self.transformer = DalleTransformer(c)
         self.cache: KVCache | None = None
+        self._compiled_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         #: CUDA autocast dtype (float16 / bfloat16; float32 or None with cuda_autocast=False: plain float32)
         self.cuda_dtype: torch.dtype | None = None
         self._mask_cache: dict[tuple, Any] = {}
@@ -820,16 +846,38 @@ class RuDalleTransformer(nn.Module):
         0-dim long tensor to avoid recompiles). Needs :meth:`prefill` first."""
         if self.cache is None:
             raise ConfigError("decode_step needs a filled KV cache: call prefill(text, prime) first")
-        c, device = self.config, self.device
+        device = self.device
         position = torch.as_tensor(position, dtype=torch.long, device=device).reshape(())
+        step = self._compiled_step if self._compiled_step is not None else self._step
+        return step(token.to(device=device, dtype=torch.long), position)
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The body of :meth:`decode_step` (what :meth:`compile_decoding` compiles)."""
+        c = self.config
         cell = position - (c.text_len + 1)
         slot = cell + c.text_slots
-        with self._autocast(self.device):
-            x = (self.image_embeddings(token.to(device).long()) + self._image_pos(cell)).unsqueeze(1)
+        with self._autocast(token.device):
+            x = (self.image_embeddings(token) + self._image_pos(cell)).unsqueeze(1)
             for i, (layer, layer_type) in enumerate(zip(self.transformer.layers, c.layer_types)):
                 x = layer.step(x, self._table(layer_type), self.cache, i, slot)
             h = self.transformer.final_layernorm(x)
         return self._head(h[:, 0], slice(c.text_vocab_size, None))
+
+    def compile_decoding(self, mode: str | None = None) -> RuDalleTransformer:
+        """Compile the one-token decode step with ``torch.compile`` (``"reduce-overhead"``, i.e. CUDA graphs, on
+        CUDA, ``"default"`` elsewhere; ``mode="off"`` goes back to eager decoding); returns self."""
+        if mode == "off":
+            self._compiled_step = None
+            return self
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(self._step, mode=mode, dynamic=False)
+        return self
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """True after :meth:`compile_decoding`."""
+        return self._compiled_step is not None
 
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -866,6 +914,17 @@ class RuDalleTransformer(nn.Module):
         except RuntimeError as exc:
             raise ModelLoadError(f"the checkpoint does not match the {config.version} config: {exc}") from exc
         return model.eval()
+
+
+def read_rudalle_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The transformer weights of a rudalle ``pytorch_model*.bin`` (``torch.load(weights_only=True)``,
+    memory-mapped where the file allows it, dtypes kept), without rudalle's ``module.`` prefix and masks."""
+    state = _load_torch_state(Path(path))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a state dict (names -> tensors) of a rudalle transformer")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k.removeprefix("transformer.") not in MASK_NAMES}
 
 
 def _load_torch_state(path: Path) -> dict[str, torch.Tensor]:
@@ -1016,7 +1075,9 @@ class RuDalleTokenizer:
 
 __all__ = [
     "PRESET_NAMES",
+    "RUDALLE_HUB",
     "RUDALLE_MODELS",
+    "RUDALLE_SAMPLING",
     "RuDalleConfig",
     "RuDalleTokenizer",
     "RuDalleTransformer",
@@ -1024,6 +1085,7 @@ __all__ = [
     "ce_to_ppl",
     "generate_codes",
     "gelu",
+    "read_rudalle_checkpoint",
     "reference_attention",
     "rerank_scores",
     "rudalle_filter_logits",

@@ -1,15 +1,27 @@
 """Sampling image tokens from the DALL-E transformer: logit filters and the cached decode loop.
 
-Randomness: each sampled token is ``argmax(log p - log E)`` with ``E ~ Exponential(1)`` drawn per vocabulary
-entry (the exponential race, equivalent to drawing from ``p``). With a *list* of generators, row ``b`` draws
-its noise from ``generator[b]`` alone and always the same amount per step, so a sample does not depend on
-the batch it runs in. A single generator (or ``None``, the global RNG) draws the noise for the whole batch.
+Two samplers draw a token from the filtered distribution ``p`` of each row:
+
+* ``"race"`` (dalle's default): ``argmax(log p - log E)`` with ``E ~ Exponential(1)`` drawn per vocabulary
+  entry (the exponential race, equivalent to drawing from ``p``);
+* ``"multinomial"`` (ruDALL-E's default): ``torch.multinomial(p, 1)``, as rudalle's ``generate_images`` draws,
+  so the same generator state gives rudalle's tokens.
+
+Two filters turn logits into ``p``: ``"dalle"`` (:func:`filter_logits`) and ``"rudalle"``
+(:func:`dalle.rudalle.rudalle_filter_logits`: temperature, then transformers' ``top_k_top_p_filtering``,
+which keeps the token that crosses ``top_p`` where :func:`filter_logits` stops before a token once the mass
+before it reaches ``top_p``). ``None`` takes the model's ``default_sampler`` / ``default_filter`` (race / dalle
+unless the model class says otherwise, as :class:`~dalle.rudalle.RuDalleTransformer` does).
+
+Randomness: with a *list* of generators, row ``b`` draws from ``generator[b]`` alone and always the same
+amount per sampled cell, so a sample does not depend on the batch it runs in. A single generator (or
+``None``, the global RNG) draws for the whole batch at once. Forced cells (image prompts) draw nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from dalle.transformer import DALLETransformer
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+SAMPLERS: tuple[str, ...] = ("race", "multinomial")
+FILTERS: tuple[str, ...] = ("dalle", "rudalle")
 
 
 def filter_logits(
@@ -63,17 +78,51 @@ def _noise(shape: torch.Size, device: torch.device, generator: Generators) -> to
     return -e.to(device).clamp_min_(torch.finfo(torch.float32).tiny).log()
 
 
+def apply_filter(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    filter: str = "dalle",
+) -> torch.Tensor:
+    """Float32 filtered logits [B, V] (removed entries -inf) by the named rule: ``"dalle"``
+    (:func:`filter_logits`) or ``"rudalle"`` (transformers' rule; ``top_k`` None or 0 and ``top_p`` None or 1
+    switch a filter off; temperature must be > 0)."""
+    if filter == "dalle":
+        return filter_logits(logits, temperature, top_k, top_p)
+    if filter == "rudalle":
+        from dalle.rudalle import rudalle_filter_logits
+
+        return rudalle_filter_logits(logits, temperature, top_k or 0, 1.0 if top_p is None else top_p)
+    raise ConfigError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+
+
+def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One ``torch.multinomial`` draw per row of probs [B, V]; a list of generators draws row by row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else probs.device
+        return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(-1).to(probs.device)
+    rows = [torch.multinomial(p.unsqueeze(0).to(g.device), 1, generator=g).to(probs.device)
+            for p, g in zip(probs, generator)]
+    return torch.cat(rows).squeeze(-1)
+
+
 def sample_logits(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: Generators = None,
+    *,
+    sampler: str = "race",
+    filter: str = "dalle",
 ) -> torch.Tensor:
-    """Draw one token per row from float logits [B, V] after :func:`filter_logits`; returns [B] long."""
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    noise = _noise(filtered.shape, filtered.device, generator)
-    return (filtered.log_softmax(-1) + noise).argmax(-1)
+    """Draw one token per row from float logits [B, V] after :func:`apply_filter`; returns [B] long.
+    ``sampler``: ``"race"`` (exponential race) or ``"multinomial"`` (``torch.multinomial``)."""
+    filtered = apply_filter(logits, temperature, top_k, top_p, filter)
+    if sampler == "race":
+        noise = _noise(filtered.shape, filtered.device, generator)
+        return (filtered.log_softmax(-1) + noise).argmax(-1)
+    if sampler == "multinomial":
+        return _multinomial(filtered.softmax(-1), generator)
+    raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
 
 
 def _check_generators(generator: Generators, batch: int) -> Generators:
@@ -86,6 +135,54 @@ def _check_generators(generator: Generators, batch: int) -> Generators:
             f"got a list of {len(generator)}"
         )
     return generator
+
+
+
+
+def _forced_cells(
+    model: Any, batch: int, prime: torch.Tensor | None, prompt_tokens: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, N] bool on the CPU, tokens [B, N] long on the model's device) of the cells kept as given:
+    a raster ``prime`` prefix, or ``prompt_tokens`` where ``prompt_mask`` is True (other cells 0)."""
+    c = model.config
+    n, device = c.image_len, model.device
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+    if prime is not None and (prompt_tokens is not None or prompt_mask is not None):
+        raise ConfigError("give either prime (a raster prefix) or prompt_tokens + prompt_mask, not both")
+    if prime is not None:
+        prime = model._check_image(prime, "prime")
+        if prime.shape[0] not in (1, batch):
+            raise ConfigError(f"prime batch {prime.shape[0]} does not match text batch {batch}")
+        tokens[:, : prime.shape[1]] = prime
+        mask[:, : prime.shape[1]] = True
+        return mask, tokens
+    if prompt_tokens is None and prompt_mask is None:
+        return mask, tokens
+    if prompt_tokens is None or prompt_mask is None:
+        raise ConfigError("give both prompt_tokens and prompt_mask (the cells to keep), or neither")
+    given = model._check_image(prompt_tokens, "prompt_tokens")
+    if given.shape[1] != n or given.shape[0] not in (1, batch):
+        raise ConfigError(
+            f"prompt_tokens must be [1 or {batch}, {n}] (or [1 or {batch}, {c.image_grid}, {c.image_grid}]): a "
+            f"token id for every cell, those outside prompt_mask ignored; got shape {tuple(prompt_tokens.shape)}"
+        )
+    if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool:
+        raise ConfigError(f"prompt_mask must be a bool tensor, got {getattr(prompt_mask, 'dtype', type(prompt_mask))}")
+    keep = prompt_mask.detach().cpu()
+    if keep.shape in ((n,), (c.image_grid, c.image_grid)):
+        keep = keep.reshape(1, n)
+    elif keep.dim() in (2, 3) and keep.shape[0] in (1, batch) and keep[0].numel() == n:
+        keep = keep.reshape(keep.shape[0], n)
+    else:
+        raise ConfigError(
+            f"prompt_mask must be [{n}] or [{c.image_grid}, {c.image_grid}] (or one of those per row), got "
+            f"shape {tuple(prompt_mask.shape)}"
+        )
+    mask[:] = keep
+    tokens = torch.where(mask.to(device), given.expand(batch, n), tokens)
+    return mask, tokens
 
 
 @torch.no_grad()
@@ -103,17 +200,30 @@ def sample(
     *,
     callback_every: int = 1,
     use_cache: bool = True,
+    prompt_tokens: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    sampler: str | None = None,
+    filter: str | None = None,
 ) -> torch.Tensor:
     """Sample image token grids [B, grid, grid] (long, on the model's device) for text ids [B, t].
 
-    - ``temperature`` / ``top_k`` / ``top_p``: see :func:`filter_logits` (the paper uses plain t = 1).
+    ``model``: a :class:`~dalle.transformer.DALLETransformer` or :class:`~dalle.rudalle.RuDalleTransformer`.
+
+    - ``temperature`` / ``top_k`` / ``top_p``: see :func:`apply_filter` (the paper uses plain t = 1).
     - ``generator``: a torch.Generator, or a list with one per row (batch-independent samples).
     - ``prime``: [B, n] (or [B, rows, grid]) image tokens in raster order; the first n cells are kept as given
       (image completion) and the rest are sampled. A batch of 1 is broadcast.
+    - ``prompt_tokens`` [B or 1, N] (or [B or 1, grid, grid]) with a bool ``prompt_mask`` [N] / [grid, grid]
+      (or one per row, [B, N]): image prompts on any set of cells (e.g. borders, as rudalle's
+      ``ImagePrompts``). Masked cells keep the given token (fed to the model, never sampled, no random draw);
+      the others are sampled. The leading cells masked in every row are fed at once, like ``prime``. Not
+      together with ``prime``.
+    - ``sampler``: ``"race"`` or ``"multinomial"``; ``filter``: ``"dalle"`` or ``"rudalle"`` (see the module
+      docstring); None takes the model's defaults.
     - ``guidance_scale``: classifier-free guidance; each row also runs with an all-pad caption in the same
       batched cached decode and the logits become ``uncond + s * (cond - uncond)`` (s = 1 is plain sampling;
       only meaningful for models trained with caption dropout).
-    - ``callback(step, tokens)``: called every ``callback_every`` sampled tokens and at the end, with
+    - ``callback(step, tokens)``: called every ``callback_every`` filled cells and at the end, with
       ``step`` = number of cells filled so far and ``tokens`` a [B, grid, grid] copy (unfilled cells are 0).
     - ``progress``: show a tqdm progress bar. ``use_cache=False`` recomputes the whole prefix at every step
       (slow; for benchmarks and tests).
@@ -125,19 +235,18 @@ def sample(
     generator = _check_generators(generator, batch)
     if callback_every < 1:
         raise ConfigError(f"callback_every must be >= 1, got {callback_every}")
-    if prime is None:
-        prime = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    prime = model._check_image(prime, "prime")
-    if prime.shape[0] == 1 and batch > 1:
-        prime = prime.expand(batch, -1)
-    if prime.shape[0] != batch:
-        raise ConfigError(f"prime batch {prime.shape[0]} does not match text batch {batch}")
-    n_prime = prime.shape[1]
-
-    tokens = torch.zeros(batch, n_cells, dtype=torch.long, device=device)
-    tokens[:, :n_prime] = prime
+    sampler = getattr(model, "default_sampler", "race") if sampler is None else sampler
+    filter = getattr(model, "default_filter", "dalle") if filter is None else filter
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if filter not in FILTERS:
+        raise ConfigError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+    forced, tokens = _forced_cells(model, batch, prime, prompt_tokens, prompt_mask)
+    n_prime = int(forced.all(0).long().cumprod(0).sum())  # cells kept in every row from cell 0 on
     if n_prime == n_cells:
         return tokens.view(batch, c.image_grid, c.image_grid)
+    partly_forced = forced.any(0).tolist()
+    prime = tokens[:, :n_prime]
 
     guided = guidance_scale is not None
     if guided:
@@ -160,6 +269,18 @@ def sample(
             img = torch.cat([img, img])
         return model(text_in, img)[1][:, -1]
 
+    def draw(logits: torch.Tensor, j: int) -> None:
+        """Sample cell j in the rows where it is not kept; only those rows draw randomness."""
+        rule = {"sampler": sampler, "filter": filter}
+        if not partly_forced[j]:
+            tokens[:, j] = sample_logits(combine(logits), temperature, top_k, top_p, generator, **rule)
+            return
+        free = (~forced[:, j]).nonzero().squeeze(1).tolist()
+        if free:
+            gens = [generator[i] for i in free] if isinstance(generator, list) else generator
+            rows = torch.tensor(free, device=device)
+            tokens[rows, j] = sample_logits(combine(logits)[rows], temperature, top_k, top_p, gens, **rule)
+
     was_training = model.training
     model.eval()
     bar = None
@@ -174,13 +295,13 @@ def sample(
             logits = model.prefill(text_in, prime_in) if use_cache else full_logits(n_prime)
             for j in range(n_prime, n_cells):
                 if j > n_prime:
-                    if use_cache:
+                    if use_cache:  # the step feeds cell j - 1 (sampled or kept) even when cell j is kept
                         step_in = tokens[:, j - 1]
                         step_in = torch.cat([step_in, step_in]) if guided else step_in
                         logits = model.decode_step(step_in, positions[c.text_len + j])
-                    else:
+                    elif not bool(forced[:, j].all()):
                         logits = full_logits(j)
-                tokens[:, j] = sample_logits(combine(logits), temperature, top_k, top_p, generator)
+                draw(logits, j)
                 if bar is not None:
                     bar.update(1)
                 done = j + 1

@@ -218,7 +218,7 @@ def test_out_of_memory_is_reported_with_batch_size(pipe, monkeypatch):
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipe.transformer, "sample", boom)
+    monkeypatch.setattr(pipe.transformer, "prefill", boom)
     with pytest.raises(OutOfMemoryError, match="batch of 4 .*batch_size"):
         pipe.generate("a red circle", num_images=4, batch_size=4, progress=False)
 
@@ -228,7 +228,7 @@ def test_cpu_allocator_failures_are_out_of_memory_errors(pipe, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
                            "you tried to allocate 40000000000 bytes.")
 
-    monkeypatch.setattr(pipe.transformer, "sample", no_memory)
+    monkeypatch.setattr(pipe.transformer, "prefill", no_memory)
     with pytest.raises(OutOfMemoryError, match="sampling a batch of 3 .*batch_size"):
         pipe.generate("a red circle", num_images=3, batch_size=3, progress=False)
     monkeypatch.undo()

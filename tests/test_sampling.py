@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dalle.errors import ConfigError
-from dalle.sampling import filter_logits, sample_logits
+from dalle.sampling import apply_filter, filter_logits, sample, sample_logits
 from dalle.transformer import DALLETransformer, TransformerConfig
 
 T, G, VT, VI = 8, 6, 64, 32
@@ -138,6 +138,100 @@ def test_bad_generators(model: DALLETransformer) -> None:
         model.sample(texts(3), generator=gens(1, 2))
     with pytest.raises(ConfigError, match="callback_every"):
         model.sample(texts(1), callback_every=0)
+
+
+# ------------------------------------------------------------------------- samplers, filters, forced cells
+
+
+def test_rudalle_filter_differs_from_dalle_filter_at_the_threshold() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    # dalle drops a token once the mass before it reaches top_p; transformers keeps the token that crosses it
+    assert apply_filter(logits, top_p=0.5, filter="dalle").isfinite().tolist() == [[True, False, False]]
+    assert apply_filter(logits, top_p=0.5, filter="rudalle").isfinite().tolist() == [[True, True, False]]
+    # top_k 0 / top_p 1 switch transformers' filters off; the same call is refused by dalle's filter
+    assert apply_filter(logits, top_k=0, top_p=1.0, filter="rudalle").isfinite().all()
+    with pytest.raises(ConfigError, match="top_k"):
+        apply_filter(logits, top_k=0, filter="dalle")
+    with pytest.raises(ConfigError, match="filter must be one of"):
+        apply_filter(logits, filter="nucleus")
+
+
+def test_multinomial_sampler_draws_like_torch_multinomial() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    probs = apply_filter(logits, top_k=7, top_p=0.9, filter="rudalle").softmax(-1)
+    one = sample_logits(logits, top_k=7, top_p=0.9, generator=torch.Generator().manual_seed(5),
+                        sampler="multinomial", filter="rudalle")
+    assert torch.equal(one, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1))
+    rows = sample_logits(logits, top_k=7, top_p=0.9, generator=gens(1, 2, 3), sampler="multinomial", filter="rudalle")
+    expected = [int(torch.multinomial(probs[i : i + 1], 1, generator=g)) for i, g in enumerate(gens(1, 2, 3))]
+    assert rows.tolist() == expected
+    with pytest.raises(ConfigError, match="sampler must be one of"):
+        sample_logits(logits, sampler="gumbel")
+
+
+def _border_mask(width: int = 1) -> torch.Tensor:
+    mask = torch.zeros(G, G, dtype=torch.bool)
+    mask[:width] = mask[-width:] = True
+    mask[:, :width] = mask[:, -width:] = True
+    return mask
+
+
+@pytest.mark.parametrize("sampler", ["race", "multinomial"])
+def test_forced_cells_are_kept_and_the_rest_sampled(model: DALLETransformer, sampler: str) -> None:
+    text = texts(2)
+    given = torch.randint(0, VI, (1, G * G), generator=torch.Generator().manual_seed(3))
+    mask = _border_mask()
+    out = sample(model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=mask, sampler=sampler)
+    flat = out.view(2, -1)
+    keep = mask.view(-1)
+    assert torch.equal(flat[:, keep], given.expand(2, -1)[:, keep])
+    assert not torch.equal(flat[:, ~keep], given.expand(2, -1)[:, ~keep])
+    # the cache-free path agrees, and each row is independent of its batch
+    assert torch.equal(out, sample(model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=mask,
+                                   sampler=sampler, use_cache=False))
+    alone = sample(model, text[1:], generator=gens(2), prompt_tokens=given, prompt_mask=mask, sampler=sampler)
+    assert torch.equal(alone[0], out[1])
+    # a raster prefix given as a mask is the same as prime
+    prefix = torch.zeros(G * G, dtype=torch.bool)
+    prefix[: 2 * G + 1] = True
+    via_mask = sample(model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=prefix, sampler=sampler)
+    via_prime = sample(model, text, generator=gens(1, 2), prime=given[:, : 2 * G + 1], sampler=sampler)
+    assert torch.equal(via_mask, via_prime)
+
+
+def test_forced_cells_per_row(model: DALLETransformer) -> None:
+    text = texts(2)
+    given = torch.randint(0, VI, (2, G, G), generator=torch.Generator().manual_seed(4))
+    masks = torch.stack([_border_mask(), torch.zeros(G, G, dtype=torch.bool)])
+    masks[1, 2:4, 1:5] = True  # a block inside the second image
+    out = sample(model, text, generator=gens(7, 8), prompt_tokens=given, prompt_mask=masks, callback_every=5)
+    assert torch.equal(out[masks], given[masks])
+    assert torch.equal(out, sample(model, text, generator=gens(7, 8), prompt_tokens=given, prompt_mask=masks,
+                                   use_cache=False))
+    for i in range(2):  # forced cells draw no randomness: a row alone samples the same cells
+        alone = sample(model, text[i : i + 1], generator=gens(7 + i), prompt_tokens=given[i : i + 1],
+                       prompt_mask=masks[i])
+        assert torch.equal(alone[0], out[i])
+    everything = torch.ones(G * G, dtype=torch.bool)
+    assert torch.equal(sample(model, text, prompt_tokens=given, prompt_mask=everything), given)
+
+
+def test_forced_cells_bad_input(model: DALLETransformer) -> None:
+    text = texts(2)
+    given = torch.zeros(1, G * G, dtype=torch.long)
+    mask = _border_mask()
+    with pytest.raises(ConfigError, match="both"):
+        sample(model, text, prompt_tokens=given)
+    with pytest.raises(ConfigError, match="not both"):
+        sample(model, text, prompt_tokens=given, prompt_mask=mask, prime=given[:, :3])
+    with pytest.raises(ConfigError, match="prompt_tokens must be"):
+        sample(model, text, prompt_tokens=given[:, :5], prompt_mask=mask)
+    with pytest.raises(ConfigError, match="bool"):
+        sample(model, text, prompt_tokens=given, prompt_mask=mask.long())
+    with pytest.raises(ConfigError, match="prompt_mask must be"):
+        sample(model, text, prompt_tokens=given, prompt_mask=mask[:3])
+    with pytest.raises(ConfigError, match="prompt_tokens ids"):
+        sample(model, text, prompt_tokens=given + VI, prompt_mask=mask)
 
 
 # --------------------------------------------------------------------------------------- end to end

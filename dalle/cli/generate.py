@@ -69,12 +69,27 @@ def _probability(text: str) -> float:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="model directory or registered name (default: the bundled shapes model)")
+                   help="model directory or registered name: shapes, shapes-128, or rudalle-malevich, "
+                        "rudalle-malevich-v2, rudalle-emojich, rudalle-surrealist-xl, rudalle-kandinsky (downloaded "
+                        "and converted on first use) (default: the bundled shapes model)")
     p.add_argument("-n", "--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=parse_seed, default=None, help="base seed; image k uses seed+k (default: random)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling probability mass")
+    p.add_argument("--top-k", type=_non_negative_int, default=None,
+                   help="sample among the k likeliest tokens; 0 turns it off (default: the model's, e.g. 1024 for "
+                        "ruDALL-E models, none for dalle models)")
+    p.add_argument("--top-p", type=_probability, default=None,
+                   help="nucleus sampling probability mass; 1 turns it off (default: the model's, e.g. 0.99 for "
+                        "ruDALL-E models, none for dalle models)")
+    p.add_argument("--sampler", choices=("race", "multinomial"), default=None,
+                   help="how a token is drawn: race (exponential race) or multinomial (torch.multinomial, as "
+                        "rudalle) (default: the model's; race for dalle models, multinomial for ruDALL-E models)")
+    p.add_argument("--filter", choices=("dalle", "rudalle"), default=None,
+                   help="top-k/top-p rule: dalle's or rudalle's (transformers' top_k_top_p_filtering) (default: "
+                        "the model's; dalle for dalle models, rudalle for ruDALL-E models)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile (CUDA graphs on CUDA); the first "
+                        "image pays the compilation (default: off)")
     p.add_argument("--guidance", type=_positive_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
     add_threads_flag(p)
@@ -89,7 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt")
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     _add_sampling_args(p)
-    p.add_argument("--rerank", type=_positive_int, default=None, help="draw N candidates, keep the best -n")
+    p.add_argument("--rerank", type=_positive_int, default=None,
+                   help="draw N candidates, keep the best -n by the model's own score (for ruDALL-E models "
+                        "rudalle's perplexity, lowest kept) (default: no reranking)")
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser("complete", help="complete the bottom of an image from a prompt (image priming)")
@@ -111,11 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+    # letters of any script stay (a Russian prompt gives a Russian file name), everything else becomes "-"
+    return re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    keys = ("temperature", "top_k", "top_p", "guidance", "rerank", "rows")
+    keys = ("temperature", "top_k", "top_p", "guidance", "rerank", "rows", "sampler", "filter")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     out.update(extra)
     return out
@@ -184,6 +202,8 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "progress": not args.quiet,
         "return_tokens": True,
+        "sampler": args.sampler,
+        "filter": args.filter,
     }
 
 
@@ -195,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.rerank is not None and args.rerank < args.num_images:
         raise UsageError(f"--rerank {args.rerank} must be at least -n {args.num_images}")
     _check_outputs(args)
-    pipe = DALLE.from_pretrained(args.model, device=args.device)
+    pipe = DALLE.from_pretrained(args.model, device=args.device, compile=args.compile)
     result = pipe.generate(
         args.prompt,
         **_sampling_kwargs(args),
@@ -211,7 +231,7 @@ def run_complete(args: argparse.Namespace) -> int:
     from dalle.pipeline import DALLE
 
     _check_outputs(args)
-    pipe = DALLE.from_pretrained(args.model, device=args.device)
+    pipe = DALLE.from_pretrained(args.model, device=args.device, compile=args.compile)
     if args.rows is not None and args.rows > pipe.grid:
         raise UsageError(f"--rows {args.rows} exceeds the model's {pipe.grid} token rows")
     rows = pipe.completion_rows if args.rows is None else args.rows
