@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -548,7 +549,20 @@ class DALLE:
             sampling=self.sampling,
         )
 
-    def save_pretrained(self, directory: str | os.PathLike[str], weights_dtype: torch.dtype | None = None) -> Path:
+    def __repr__(self) -> str:
+        t = self.transformer.config
+        params = sum(p.numel() for p in self.transformer.parameters())
+        return (
+            f"DALLE(name={self.name!r}, architecture={self.architecture!r}, image={self.image_size}px "
+            f"({self.grid}x{self.grid} tokens of {t.image_vocab_size} codes), text={self.text_len} tokens, "
+            f"transformer={t.depth} layers x {t.heads} heads x {t.head_dim} ({params / 1e6:.1f}M parameters), "
+            f"guidance={'yes' if self.trained_with_caption_dropout else 'no'}, device={str(self.device)!r}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}{', compiled' if self.compiled else ''})"
+        )
+
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], weights_dtype: torch.dtype | None = None, *, overwrite: bool = False
+    ) -> Path:
         """Write the model directory (config, safetensors weights, tokenizer); each file is replaced atomically,
         ``config.json`` last.
 
@@ -559,6 +573,14 @@ class DALLE:
         from dalle.loading import write_safetensors
 
         path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{str(path)!r} is a file; save_pretrained writes a directory")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            what = "a model directory" if (path / "config.json").is_file() else "files"
+            raise ConfigError(
+                f"{str(path)!r} already holds {what}; choose an empty or new directory, or pass overwrite=True to "
+                "replace the model files in it"
+            )
         path.mkdir(parents=True, exist_ok=True)
         if self.architecture == "rudalle" or weights_dtype is not None:
             state = _without_masks(self.transformer.state_dict())
@@ -575,8 +597,26 @@ class DALLE:
 
     # ------------------------------------------------------------------ helpers
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids [len(prompts), text_len] on the model's device (lowercased BPE, padded)."""
-        return self.tokenizer.encode(list(prompts), text_len=self.text_len).to(self.device)
+        """Token ids [len(prompts), text_len] on the model's device (lowercased BPE, padded). A prompt longer
+        than the model reads keeps its first ``text_len`` tokens, with a warning."""
+        from dalle.tokenizer import TruncationWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            ids = self.tokenizer.encode(list(prompts), text_len=self.text_len)
+        for w in caught:
+            if not issubclass(w.category, TruncationWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if any(issubclass(w.category, TruncationWarning) for w in caught):
+            lengths = [len(row) for row in self.tokenizer.encode_ids(list(prompts))] if hasattr(
+                self.tokenizer, "encode_ids") else []
+            long = [p for p, n in zip(prompts, lengths) if n > self.text_len] or list(prompts)
+            warnings.warn(
+                f"prompt {long[0]!r}{f' (and {len(long) - 1} more)' if len(long) > 1 else ''} is longer than the "
+                f"{self.text_len} tokens model {self.name!r} reads: only its first {self.text_len} tokens are used; "
+                "shorten the prompt to control what is dropped",
+                TruncationWarning, stacklevel=3)
+        return ids.to(self.device)
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None) -> list[Image.Image]:
@@ -698,6 +738,25 @@ class DALLE:
             "filter": filter or d.get("filter"),
         }
 
+    def unfamiliar_words(self, prompt: str) -> list[str]:
+        """Words of ``prompt`` that the tokenizer spells out piece by piece (most pieces single characters, or
+        characters it does not know): words its training captions most likely never held, which the model
+        cannot have learned to draw. Empty for tokenizers without ``tokenize`` (e.g. ruDALL-E's)."""
+        tokenize = getattr(self.tokenizer, "tokenize", None)
+        if tokenize is None or self.architecture != "dalle":
+            return []
+        from dalle.tokenizer import WORD_MARK, normalize
+
+        unknown = self.tokenizer.id_to_token(1) if hasattr(self.tokenizer, "id_to_token") else "<UNK>"
+        found = []
+        for word in dict.fromkeys(re.findall(r"\w+", normalize(prompt))):
+            pieces = [piece.lstrip(WORD_MARK) for piece in tokenize(word)]
+            pieces = [piece for piece in pieces if piece]
+            single = sum(len(piece) == 1 for piece in pieces)
+            if unknown in pieces or (len(pieces) > 2 and 2 * single > len(pieces)):
+                found.append(word)
+        return found
+
     def _warn_if_no_text(self, prompts: list[str], text: torch.Tensor) -> None:
         """Warn when a prompt has no known token: the model then draws from its caption-free mode, which only a
         model trained with caption dropout has learned."""
@@ -709,6 +768,13 @@ class DALLE:
                 else "arbitrary images (this model was not trained with empty captions)"
             )
             warnings.warn(f"prompt {prompt!r} {what}, so the model produces {mode}", UserWarning, stacklevel=4)
+        for prompt in dict.fromkeys(prompts):
+            words = self.unfamiliar_words(prompt)
+            if words:
+                warnings.warn(
+                    f"prompt {prompt!r}: the tokenizer spells out {', '.join(repr(w) for w in words)} piece by piece, "
+                    f"so the model most likely never saw {'this word' if len(words) == 1 else 'these words'} in "
+                    "training and will not draw what it means", UserWarning, stacklevel=4)
 
     def _sample_rows(
         self,

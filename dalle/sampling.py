@@ -285,9 +285,9 @@ def sample(
     model.eval()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from dalle._progress import progress_bar
 
-        bar = tqdm(total=n_cells - n_prime, desc="sampling", unit="tok")
+        bar = progress_bar(n_cells - n_prime, "sampling", "tok")  # a line every 10 s when not on a terminal
     # every slot's position as a device tensor made once, not one host-to-device copy per token
     positions = torch.arange(c.text_len + n_cells, device=device)
     try:
