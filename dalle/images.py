@@ -231,8 +231,13 @@ def _one_to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _font(tile_width: int = 256) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at a size that reads well under a tile (16 px under 256-px tiles, 12 px at least);
+    older Pillows (before 10.1) have only the fixed 11-px bitmap font."""
+    try:
+        return ImageFont.load_default(size=max(12, tile_width // 16))
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        return ImageFont.load_default()
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
@@ -282,7 +287,7 @@ def make_grid(
     cell_w = max(im.width for im in images)
     cell_h = max(im.height for im in images)
 
-    font = _font()
+    font = _font(cell_w)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped: list[list[str]] = []
     line_h = 0

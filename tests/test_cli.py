@@ -164,7 +164,10 @@ def test_info_says_youtokentome_is_optional(monkeypatch, capsys):
     assert "not installed (optional" in line and "pure-Python" in line
 
 
+@pytest.mark.integration
 def test_demo_runs_offline(tmp_path):
+    from dalle.cli.generate import DEMO_PROMPTS
+
     r = run_cli("demo", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     written = list(tmp_path.glob("*.png"))
@@ -173,8 +176,10 @@ def test_demo_runs_offline(tmp_path):
         meta = dict(im.text)
     # the PNG and the console both say which model or weights produced it
     assert meta["model"] == "shapes" and meta["software"].startswith("dalle ")
-    assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == 4
+    assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == len(DEMO_PROMPTS)
     assert "wrote" in r.stdout
+    # the console says which prompt is a combination the model never saw
+    assert "5. a large green triangle  (never seen in training" in r.stdout
 
 
 def test_threads_flag_sets_torchs_cpu_threads(model_dir, tmp_path):

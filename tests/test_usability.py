@@ -53,3 +53,21 @@ def test_save_pretrained_does_not_overwrite_unless_told(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     pipe.save_pretrained(tmp_path / "empty")
     assert DALLE.from_pretrained(tmp_path / "empty", device="cpu").grid == pipe.grid
+
+
+def test_demo_notes_name_exactly_the_held_out_prompts() -> None:
+    from dalle.cli.generate import DEMO
+    from dalle.data.shapes import COLOURS, SHAPES, is_held_out
+
+    for prompt, note in DEMO:
+        words = prompt.split()
+        pairs = [(a, b) for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES]
+        held = any(is_held_out(c, s) for c, s in pairs)
+        assert held == ("never seen" in note), prompt
+
+
+def test_grid_captions_scale_with_the_tiles() -> None:
+    from dalle.images import _font
+
+    small, large = _font(64), _font(512)
+    assert large.getbbox("Ag")[3] > small.getbbox("Ag")[3]

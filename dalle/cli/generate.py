@@ -15,12 +15,16 @@ from dalle.cli import add_threads_flag
 
 ORDER = 10
 
-DEMO_PROMPTS = (
-    "a large red circle",
-    "a small blue square on the left",
-    "a yellow triangle above a green square",
-    "a large green triangle",
+#: the demo's prompts and what each shows of the bundled shapes models: what they draw well (one object, two
+#: objects and their relation, positions) and one colour-shape pair they never saw (held out of all training)
+DEMO = (
+    ("a large red circle", "one object: what the model draws best"),
+    ("a small blue square on the left", "one object, its size and position"),
+    ("a yellow triangle above a green square", "two objects and how they are placed"),
+    ("a purple square at the bottom", "one object and its position"),
+    ("a large green triangle", "never seen in training: green triangles are held out of all training data"),
 )
+DEMO_PROMPTS = tuple(prompt for prompt, _ in DEMO)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -270,5 +274,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"model {pipe.name!r} on {pipe.device}: loaded in {loaded - start:.1f} s, "
         f"{len(result.images)} images in {done - loaded:.1f} s"
     )
+    bundled = pipe.name in ("shapes", "shapes-128")
+    print("prompts, left to right:")
+    for i, (prompt, note) in enumerate(DEMO, 1):
+        print(f"  {i}. {prompt}" + (f"  ({note})" if bundled else ""))
     print(f"wrote {path.resolve()}")
     return 0
