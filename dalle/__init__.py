@@ -44,10 +44,15 @@ _EXPORTS: dict[str, str] = {
     "DownloadError": "dalle.errors",
     "ImageError": "dalle.errors",
     "TokenizerError": "dalle.errors",
+    "ConfigError": "dalle.errors",
+    "CheckpointError": "dalle.errors",
+    "OutOfMemoryError": "dalle.errors",
 }
 
 __all__ = [
     "BPETokenizer",
+    "CheckpointError",
+    "ConfigError",
     "DALLE",
     "DALLETransformer",
     "DalleError",
@@ -56,6 +61,7 @@ __all__ = [
     "Encoder",
     "ImageError",
     "ModelLoadError",
+    "OutOfMemoryError",
     "RuDalleConfig",
     "RuDalleTokenizer",
     "RuDalleTransformer",
@@ -78,10 +84,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dalle.dvae import Decoder, Encoder, map_pixels, unmap_pixels
     from dalle.errors import (
+        CheckpointError,
+        ConfigError,
         DalleError,
         DownloadError,
         ImageError,
         ModelLoadError,
+        OutOfMemoryError,
         TokenizerError,
         UnsafePickleError,
     )

@@ -71,3 +71,11 @@ def test_grid_captions_scale_with_the_tiles() -> None:
 
     small, large = _font(64), _font(512)
     assert large.getbbox("Ag")[3] > small.getbbox("Ag")[3]
+
+
+def test_the_errors_users_catch_are_exported() -> None:
+    import dalle
+    from dalle import errors
+
+    for name in ("ConfigError", "CheckpointError", "OutOfMemoryError", "ModelLoadError", "DalleError"):
+        assert getattr(dalle, name) is getattr(errors, name) and name in dalle.__all__
