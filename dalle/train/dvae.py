@@ -12,9 +12,11 @@ Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented 
 * ``loss = (nll + beta * kl) / (H * W * C)``, averaged over the batch (effective KL weight beta / 192 at the
   paper's sizes).
 
-Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6, over
-the paper's 5k, 150k and 1.2M updates capped at a tenth, half and all of the run unless set (issue 22: the
-paper's fractions of a short run left no time to learn before the KL weight was full and tau low). AdamW (0.9, 0.999),
+Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6. Unless
+set, beta warms up over the paper's share of the run (5k of 3M updates: almost at once in a short run; a longer
+warm-up saturates the encoder on sparse images, issue 22), tau and the step size over the paper's 150k and 1.2M
+updates capped at half and all of the run (the paper's fractions of a short run froze tau at 1/16 before
+anything was learned). AdamW (0.9, 0.999),
 eps 1e-8, weight decay 1e-4; EMA of the weights (decay 0.999) is what gets exported and evaluated.
 Not in the paper: ``freeze_encoder`` (with ``init``) trains only the decoder, on the one-hot argmax codes of the
 frozen encoder, i.e. the codes ``encode`` gives and a transformer samples; the token space stays the same, so a
@@ -220,14 +222,19 @@ def dvae_verdict(
     ln_k = math.log(vocab_size)
     if kl is not None and kl >= 0.98 * ln_k:
         advice.append(
-            f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one code for "
-            "sure and unused codes get no gradient; lower --lr (1e-4 .. 3e-4) and keep --kl-steps a tenth of the run"
+            f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one of a few "
+            "codes for sure and unused codes get no gradient. Early in a run it comes from a low KL weight: "
+            "give the full --kl-weight (6.6) from the start (leave --kl-steps unset, or 1; a warm-up of 100+ "
+            "updates or --kl-weight 1-3 saturated within 50 updates on letters); --tau-start 16 delays it. Late "
+            "in a run it comes as tau falls; on sparse images (letters) no setting measured so far avoids it"
         )
     elif kl is not None and kl < 0.1 * ln_k:
         advice.append(
             f"the posterior stayed near uniform (KL {kl:.2f} of ln {vocab_size} = {ln_k:.2f}): the KL term won "
-            "and the gumbel noise picks the codes, so the decoder learns the average image; lengthen "
-            "--kl-steps / --tau-steps (or leave them unset: a tenth / half of the run), or lower --kl-weight"
+            "and the gumbel noise picks the codes, so the decoder learns the average image; train longer, "
+            "lengthen --tau-steps (or leave it unset: half the run) or lower --kl-weight (then also raise "
+            "--tau-start, e.g. 16, or the encoder saturates); a long --kl-steps warm-up is no cure: while the "
+            "KL weight is low the encoder saturates instead"
         )
     if steps < 1000:
         advice.append(f"only {steps} updates: train longer (--steps, --time-limit) or use a smaller model")
@@ -238,7 +245,8 @@ def dvae_verdict(
         )
     if vocab_size > 1024:
         advice.append(f"--vocab-size {vocab_size} is more than a small dataset can fill: try 512")
-    advice.append("a recipe that learns coloured letters on white in CPU minutes: --config recipes/letters/dvae.json")
+    advice.append("what was measured on sparse flat-colour images (coloured letters on white), and the best settings "
+                  "so far (not yet usable): recipes/letters/README.md, --config recipes/letters/dvae.json")
     return False, problems, advice
 
 
@@ -371,8 +379,9 @@ class DVAETrainer(Trainer):
         if self._collapsed_steps == 20 and self.info.is_main:
             msg = (
                 f"dVAE posterior collapse at step {self.step}: KL = ln {self.vocab_size} for 20 steps, so every "
-                "position is one code with certainty and training cannot recover. Restart with a lower --lr "
-                "and/or a shorter --kl-steps (the paper reaches the full KL weight after 5k of 3M updates)."
+                "position is one code with certainty and training cannot recover. Restart with the full KL weight "
+                "from the start (--kl-steps unset or 1: the paper reaches it after 5k of 3M updates) and/or a "
+                "higher --tau-start (e.g. 16); see recipes/letters/README.md."
             )
             warnings.warn(msg, stacklevel=2)
             if self._bar is not None:
