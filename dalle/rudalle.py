@@ -73,6 +73,7 @@ from torch import nn
 
 from dalle.attention import DecodeTable, KVCache, attend_one
 from dalle.errors import ConfigError, ModelLoadError, TokenizerError
+from dalle.transformer import check_id_range, check_image, check_text
 
 VERSIONS: tuple[str, ...] = ("v2", "v3")
 ATTN_IMPLS: tuple[str, ...] = ("sdpa", "reference")
@@ -434,12 +435,6 @@ def rerank_scores(
     return ce_to_ppl(ce)
 
 
-def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
-    """ConfigError unless every id is in [0, vocab_size) (reads the values: a device sync off the CPU)."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ConfigError(f"{name} ids must be in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
-
-
 # -------------------------------------------------------------------------------------------------- modules
 
 
@@ -658,39 +653,11 @@ class RuDalleTransformer(nn.Module):
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         """Validate text ids [B, t <= text_len] (ids in [0, text_vocab_size)); right-pad with 0 to text_len."""
-        c = self.config
-        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(
-                "text must be an integer tensor [batch, text_len] of token ids (RuDalleTokenizer.encode output), "
-                f"got {getattr(text, 'dtype', type(text).__name__)} of shape {tuple(getattr(text, 'shape', ()))}"
-            )
-        if text.shape[1] > c.text_len:
-            raise ConfigError(f"text has {text.shape[1]} positions but the model takes at most text_len={c.text_len}")
-        if text.device.type == "cpu":  # reading values on an accelerator would stall it: checked in prefill
-            _check_ids(text, c.text_vocab_size, "text")
-        text = text.long().to(self.device)
-        if text.shape[1] < c.text_len:
-            text = F.pad(text, (0, c.text_len - text.shape[1]), value=c.text_pad_id)
-        return text
+        return check_text(text, self.config, self.device)
 
     def _check_image(self, image: torch.Tensor, name: str = "image", max_len: int | None = None) -> torch.Tensor:
         """Validate image ids [B, n] or [B, rows, grid] (raster order); returns [B, n] long on the device."""
-        c = self.config
-        max_len = c.image_len if max_len is None else max_len
-        if not isinstance(image, torch.Tensor) or image.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(f"{name} must be an integer tensor of image token ids, got {type(image).__name__}")
-        if image.dim() == 3:
-            if image.shape[2] != c.image_grid:
-                raise ConfigError(f"{name} rows have {image.shape[2]} tokens, the grid is {c.image_grid} wide")
-            image = image.reshape(image.shape[0], -1)
-        if image.dim() != 2 or image.shape[1] > max_len:
-            raise ConfigError(
-                f"{name} must be [batch, n<={max_len}] (raster order) or [batch, rows, {c.image_grid}], "
-                f"got shape {tuple(image.shape)}"
-            )
-        if image.device.type == "cpu":
-            _check_ids(image, c.image_vocab_size, name)
-        return image.long().to(self.device)
+        return check_image(image, self.config, self.device, name, max_len)
 
     def _pair(self, text: torch.Tensor, image: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, ...]:
         text, image = self._check_text(text), self._check_image(image, max_len=max_len)
@@ -832,8 +799,8 @@ class RuDalleTransformer(nn.Module):
         prime = self._check_image(prime, "prime", max_len=c.image_len - 1)
         if prime.shape[0] != text.shape[0]:
             raise ConfigError(f"text batch {text.shape[0]} and prime batch {prime.shape[0]} differ")
-        _check_ids(text, c.text_vocab_size, "text")  # once per generation, on any device
-        _check_ids(prime, c.image_vocab_size, "prime")
+        check_id_range(text, c.text_vocab_size, "text")  # once per generation, on any device
+        check_id_range(prime, c.image_vocab_size, "prime")
         cache = self.setup_cache(text.shape[0])
         h = self._hidden(text, prime, cache)
         return self._head(h[:, -1], slice(c.text_vocab_size, None))

@@ -196,6 +196,52 @@ def check_id_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
         )
 
 
+def check_text(text: torch.Tensor, config: Any, device: torch.device) -> torch.Tensor:
+    """Validate caption ids [B, t <= config.text_len] for a transformer of ``config`` (any config with
+    ``text_len``, ``text_vocab_size``, ``text_pad_id``) and right-pad them with the pad id to ``text_len``; returns
+    long ids on ``device``. Values are checked where that costs no device sync (:func:`_values_checkable`)."""
+    c = config
+    if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(
+            "text must be an integer tensor [batch, text_len] of token ids (the model's tokenizer's encode output), "
+            f"got {getattr(text, 'dtype', type(text).__name__)} of shape {tuple(getattr(text, 'shape', ()))}"
+        )
+    if text.shape[1] > c.text_len:
+        raise ConfigError(
+            f"text has {text.shape[1]} positions but the model takes at most text_len={c.text_len}; "
+            f"encode captions with text_len={c.text_len}"
+        )
+    if _values_checkable(text):
+        check_id_range(text, c.text_vocab_size, "text")
+    text = text.long().to(device)
+    if text.shape[1] < c.text_len:
+        text = F.pad(text, (0, c.text_len - text.shape[1]), value=c.text_pad_id)
+    return text
+
+
+def check_image(
+    image: torch.Tensor, config: Any, device: torch.device, name: str = "image", max_len: int | None = None
+) -> torch.Tensor:
+    """Validate image ids [B, n <= max_len] (raster order) or [B, rows, grid] for a transformer of ``config``
+    (``image_grid``, ``image_len``, ``image_vocab_size``); returns [B, n] long ids on ``device``."""
+    c = config
+    max_len = c.image_len if max_len is None else max_len
+    if not isinstance(image, torch.Tensor) or image.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"{name} must be an integer tensor of image token ids, got {type(image).__name__}")
+    if image.dim() == 3:
+        if image.shape[2] != c.image_grid:
+            raise ConfigError(f"{name} rows have {image.shape[2]} tokens, the grid is {c.image_grid} wide")
+        image = image.reshape(image.shape[0], -1)
+    if image.dim() != 2 or image.shape[1] > max_len:
+        raise ConfigError(
+            f"{name} must be [batch, n<={max_len}] (raster order) or [batch, rows, {c.image_grid}], "
+            f"got shape {tuple(image.shape)}"
+        )
+    if _values_checkable(image):
+        check_id_range(image, c.image_vocab_size, name)
+    return image.long().to(device)
+
+
 # ------------------------------------------------------------------------------------------------ blocks
 
 
@@ -360,48 +406,11 @@ class DALLETransformer(nn.Module):
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         """Validate text ids [B, t<=text_len]; right-pad with the pad id to text_len (documented rule)."""
-        c = self.config
-        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(
-                "text must be an integer tensor [batch, text_len] of token ids (e.g. BPETokenizer.encode output), "
-                f"got {getattr(text, 'dtype', type(text).__name__)} of shape {tuple(getattr(text, 'shape', ()))}"
-            )
-        if text.shape[1] > c.text_len:
-            raise ConfigError(
-                f"text has {text.shape[1]} positions but the model takes at most text_len={c.text_len}; "
-                f"encode captions with text_len={c.text_len}"
-            )
-        if _values_checkable(text) and (int(text.min()) < 0 or int(text.max()) >= c.text_vocab_size):
-            raise ConfigError(
-                f"text ids must be in [0, {c.text_vocab_size}) (the model's text_vocab_size), "
-                f"got values in [{int(text.min())}, {int(text.max())}]; was the caption encoded with another tokenizer?"
-            )
-        text = text.long().to(self.device)
-        if text.shape[1] < c.text_len:
-            text = F.pad(text, (0, c.text_len - text.shape[1]), value=c.text_pad_id)
-        return text
+        return check_text(text, self.config, self.device)
 
     def _check_image(self, image: torch.Tensor, name: str = "image", max_len: int | None = None) -> torch.Tensor:
         """Validate image ids [B, n] or [B, rows, grid]; returns [B, n] long on the model's device."""
-        c = self.config
-        max_len = c.image_len if max_len is None else max_len
-        if not isinstance(image, torch.Tensor) or image.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(f"{name} must be an integer tensor of image token ids, got {type(image).__name__}")
-        if image.dim() == 3:
-            if image.shape[2] != c.image_grid:
-                raise ConfigError(f"{name} rows have {image.shape[2]} tokens, the grid is {c.image_grid} wide")
-            image = image.reshape(image.shape[0], -1)
-        if image.dim() != 2 or image.shape[1] > max_len:
-            raise ConfigError(
-                f"{name} must be [batch, n<={max_len}] (raster order) or [batch, rows, {c.image_grid}], "
-                f"got shape {tuple(image.shape)}"
-            )
-        if _values_checkable(image) and (int(image.min()) < 0 or int(image.max()) >= c.image_vocab_size):
-            raise ConfigError(
-                f"{name} ids must be in [0, {c.image_vocab_size}) (the model's image_vocab_size), "
-                f"got values in [{int(image.min())}, {int(image.max())}]"
-            )
-        return image.long().to(self.device)
+        return check_image(image, self.config, self.device, name, max_len)
 
     def _embed(self, text: torch.Tensor, image_in: torch.Tensor) -> torch.Tensor:
         """Embeddings of the stream: text [B, text_len], image_in [B, m] = slot inputs (start-of-image first)."""
