@@ -507,6 +507,30 @@ class Encoder(_DVAEModule):
         return torch.argmax(self(x), dim=1)
 
 
+def check_token_grid(tokens: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Validate image token ids for decoding: [B, h, w], or [B, h*w] for square grids, integers in
+    ``[0, vocab_size)``; returns them as [B, h, w] long on ``device`` (used by every image decoder)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ConfigError(f"decode expects a LongTensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise ConfigError(f"decode expects integer token ids, got {tokens.dtype} (the dVAE decoder's forward() takes one-hot)")
+    if tokens.dim() == 2:
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ConfigError(
+                f"decode got {tokens.shape[1]} tokens per image, which is not a square grid; pass [B, h, w] instead"
+            )
+        tokens = tokens.reshape(tokens.shape[0], side, side)
+    if tokens.dim() != 3:
+        raise ConfigError(f"decode expects tokens of shape [B, h, w] (or [B, h*w]), got {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ConfigError(f"decode got an empty token tensor of shape {tuple(tokens.shape)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ConfigError(f"token ids must lie in [0, {vocab_size - 1}], got values in [{lo}, {hi}]")
+    return tokens.to(device=device, dtype=torch.long)
+
+
 # ------------------------------------------------------------------------------------------------- decoder
 class Decoder(_DVAEModule):
     """OpenAI's dVAE decoder: one-hot (or soft) tokens [B, vocab_size, h, w] -> [B, 2 * C, 8h, 8w].
@@ -668,30 +692,7 @@ class Decoder(_DVAEModule):
         return h.permute(0, 3, 1, 2)
 
     def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor):
-            raise ConfigError(f"decode expects a LongTensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-            raise ConfigError(
-                f"decode expects integer token ids, got {tokens.dtype}; use forward() for one-hot"
-            )
-        if tokens.dim() == 2:
-            side = math.isqrt(tokens.shape[1])
-            if side * side != tokens.shape[1]:
-                raise ConfigError(
-                    f"decode got {tokens.shape[1]} tokens per image, which is not a square grid; "
-                    "pass [B, h, w] instead"
-                )
-            tokens = tokens.reshape(tokens.shape[0], side, side)
-        if tokens.dim() != 3:
-            raise ConfigError(
-                f"decode expects tokens of shape [B, h, w] (or [B, h*w]), got {tuple(tokens.shape)}"
-            )
-        if tokens.numel() == 0:
-            raise ConfigError(f"decode got an empty token tensor of shape {tuple(tokens.shape)}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ConfigError(f"token ids must lie in [0, {self.vocab_size - 1}], got values in [{lo}, {hi}]")
-        return tokens.to(device=self.device, dtype=torch.long)
+        return check_token_grid(tokens, self.vocab_size, self.device)
 
     def decode_stats(self, tokens: torch.Tensor) -> torch.Tensor:
         """Like :meth:`forward` on ``one_hot(tokens)`` but without building the one-hot tensor."""

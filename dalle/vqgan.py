@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle.dvae import resolve_dtype, unmap_pixels
+from dalle.dvae import check_token_grid, resolve_dtype, unmap_pixels
 from dalle.errors import ConfigError, ImageError, ModelLoadError
 
 __all__ = [
@@ -669,26 +669,7 @@ class VQGANDecoder(_VQGANModule):
         return {**super().config(), "dwt": self.dwt}
 
     def _check_tokens(self, tokens: Any) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor):
-            raise ConfigError(f"decode expects a LongTensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-            raise ConfigError(f"decode expects integer token ids, got {tokens.dtype}")
-        if tokens.dim() == 2:
-            side = math.isqrt(tokens.shape[1])
-            if side * side != tokens.shape[1]:
-                raise ConfigError(
-                    f"decode got {tokens.shape[1]} tokens per image, which is not a square grid; "
-                    "pass [B, h, w] instead"
-                )
-            tokens = tokens.reshape(tokens.shape[0], side, side)
-        if tokens.dim() != 3:
-            raise ConfigError(f"decode expects tokens of shape [B, h, w] (or [B, h*w]), got {tuple(tokens.shape)}")
-        if tokens.numel() == 0:
-            raise ConfigError(f"decode got an empty token tensor of shape {tuple(tokens.shape)}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ConfigError(f"token ids must lie in [0, {self.vocab_size - 1}], got values in [{lo}, {hi}]")
-        return tokens.to(device=self.device, dtype=torch.long)
+        return check_token_grid(tokens, self.vocab_size, self.device)
 
     def decode_raw(self, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder's float32 output for token ids [B, h, w], before clamping (roughly [-1, 1])."""
