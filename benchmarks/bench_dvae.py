@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default=None, help="CUDA compute dtype for ours: float32, float16, bfloat16"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time ours through torch.compile (default mode; compilation happens in the warm-up)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="ours with cuDNN's heuristic algorithm choice instead of timed selection (CUDA)")
+    parser.add_argument("--nchw", action="store_true", help="ours on NCHW activations instead of channels-last")
     args = parser.parse_args(argv)
 
     try:
@@ -69,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     dec.load_state_dict(ref_dec.state_dict(), assign=True)
     enc = enc.to(device).requires_grad_(False).eval()
     dec = dec.to(device).requires_grad_(False).eval()
+    for module in (enc, dec):
+        module.cudnn_benchmark = not args.no_cudnn_benchmark
+        module.channels_last = not args.nchw
+    our_encode, our_decode = enc.encode, dec.decode
+    if args.compile:
+        our_encode, our_decode = torch.compile(our_encode), torch.compile(our_decode)
 
     def ref_encode(x: torch.Tensor) -> torch.Tensor:
         return torch.argmax(ref_enc(x), dim=1)
@@ -83,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.rand(b, 3, 256, 256, device=device) * 0.8 + 0.1
             z = ref_encode(x)
             tasks = {
-                "encode": (lambda x=x: ref_encode(x), lambda x=x: enc.encode(x)),
-                "decode": (lambda z=z: ref_decode(z), lambda z=z: dec.decode(z)),
+                "encode": (lambda x=x: ref_encode(x), lambda x=x: our_encode(x)),
+                "decode": (lambda z=z: ref_decode(z), lambda z=z: our_decode(z)),
             }
             for task, (ref_fn, our_fn) in tasks.items():
                 for _ in range(args.warmup):
@@ -97,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                 r, o = (statistics.median(t[0] for t in ts) / b for ts in (ref_t, our_t))
                 rc, oc = (statistics.median(t[1] for t in ts) / b for ts in (ref_t, our_t))
                 rows.append((task, b, r, o, rc, oc))
-                print(f"  {task} batch {b}: dall_e {r:.3f} s/img, dalle {o:.3f} s/img", file=sys.stderr)
+                print(f"  {task} batch {b}: dall_e {r * 1e3:.2f} ms/img, dalle {o * 1e3:.2f} ms/img", file=sys.stderr)
 
     where = (
         f"{device.type}, {torch.get_num_threads()} threads"
         if device.type == "cpu"
         else (f"{torch.cuda.get_device_name(device)}, dalle dtype {args.dtype or 'default (bfloat16)'}")
     )
+    where += "".join(note for flag, note in ((args.compile, ", ours compiled"), (args.nchw, ", ours NCHW"),
+                                             (args.no_cudnn_benchmark, ", ours without cuDNN benchmark")) if flag)
     print(
         f"\ndVAE full size (256x256, vocab 8192), {where}; torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}; median of {args.repeats}, seconds per image "
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for task, b, r, o, rc, oc in rows:
-        print(f"| {task} | {b} | {r:.3f} | {o:.3f} | {r / o:.2f}x | {rc:.3f} | {oc:.3f} | {rc / oc:.2f}x |")
+        print(f"| {task} | {b} | {r:.4g} | {o:.4g} | {r / o:.2f}x | {rc:.4g} | {oc:.4g} | {rc / oc:.2f}x |")
     print(f"\ncommand: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
     return 0
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from bench_transformer import _timed  # same folder: run as `python benchmarks/bench_peers.py`
 
+from dalle.sampling import sample
 from dalle.transformer import DALLETransformer, TransformerConfig
 
 
@@ -51,7 +52,7 @@ def bench_ours(a: argparse.Namespace, device: torch.device, text: torch.Tensor) 
     gens = [torch.Generator(device=device).manual_seed(i) for i in range(text.shape[0])]
 
     def run() -> None:
-        out = model.sample(text, generator=gens)
+        out = sample(model, text, generator=gens)
         assert out.shape == (text.shape[0], a.grid, a.grid)
 
     return _median_time(run, device, a.repeats), sum(p.numel() for p in model.parameters())

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 
 
 def make_shards(path: Path, n: int, image_size: int, device: str) -> None:
-    """``n`` shapes scenes encoded by the bundled dVAE at ``image_size`` (``dalle encode-dataset``'s code)."""
-    from dalle.cli.train import EncodeConfig, encode_dataset
+    """``n`` shapes scenes encoded by the bundled dVAE at ``image_size`` (:func:`dalle.train.encode.encode_dataset`,
+    what ``dalle encode-dataset`` runs)."""
+    from dalle.train.encode import EncodeConfig, encode_dataset
 
     encode_dataset(EncodeConfig(data="shapes:1", dvae=str(REPO / "dalle" / "pretrained" / "shapes"),
                                 out_dir=str(path), limit=n, image_size=image_size, device=device, progress=False))

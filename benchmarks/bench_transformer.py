@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from dalle.sampling import sample
 from dalle.transformer import DALLETransformer, TransformerConfig
 
 
@@ -45,12 +46,12 @@ def bench_sampling(model: DALLETransformer, batch: int, points: int, compile_ste
     gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
     n = c.image_len
     # warm-up: masks, tables, allocator, (compilation)
-    model.sample(text, generator=gens, prime=torch.zeros(batch, n - 4, dtype=torch.long, device=device))
+    sample(model, text, generator=gens, prime=torch.zeros(batch, n - 4, dtype=torch.long, device=device))
     step_fn = model.decode_step
     if compile_step:
         model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead")  # type: ignore[method-assign]
-        model.sample(text, generator=gens, prime=torch.zeros(batch, n - 16, dtype=torch.long, device=device))
-    cached = _timed(lambda: model.sample(text, generator=gens), device)
+        sample(model, text, generator=gens, prime=torch.zeros(batch, n - 16, dtype=torch.long, device=device))
+    cached = _timed(lambda: sample(model, text, generator=gens), device)
     model.decode_step = step_fn  # type: ignore[method-assign]
 
     # no cache: step j is a forward over text + cells 0..j (what sample(use_cache=False) runs)

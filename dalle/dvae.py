@@ -331,6 +331,10 @@ class _DVAEModule(nn.Module):
     # rounding (~1e-6 relative). Set to False on an instance to run OpenAI's NCHW kernels (the encoder then
     # reproduces OpenAI's outputs bit for bit on CPU).
     channels_last: bool = True
+    # On CUDA, let cuDNN time its convolution algorithms on the first call with each input shape and keep the
+    # fastest (``torch.backends.cudnn.benchmark`` inside the dVAE's own calls only; never when deterministic
+    # algorithms are asked for). Set to False on an instance to use cuDNN's heuristic choice.
+    cudnn_benchmark: bool = True
     blocks: _DVAEBlocks
     use_mixed_precision: bool
 
@@ -365,11 +369,18 @@ class _DVAEModule(nn.Module):
 
     def _own_precision(self) -> contextlib.AbstractContextManager[Any]:
         """Switch off an enclosing autocast: every layer casts to the dtype it chose itself (the output layer
-        stays float32), which autocast would otherwise override."""
+        stays float32), which autocast would otherwise override. On CUDA, also let cuDNN pick its fastest
+        convolution algorithms for each new shape (see :attr:`cudnn_benchmark`)."""
         kind = self.device.type
+        stack = contextlib.ExitStack()
         if torch.is_autocast_enabled(kind):
-            return torch.autocast(kind, enabled=False)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        cudnn = torch.backends.cudnn
+        if (kind == "cuda" and self.cudnn_benchmark and not cudnn.benchmark and not cudnn.deterministic
+                and not torch.are_deterministic_algorithms_enabled()):
+            cudnn.benchmark = True  # only this flag: cudnn.flags() would reset the others (TF32 among them)
+            stack.callback(setattr, cudnn, "benchmark", False)
+        return stack
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the resblocks compute in on the current device."""

@@ -660,6 +660,9 @@ class _Inert:
     """
 
     pickled_name: str = "?"
+    args: tuple[Any, ...]
+    state: Any
+    entries: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
         obj = super().__new__(cls)
@@ -1313,7 +1316,8 @@ def write_safetensors(
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 data = t.contiguous().cpu().reshape(-1).view(torch.uint8)
-                out.write(memoryview(data.numpy()))
+                # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.10)
+                out.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         publish(tmp_name, path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)

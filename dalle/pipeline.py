@@ -1,16 +1,8 @@
-"""The DALLE bundle: tokenizer + dVAE + transformer, model directories, and text-to-image generation.
+"""The DALLE bundle: tokenizer + dVAE + transformer, loading and saving model directories, and text-to-image
+generation.
 
-A model directory holds::
-
-    config.json            {"format_version": 1, "name", "image_size", "text_len", "transformer": {...},
-                            "encoder": {...}, "decoder": {...}, "trained_with_caption_dropout": bool,
-                            "architecture": "dalle" | "rudalle", "image_tokenizer": "dvae" | "vqgan",
-                            "sampling": {"top_k", "top_p", "sampler", "filter"}}
-    transformer.safetensors
-    encoder.safetensors
-    decoder.safetensors
-    tokenizer.model        (youtokentome BPE model)
-
+A model directory (:mod:`dalle.model_dir`: the format, its writer and readers) holds ``config.json``,
+``transformer.safetensors``, ``encoder.safetensors``, ``decoder.safetensors`` and ``tokenizer.model``.
 ``architecture`` (absent: ``"dalle"``) names the transformer class: :class:`~dalle.transformer.DALLETransformer`
 with :class:`~dalle.tokenizer.BPETokenizer`, or :class:`~dalle.rudalle.RuDalleTransformer` with
 :class:`~dalle.rudalle.RuDalleTokenizer` (``transformer`` then holds a ``RuDalleConfig``).
@@ -25,7 +17,7 @@ float16 (their own dtype; ``dtype=torch.bfloat16`` converts) on CUDA and in floa
 in float32 (a model that would not fit in the available memory is refused before loading, with the figures).
 The registered names ``rudalle-malevich``, ``rudalle-malevich-v2``, ``rudalle-emojich``,
 ``rudalle-surrealist-xl`` and ``rudalle-kandinsky`` download the released files from the Hugging Face Hub and
-convert them once into a model directory in the cache (:func:`ensure_rudalle_model`).
+convert them once into a model directory in the cache (:func:`dalle.hub.ensure_rudalle_model`).
 
 Seeds: image ``k`` (0-based) of a prompt generated with seed ``s`` is sampled from its own
 ``torch.Generator`` seeded with ``s + k``. It does not depend on the batch size, on the other prompts of the
@@ -36,7 +28,6 @@ device). Numerical differences between batch shapes are far below what flips a s
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -44,15 +35,26 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dalle._files import publish
 from dalle.errors import ConfigError, ModelLoadError, OutOfMemoryError, TokenizerError
+from dalle.hub import convert_rudalle, download_rudalle, ensure_rudalle_model
 from dalle.loading import PRETRAINED_DIR, resolve_device
+from dalle.model_dir import (
+    ARCHITECTURES,
+    FORMAT_VERSION,
+    IMAGE_TOKENIZERS,
+    check_sampling_defaults,
+    load_transformer,
+    load_weights,
+    model_config,
+    read_config,
+    write_model_files,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from dalle.dvae import Decoder, Encoder
@@ -62,14 +64,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from dalle.transformer import DALLETransformer, TransformerConfig
     from dalle.vqgan import VQGANDecoder, VQGANEncoder
 
-FORMAT_VERSION = 1
-ARCHITECTURES: tuple[str, ...] = ("dalle", "rudalle")
-IMAGE_TOKENIZERS: tuple[str, ...] = ("dvae", "vqgan")
 DEFAULT_MODEL = "shapes"
 #: registered model names -> model directories shipped inside the package
 REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes", "shapes-128": PRETRAINED_DIR / "shapes-128"}
-
-_FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
 
 Scorer = Callable[[str, list[Image.Image]], torch.Tensor]
 
@@ -98,7 +95,7 @@ def _base_seed(seed: int | None, count: int = 1) -> int:
     return int(seed)
 
 
-def kv_cache_bytes(config: TransformerConfig, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config: TransformerConfig | RuDalleConfig, dtype: torch.dtype) -> int:
     """Bytes of the static KV cache for one sampled row: keys and values of every layer over the stream."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * config.depth * config.heads * config.seq_len * config.head_dim * itemsize
@@ -147,66 +144,13 @@ def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
         warnings.warn(f"the model directory {key!r} in the current directory is used, not the bundled model of that "
                       f"name (leave the model unset for the bundled default, or pass './{key}' to say you mean the "
                       "directory)", UserWarning, stacklevel=3)
-    path = Path(name_or_dir).expanduser()
+    path = Path(key).expanduser()  # key is the given path (None was the default model)
     if not path.exists():
         names = ", ".join(sorted(REGISTRY) + sorted(RUDALLE_HUB))
         raise ModelLoadError(f"no model directory {str(path)!r} and no registered model of that name (known: {names})")
     if not path.is_dir():
         raise ModelLoadError(f"{str(path)!r} is a file; a model is a directory written by DALLE.save_pretrained")
     return path
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    missing = [f for f in _FILES if not (path / f).is_file()]
-    if missing:
-        raise ModelLoadError(
-            f"model directory {str(path)!r} lacks {', '.join(missing)}; it must hold {', '.join(_FILES)}"
-        )
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if version != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path / 'config.json'} has format_version {version!r}; this dalle reads version {FORMAT_VERSION}. "
-            "Upgrade dalle or re-save the model."
-        )
-    for key in ("transformer", "encoder", "decoder", "image_size"):
-        if key not in config:
-            raise ModelLoadError(f"{path / 'config.json'} lacks the key {key!r}")
-    for key, allowed in (("architecture", ARCHITECTURES), ("image_tokenizer", IMAGE_TOKENIZERS)):
-        if config.get(key, allowed[0]) not in allowed:
-            raise ModelLoadError(f"{path / 'config.json'}: {key} {config[key]!r} is not one of {', '.join(allowed)}; "
-                                 "upgrade dalle or re-save the model")
-    if not isinstance(config.get("sampling", {}), dict):
-        raise ModelLoadError(f"{path / 'config.json'}: sampling must be an object of default settings")
-    return config
-
-
-def _load_weights(module: torch.nn.Module, file: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    try:
-        missing, unexpected = load_model(module, str(file), strict=False)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read weights from {file}: {exc}") from exc
-    except RuntimeError as exc:  # shape mismatches
-        raise ModelLoadError(f"weights in {file} do not fit the model described in config.json: {exc}") from exc
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"weights in {file} do not fit config.json: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-
-
-def _save_weights(module: torch.nn.Module, file: Path) -> None:
-    from safetensors.torch import save_model
-
-    tmp = file.with_name(file.name + ".tmp")
-    save_model(module, str(tmp))
-    publish(tmp, file)
 
 
 def default_dtype(device: torch.device, architecture: str = "dalle") -> torch.dtype:
@@ -220,31 +164,6 @@ def default_dtype(device: torch.device, architecture: str = "dalle") -> torch.dt
 def _float_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of the module's first floating-point parameter (float32 if it has none)."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-_SAMPLING_KEYS = ("top_k", "top_p", "sampler", "filter")
-
-
-def _check_sampling_defaults(sampling: dict[str, Any]) -> dict[str, Any]:
-    """Validate a model's default sampling settings (keys of :data:`_SAMPLING_KEYS`; None = unset)."""
-    from dalle.sampling import FILTERS, SAMPLERS
-
-    if not isinstance(sampling, dict):
-        raise ConfigError(f"sampling must be a dict of default settings, got {type(sampling).__name__}")
-    unknown = sorted(set(sampling) - set(_SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown sampling defaults {unknown}; known: {', '.join(_SAMPLING_KEYS)}")
-    out = {k: v for k, v in sampling.items() if v is not None}
-    top_k, top_p = out.get("top_k", 0), out.get("top_p", 1.0)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ConfigError(f"sampling top_k must be an integer >= 0 (0: off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError(f"sampling top_p must be in (0, 1] (1: off), got {top_p!r}")
-    if out.get("sampler", SAMPLERS[0]) not in SAMPLERS:
-        raise ConfigError(f"sampling sampler must be one of {', '.join(SAMPLERS)}, got {out['sampler']!r}")
-    if out.get("filter", FILTERS[0]) not in FILTERS:
-        raise ConfigError(f"sampling filter must be one of {', '.join(FILTERS)}, got {out['filter']!r}")
-    return out
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -323,8 +242,8 @@ def _load_image_tokenizer(path: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
         from dalle.dvae import Decoder, Encoder
 
         encoder, decoder = Encoder(**cfg["encoder"]), Decoder(**cfg["decoder"])
-        _load_weights(encoder, path / "encoder.safetensors")
-        _load_weights(decoder, path / "decoder.safetensors")
+        load_weights(encoder, path / "encoder.safetensors")
+        load_weights(decoder, path / "decoder.safetensors")
         return encoder, decoder
     from dalle.vqgan import VQGANDecoder, VQGANEncoder
 
@@ -343,7 +262,7 @@ def _load_image_tokenizer(path: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
 def describe_model(name_or_dir: str | os.PathLike[str]) -> str:
     """A few lines describing a model directory (for ``dalle info --model``), without loading the weights."""
     path = resolve_model(name_or_dir)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     t = cfg["transformer"]
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     lines = [
@@ -431,7 +350,7 @@ class DALLE:
         if isinstance(tokenizer, RuDalleTokenizer):  # nor do the BOS / EOS every ruDALL-E caption carries
             no_info += [tokenizer.bos_id, tokenizer.eos_id]
         self._no_info_ids = torch.tensor(sorted(set(no_info)))
-        self.sampling = _check_sampling_defaults(sampling or {})
+        self.sampling = check_sampling_defaults(sampling or {})
         self.image_size = int(image_size)
         self.name = name
         self.trained_with_caption_dropout = bool(trained_with_caption_dropout)
@@ -456,7 +375,7 @@ class DALLE:
             if _float_dtype(self.transformer) != weight_dtype:
                 self.transformer.to(weight_dtype)
         elif self.device.type == "cuda" and dtype != torch.float32:
-            self.transformer.cast_matmul_weights(dtype)
+            cast("DALLETransformer", self.transformer).cast_matmul_weights(dtype)
         self.compiled = bool(compile)
         if self.compiled:
             self.transformer.compile_decoding()
@@ -493,11 +412,12 @@ class DALLE:
         the first generation pays the compilation.
         """
         path = resolve_model(name_or_dir)
-        cfg = _read_config(path)
+        cfg = read_config(path)
         architecture = cfg.get("architecture", "dalle")
         dev = resolve_device(device)
         if dtype is None:
             dtype = default_dtype(dev, architecture)
+        transformer: DALLETransformer | RuDalleTransformer
         try:
             encoder, decoder = _load_image_tokenizer(path, cfg)
             if architecture == "rudalle":
@@ -511,10 +431,8 @@ class DALLE:
                 tokenizer: Any = RuDalleTokenizer.load(path / "tokenizer.model")
             else:
                 from dalle.tokenizer import BPETokenizer
-                from dalle.transformer import DALLETransformer, TransformerConfig
 
-                transformer = DALLETransformer(TransformerConfig.from_dict(cfg["transformer"]))
-                _load_weights(transformer, path / "transformer.safetensors")
+                transformer = load_transformer(path, cfg)
                 stored = None
                 tokenizer = BPETokenizer.load(path / "tokenizer.model")
         except (ModelLoadError, TokenizerError):
@@ -541,7 +459,7 @@ class DALLE:
     def config(self) -> dict[str, Any]:
         """The ``config.json`` content of this model (a dalle model with a dVAE writes no
         ``architecture`` / ``image_tokenizer`` keys, so older dalle versions read it too)."""
-        return _config_dict(
+        return model_config(
             name=self.name, image_size=self.image_size, text_len=self.text_len,
             trained_with_caption_dropout=self.trained_with_caption_dropout,
             transformer=self.transformer.config.to_dict(), encoder=self.encoder.config(),
@@ -569,9 +487,8 @@ class DALLE:
         ``weights_dtype`` (e.g. ``torch.float16``) converts the transformer's floating-point weights in the
         file; None keeps the dtype the model was loaded from (float16 for converted ruDALL-E models, even
         after loading them as float32 on the CPU) or, for a model built from parts, its parameters' dtype.
+        The parts are written by :func:`dalle.model_dir.write_model_files`, the format's one writer.
         """
-        from dalle.loading import write_safetensors
-
         path = Path(directory)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{str(path)!r} is a file; save_pretrained writes a directory")
@@ -581,19 +498,10 @@ class DALLE:
                 f"{str(path)!r} already holds {what}; choose an empty or new directory, or pass overwrite=True to "
                 "replace the model files in it"
             )
-        path.mkdir(parents=True, exist_ok=True)
-        if self.architecture == "rudalle" or weights_dtype is not None:
-            state = _without_masks(self.transformer.state_dict())
-            write_safetensors(state, path / "transformer.safetensors", dtype=weights_dtype or self.weights_dtype)
-        else:
-            _save_weights(self.transformer, path / "transformer.safetensors")
-        _save_weights(self.encoder, path / "encoder.safetensors")
-        _save_weights(self.decoder, path / "decoder.safetensors")
-        tmp = path / "tokenizer.model.tmp"
-        self.tokenizer.save(tmp)
-        os.replace(tmp, path / "tokenizer.model")
-        _write_config(path, self.config())
-        return path
+        if weights_dtype is None and self.architecture == "rudalle":
+            weights_dtype = self.weights_dtype  # the stored dtype, not the one computed in
+        return write_model_files(path, self.config(), encoder=self.encoder, decoder=self.decoder,
+                                 transformer=self.transformer, tokenizer=self.tokenizer, weights_dtype=weights_dtype)
 
     # ------------------------------------------------------------------ helpers
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -608,7 +516,7 @@ class DALLE:
             if not issubclass(w.category, TruncationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if any(issubclass(w.category, TruncationWarning) for w in caught):
-            lengths = [len(row) for row in self.tokenizer.encode_ids(list(prompts))] if hasattr(
+            lengths = [len(row) for row in cast("BPETokenizer", self.tokenizer).encode_ids(list(prompts))] if hasattr(
                 self.tokenizer, "encode_ids") else []
             long = [p for p, n in zip(prompts, lengths) if n > self.text_len] or list(prompts)
             warnings.warn(
@@ -685,7 +593,8 @@ class DALLE:
                 from dalle.rudalle import rerank_scores
 
                 _, logits = self.transformer(text, grids)
-                out.append(rerank_scores(logits, grids, self.transformer.config.version).float().cpu())
+                version = cast("RuDalleConfig", self.transformer.config).version
+                out.append(rerank_scores(logits, grids, version).float().cpu())
             else:
                 ll = self.transformer.image_log_likelihood(text, grids)
                 out.append(ll.float().cpu() / tokens.shape[1])
@@ -709,8 +618,8 @@ class DALLE:
 
         if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise ConfigError(f"temperature must be a number >= 0 (0: greedy decoding), got {temperature!r}")
         if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
             raise ConfigError(f"top_k must be an integer >= 0 (0: off) or None (the model's default), got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
@@ -838,7 +747,8 @@ class DALLE:
             num_images: images per prompt; the result lists them prompt by prompt.
             seed: base seed; image k of a prompt uses seed ``seed + k`` (random when None; see
                 ``GenerationOutput.seeds``).
-            temperature, top_k, top_p: sampling settings (the paper samples at temperature 1, no top-k/p).
+            temperature, top_k, top_p: sampling settings (the paper samples at temperature 1, no top-k/p);
+                ``temperature=0`` is greedy decoding (always the most likely token; no randomness).
                 None takes the model's default (:attr:`sampling`: none for dalle models, rudalle's
                 recommended top_k 1024 / top_p 0.99 for ruDALL-E models); ``top_k=0`` / ``top_p=1`` is off.
             guidance_scale: classifier-free guidance strength (models trained with caption dropout only).
@@ -896,7 +806,9 @@ class DALLE:
         scorer: Scorer | None,
         batch_size: int | None,
     ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        kept_tokens, kept_seeds, kept_scores = [], [], []
+        kept_tokens: list[torch.Tensor] = []
+        kept_seeds: list[int] = []
+        kept_scores: list[torch.Tensor] = []
         for j, prompt in enumerate(prompts):
             cand = tokens[j * candidates : (j + 1) * candidates]
             if scorer is None:
@@ -1029,161 +941,9 @@ def generate(
     return pipe.generate(prompt, **kwargs)
 
 
-# ------------------------------------------------------------------------------------ model directory files
-def _config_dict(
-    *, name: str, image_size: int, text_len: int, trained_with_caption_dropout: bool, transformer: dict[str, Any],
-    encoder: dict[str, Any], decoder: dict[str, Any], architecture: str = "dalle", image_tokenizer: str = "dvae",
-    sampling: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``config.json`` content; the keys added for ruDALL-E / VQGAN models are written only where they differ
-    from what older files mean by their absence."""
-    config: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "image_size": image_size,
-        "text_len": text_len,
-        "trained_with_caption_dropout": trained_with_caption_dropout,
-    }
-    if architecture != "dalle":
-        config["architecture"] = architecture
-    if image_tokenizer != "dvae":
-        config["image_tokenizer"] = image_tokenizer
-    if sampling:
-        config["sampling"] = dict(sampling)
-    if source:
-        config["source"] = dict(source)
-    config.update(transformer=transformer, encoder=encoder, decoder=decoder)
-    return config
-
-
-def _write_config(path: Path, config: dict[str, Any]) -> None:
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path / "config.json")
-
-
-def _without_masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ruDALL-E state dict without its attention masks (rebuilt on load, never stored)."""
-    from dalle.rudalle import MASK_NAMES
-
-    return {k: v for k, v in state.items() if k.removeprefix("transformer.") not in MASK_NAMES}
-
-
-def convert_rudalle(
-    out_dir: str | os.PathLike[str],
-    transformer: str | os.PathLike[str],
-    vqgan: str | os.PathLike[str],
-    bpe: str | os.PathLike[str],
-    preset: str = "malevich",
-    *,
-    name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    sampling: dict[str, Any] | None = None,
-    source: dict[str, Any] | None = None,
-) -> Path:
-    """Convert ruDALL-E's released files into a dalle model directory and return its path.
-
-    ``transformer``: a rudalle ``pytorch_model*.bin`` (read with ``torch.load(weights_only=True)``,
-    memory-mapped); ``vqgan``: the Lightning ``.ckpt`` of the Sber VQGAN (read safely, see
-    :func:`dalle.loading.read_lightning_checkpoint`; its architecture is read from the tensor shapes);
-    ``bpe``: the youtokentome ``bpe.model``. ``preset`` names the transformer's configuration
-    (:data:`dalle.rudalle.PRESET_NAMES`) and ``overrides`` replace fields of it (custom or test checkpoints).
-    ``sampling``: the model's default sampling settings (default: rudalle's recommended ones).
-
-    The transformer's tensors are checked against the configuration (names and shapes) and written one by one
-    in their own dtype (float16 stays float16), so converting Kandinsky (21.5 GiB) needs no more memory than
-    its largest tensor. Files are replaced atomically, ``config.json`` last: a directory without it is an
-    unfinished conversion.
-    """
-    from dalle.loading import read_lightning_checkpoint, write_safetensors
-    from dalle.rudalle import (
-        RUDALLE_SAMPLING,
-        RuDalleConfig,
-        RuDalleTokenizer,
-        RuDalleTransformer,
-        read_rudalle_checkpoint,
-    )
-    from dalle.vqgan import vqgan_from_state_dict
-
-    try:
-        config = RuDalleConfig.preset(preset, **(overrides or {}))
-    except TypeError as exc:  # dataclasses.replace names the unknown field
-        raise ConfigError(f"bad configuration overrides {overrides}: {exc}") from None
-    tokenizer = RuDalleTokenizer.load(bpe)
-    if tokenizer.vocab_size > config.bpe_vocab_size:
-        raise ModelLoadError(f"{bpe} has {tokenizer.vocab_size} tokens, more than the {config.bpe_vocab_size} text ids "
-                             f"of the {preset!r} configuration; is it the right bpe.model?")
-    state = read_rudalle_checkpoint(transformer)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in _without_masks(RuDalleTransformer(config).state_dict()).items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        detail = "; ".join(f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong)) if keys)
-        raise ModelLoadError(f"{transformer} does not hold a {preset!r} ruDALL-E transformer: {detail}. Pass the "
-                             "preset the checkpoint was released as (--preset)")
-    encoder, decoder = vqgan_from_state_dict(read_lightning_checkpoint(vqgan), None, source=os.fspath(vqgan))
-    if decoder.vocab_size != config.image_vocab_size:
-        raise ModelLoadError(f"the VQGAN {vqgan} has {decoder.vocab_size} codes, the transformer "
-                             f"{config.image_vocab_size}; they do not belong together")
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(state, path / "transformer.safetensors", metadata={"format": "dalle.rudalle"})
-    del state
-    _save_weights(encoder, path / "encoder.safetensors")
-    _save_weights(decoder, path / "decoder.safetensors")
-    tmp = path / "tokenizer.model.tmp"
-    tokenizer.save(tmp)
-    os.replace(tmp, path / "tokenizer.model")
-    _write_config(path, _config_dict(
-        name=name or path.name, image_size=config.image_grid * encoder.factor, text_len=config.text_len,
-        trained_with_caption_dropout=False, transformer=config.to_dict(), encoder=encoder.config(),
-        decoder=decoder.config(), architecture="rudalle", image_tokenizer="vqgan",
-        sampling=_check_sampling_defaults(dict(RUDALLE_SAMPLING) if sampling is None else sampling),
-        source=source or {"preset": preset},
-    ))
-    return path
-
-
-def download_rudalle(name: str, *, progress: bool | None = None) -> dict[str, Path]:
-    """Download the files of a released ruDALL-E model (``rudalle-malevich``, ...; see
-    :data:`dalle.rudalle.RUDALLE_HUB`) from the Hugging Face Hub (``$DALLE_HF_ENDPOINT`` replaces it) into the
-    cache; returns the local paths by role (``transformer``, ``vqgan``, ``bpe``). Downloads resume."""
-    from dalle.loading import download_hf_file
-    from dalle.rudalle import RUDALLE_BPE_FILE, RUDALLE_HUB, RUDALLE_UTILS_REPOS, RUDALLE_VQGAN_FILE
-
-    if name not in RUDALLE_HUB:
-        raise ConfigError(f"unknown ruDALL-E model {name!r}; choose one of {', '.join(RUDALLE_HUB)}")
-    entry = RUDALLE_HUB[name]
-    return {
-        "transformer": download_hf_file(entry["repos"], entry["filename"], progress=progress),
-        "vqgan": download_hf_file(RUDALLE_UTILS_REPOS, RUDALLE_VQGAN_FILE, progress=progress),
-        "bpe": download_hf_file(RUDALLE_UTILS_REPOS, RUDALLE_BPE_FILE, progress=progress),
-    }
-
-
-def ensure_rudalle_model(name: str, *, progress: bool | None = None) -> Path:
-    """The model directory of a released ruDALL-E model in the cache (``cache_dir()/models/{name}``):
-    downloaded (:func:`download_rudalle`) and converted (:func:`convert_rudalle`) on first use. The
-    downloaded originals stay in ``cache_dir()/huggingface`` (delete them to free the space)."""
-    from dalle.loading import cache_dir
-    from dalle.rudalle import RUDALLE_HUB
-
-    if name not in RUDALLE_HUB:
-        raise ConfigError(f"unknown ruDALL-E model {name!r}; choose one of {', '.join(RUDALLE_HUB)}")
-    path = cache_dir() / "models" / name
-    if (path / "config.json").is_file():
-        return path
-    files = download_rudalle(name, progress=progress)
-    entry = RUDALLE_HUB[name]
-    return convert_rudalle(path, files["transformer"], files["vqgan"], files["bpe"], entry["preset"], name=name,
-                           overrides=entry.get("overrides"), source={"preset": entry["preset"], "repos": list(entry["repos"]),
-                                   "filename": entry["filename"]})
-
-
 __all__ = [
     "DALLE", "GenerationOutput", "generate", "load_default", "describe_model", "resolve_model", "REGISTRY",
     "border_mask", "convert_rudalle", "download_rudalle", "ensure_rudalle_model", "default_dtype",
+    # the model-directory format (dalle.model_dir), importable from here as before
+    "ARCHITECTURES", "FORMAT_VERSION", "IMAGE_TOKENIZERS",
 ]

@@ -65,7 +65,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -698,7 +698,7 @@ class RuDalleTransformer(nn.Module):
 
     def _head(self, h: torch.Tensor, part: slice) -> torch.Tensor:
         """float32 logits of the joint head's columns ``part`` (LayerNorm + Linear outside autocast)."""
-        ln, lin = self.to_logits[0], self.to_logits[1]
+        ln, lin = cast(nn.LayerNorm, self.to_logits[0]), cast(nn.Linear, self.to_logits[1])
         with torch.autocast(h.device.type, enabled=False):
             h = F.layer_norm(h.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
             return F.linear(h, lin.weight[part].float(), lin.bias[part].float())
@@ -823,10 +823,11 @@ class RuDalleTransformer(nn.Module):
         c = self.config
         cell = position - (c.text_len + 1)
         slot = cell + c.text_slots
+        cache = cast(KVCache, self.cache)  # decode_step checked it is filled
         with self._autocast(token.device):
             x = (self.image_embeddings(token) + self._image_pos(cell)).unsqueeze(1)
             for i, (layer, layer_type) in enumerate(zip(self.transformer.layers, c.layer_types)):
-                x = layer.step(x, self._table(layer_type), self.cache, i, slot)
+                x = cast(DalleTransformerLayer, layer).step(x, self._table(layer_type), cache, i, slot)
             h = self.transformer.final_layernorm(x)
         return self._head(h[:, 0], slice(c.text_vocab_size, None))
 
@@ -838,7 +839,8 @@ class RuDalleTransformer(nn.Module):
             return self
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self._compiled_step = torch.compile(self._step, mode=mode, dynamic=False)
+        self._compile_options: dict[str, Any] = {"mode": mode}
+        self._compiled_step = torch.compile(self._step, dynamic=False, **self._compile_options)
         return self
 
     @property

@@ -28,6 +28,7 @@ import torch
 from dalle.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dalle.rudalle import RuDalleTransformer
     from dalle.transformer import DALLETransformer
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -67,15 +68,20 @@ def filter_logits(
     return logits
 
 
-def _noise(shape: torch.Size, device: torch.device, generator: Generators) -> torch.Tensor:
-    """-log(Exponential(1)) noise [B, V]; per-row generators make each row independent of the batch."""
+def _exponential(shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators) -> torch.Tensor:
+    """Exponential(1) draws [B, V] on ``device``; per-row generators make each row independent of the batch."""
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         e = torch.empty(shape, device=gen_device).exponential_(generator=generator)
     else:
         rows = [torch.empty(shape[1:], device=g.device).exponential_(generator=g) for g in generator]
         e = torch.stack(rows)
-    return -e.to(device).clamp_min_(torch.finfo(torch.float32).tiny).log()
+    return e.to(device)
+
+
+def _race(filtered: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The exponential race: argmax(log p - log E) per row of filtered logits [B, V] and draws ``e`` [B, V]."""
+    return (filtered.log_softmax(-1) - e.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(-1)
 
 
 def apply_filter(
@@ -118,11 +124,42 @@ def sample_logits(
     ``sampler``: ``"race"`` (exponential race) or ``"multinomial"`` (``torch.multinomial``)."""
     filtered = apply_filter(logits, temperature, top_k, top_p, filter)
     if sampler == "race":
-        noise = _noise(filtered.shape, filtered.device, generator)
-        return (filtered.log_softmax(-1) + noise).argmax(-1)
+        return _race(filtered, _exponential(filtered.shape, filtered.device, generator))
     if sampler == "multinomial":
         return _multinomial(filtered.softmax(-1), generator)
     raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+
+
+def _fused_decoder(
+    model: Any, temperature: float, top_k: int | None, top_p: float | None, filter: str,
+    guidance_scale: float | None,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """For a model whose decoding is compiled: one compiled function (the decode step, guidance, the filter and
+    the race) from (previous tokens [B], position, exponential draws [B, V]) to the next tokens [B].
+
+    Under CUDA graphs the whole step then replays as one graph; only the random draws (from the caller's
+    generators, exactly as the eager loop draws them) stay outside. Compiled once per model and compile
+    settings; other sampling settings recompile on first use (``dynamic=False``)."""
+    cached = getattr(model, "_fused_decoder", None)
+    if cached is None or cached[0] is not model._compiled_step:
+        step = model._step
+
+        def step_and_draw(token: torch.Tensor, position: torch.Tensor, e: torch.Tensor, temperature: float,
+                          top_k: int | None, top_p: float | None, filter: str,
+                          guidance_scale: float | None) -> torch.Tensor:
+            if guidance_scale is not None:
+                logits = step(torch.cat([token, token]), position)
+                cond, unc = logits.chunk(2)
+                logits = unc + guidance_scale * (cond - unc)
+            else:
+                logits = step(token, position)
+            return _race(apply_filter(logits, temperature, top_k, top_p, filter), e)
+
+        options = dict(getattr(model, "_compile_options", {}))
+        cached = (model._compiled_step, torch.compile(step_and_draw, dynamic=False, **options))
+        model._fused_decoder = cached
+    fused = cached[1]
+    return lambda token, position, e: fused(token, position, e, temperature, top_k, top_p, filter, guidance_scale)
 
 
 def _check_generators(generator: Generators, batch: int) -> Generators:
@@ -187,7 +224,7 @@ def _forced_cells(
 
 @torch.no_grad()
 def sample(
-    model: DALLETransformer,
+    model: DALLETransformer | RuDalleTransformer,
     text: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -209,7 +246,8 @@ def sample(
 
     ``model``: a :class:`~dalle.transformer.DALLETransformer` or :class:`~dalle.rudalle.RuDalleTransformer`.
 
-    - ``temperature`` / ``top_k`` / ``top_p``: see :func:`apply_filter` (the paper uses plain t = 1).
+    - ``temperature`` / ``top_k`` / ``top_p``: see :func:`apply_filter` (the paper uses plain t = 1);
+      ``temperature=0`` is greedy decoding (the argmax at every cell; the generator is still drawn from).
     - ``generator``: a torch.Generator, or a list with one per row (batch-independent samples).
     - ``prime``: [B, n] (or [B, rows, grid]) image tokens in raster order; the first n cells are kept as given
       (image completion) and the rest are sampled. A batch of 1 is broadcast.
@@ -241,6 +279,8 @@ def sample(
         raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if filter not in FILTERS:
         raise ConfigError(f"filter must be one of {', '.join(FILTERS)}, got {filter!r}")
+    if temperature == 0:
+        filter = "dalle"  # greedy: filter_logits keeps only the argmax (the same under either rule)
     forced, tokens = _forced_cells(model, batch, prime, prompt_tokens, prompt_mask)
     n_prime = int(forced.all(0).long().cumprod(0).sum())  # cells kept in every row from cell 0 on
     if n_prime == n_cells:
@@ -259,6 +299,7 @@ def sample(
     def combine(logits: torch.Tensor) -> torch.Tensor:
         if not guided:
             return logits
+        assert guidance_scale is not None  # guided means it is set
         cond, unc = logits[:batch], logits[batch:]
         return unc + guidance_scale * (cond - unc)
 
@@ -281,6 +322,13 @@ def sample(
             rows = torch.tensor(free, device=device)
             tokens[rows, j] = sample_logits(combine(logits)[rows], temperature, top_k, top_p, gens, **rule)
 
+    # compiled decoding with the race sampler: the step and the draw as one compiled function (one CUDA graph)
+    fused = None
+    if use_cache and sampler == "race" and model.decoding_compiled and not any(partly_forced[n_prime:]):
+        if filter == "rudalle":
+            from dalle.rudalle import rudalle_filter_logits  # imported before tracing  # noqa: F401
+        fused = _fused_decoder(model, temperature, top_k, top_p, filter, guidance_scale)
+
     was_training = model.training
     model.eval()
     bar = None
@@ -294,14 +342,18 @@ def sample(
         with model._autocast(device):  # entered once: the steps inside find it active
             logits = model.prefill(text_in, prime_in) if use_cache else full_logits(n_prime)
             for j in range(n_prime, n_cells):
-                if j > n_prime:
+                if j > n_prime and fused is not None:
+                    e = _exponential((batch, logits.shape[-1]), device, generator)
+                    tokens[:, j] = fused(tokens[:, j - 1], positions[c.text_len + j], e)
+                elif j > n_prime:
                     if use_cache:  # the step feeds cell j - 1 (sampled or kept) even when cell j is kept
                         step_in = tokens[:, j - 1]
                         step_in = torch.cat([step_in, step_in]) if guided else step_in
                         logits = model.decode_step(step_in, positions[c.text_len + j])
                     elif not bool(forced[:, j].all()):
                         logits = full_logits(j)
-                draw(logits, j)
+                if j == n_prime or fused is None:
+                    draw(logits, j)
                 if bar is not None:
                     bar.update(1)
                 done = j + 1

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,9 +48,6 @@ from dalle.attention import (
     paper_schedule,
 )
 from dalle.errors import ConfigError, ModelLoadError
-
-WEIGHTS_NAME = "transformer.safetensors"
-CONFIG_NAME = "transformer_config.json"
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # Ramesh et al. 2021: 64 layers, 62 heads of 64 (d_model 3968), about 12 billion parameters.
@@ -584,7 +579,9 @@ class DALLETransformer(nn.Module):
     def compile_decoding(
         self, mode: str | None = None, *, backend: str = "inductor", fullgraph: bool = False
     ) -> DALLETransformer:
-        """Compile the one-token decode step with ``torch.compile``; returns self.
+        """Compile the one-token decode step with ``torch.compile``; returns self. :func:`dalle.sampling.sample`
+        with the race sampler then compiles the step together with the filter and the draw, so that on CUDA
+        one graph replays per token.
 
         ``mode`` defaults to ``"reduce-overhead"`` on CUDA (CUDA graphs: the step replays as one graph, which
         makes decoding memory-bound instead of launch-bound) and ``"default"`` elsewhere. The first steps
@@ -599,82 +596,14 @@ class DALLETransformer(nn.Module):
             mode = None  # modes are inductor's
         elif mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self._compiled_step = torch.compile(self._step, mode=mode, backend=backend, fullgraph=fullgraph,
-                                            dynamic=False)
+        self._compile_options: dict[str, Any] = {"mode": mode, "backend": backend, "fullgraph": fullgraph}
+        self._compiled_step = torch.compile(self._step, dynamic=False, **self._compile_options)
         return self
 
     @property
     def decoding_compiled(self) -> bool:
         """True after :meth:`compile_decoding`."""
         return self._compiled_step is not None
-
-    def sample(
-        self,
-        text: torch.Tensor,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        prime: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        callback: Callable[[int, torch.Tensor], None] | None = None,
-        progress: bool = False,
-        *,
-        callback_every: int = 1,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Sample image token grids [B, grid, grid] for text ids [B, t]; see :func:`dalle.sampling.sample`."""
-        from dalle.sampling import sample
-
-        return sample(
-            self, text, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, prime=prime,
-            guidance_scale=guidance_scale, callback=callback, progress=progress, callback_every=callback_every,
-            use_cache=use_cache,
-        )
-
-    # -------------------------------------------------------------------------------------- save / load
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``transformer.safetensors`` and ``transformer_config.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "dalle.transformer"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        return directory
-
-    @classmethod
-    def load(
-        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> DALLETransformer:
-        """Rebuild a model written by :meth:`save` (weights are read without unpickling anything)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ModelLoadError(f"{path} not found; expected a directory written by DALLETransformer.save")
-        try:
-            config = TransformerConfig.from_dict(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{config_path} is not valid JSON ({exc}); re-save the model") from exc
-        try:
-            state = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{weights_path} is not a readable safetensors file ({exc})") from exc
-        # half-precision files (``weights_dtype``) come back as float32 parameters
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        try:
-            model = cls.from_state_dict(config, state)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{weights_path} does not match {config_path}: {exc}") from exc
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.eval()
 
     @classmethod
     def from_state_dict(cls, config: TransformerConfig, state: dict[str, torch.Tensor]) -> DALLETransformer:

@@ -38,7 +38,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -328,6 +328,11 @@ class InverseHaar(nn.Module):
     the closed form of those filters.
     """
 
+    g0_col: torch.Tensor
+    g1_col: torch.Tensor
+    g0_row: torch.Tensor
+    g1_row: torch.Tensor
+
     def __init__(self, device: Any = None) -> None:
         super().__init__()
         r = 1 / math.sqrt(2)
@@ -417,7 +422,8 @@ class _DecodeQuantizer(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
-        return (self.embed if self.kind == "gumbel" else self.embedding).weight
+        table = cast(nn.Embedding, self.embed if self.kind == "gumbel" else self.embedding)
+        return table.weight
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Code vectors [B, embed_dim, h, w] for ids [B, h, w]."""

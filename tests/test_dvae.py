@@ -333,19 +333,25 @@ def test_gradients_match_official() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
-def test_cuda_precision_modes(dtype, tol) -> None:
+def test_cuda_precision_modes(dtype, tol, monkeypatch) -> None:
+    """Each compute dtype against OpenAI's CUDA path: float32 against its full-precision mode with TF32 off
+    (TF32 convolutions alone differ by ~1e-3), the half types against its fp16 convolutions."""
     torch.manual_seed(0)
-    ref_enc = official("Encoder", n_hid=64, n_blk_per_group=1, vocab_size=512, device=torch.device("cuda"))
-    ref_dec = official(
-        "Decoder", n_init=16, n_hid=64, n_blk_per_group=1, vocab_size=512, device=torch.device("cuda")
-    )
+    full = dtype == torch.float32
+    if full:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref_enc = official("Encoder", n_hid=64, n_blk_per_group=1, vocab_size=512, device=torch.device("cuda"),
+                       use_mixed_precision=not full)
+    ref_dec = official("Decoder", n_init=16, n_hid=64, n_blk_per_group=1, vocab_size=512,
+                       device=torch.device("cuda"), use_mixed_precision=not full)
     enc = copy_of(ref_enc, Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512, device="cuda", dtype=dtype))
     dec = copy_of(
         ref_dec, Decoder(n_init=16, n_hid=64, n_blk_per_group=1, vocab_size=512, device="cuda", dtype=dtype)
     )
     x = map_pixels(torch.rand(2, 3, 64, 64, device="cuda"))
     with torch.no_grad():
-        ref_logits = ref_enc(x)  # OpenAI's own CUDA path: fp16 convs, fp32 logits
+        ref_logits = ref_enc(x)  # OpenAI's own CUDA path: fp16 (or fp32) convs, fp32 logits
         logits = enc(x)
         assert logits.dtype == torch.float32
         assert enc.compute_dtype() is dtype
@@ -355,3 +361,22 @@ def test_cuda_precision_modes(dtype, tol) -> None:
         stats = dec.decode_stats(tokens)
         assert stats.dtype == torch.float32
         assert rel_err(stats, ref_dec(one_hot).float()) < tol
+
+
+def test_cudnn_benchmark_only_inside_the_dvaes_own_cuda_calls(monkeypatch) -> None:
+    """On CUDA the dVAE switches cuDNN's algorithm timing on for its own calls and restores the flag; never when
+    deterministic algorithms are asked for, nor when switched off on the instance (the device is faked here)."""
+    enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    monkeypatch.setattr(type(enc), "device", property(lambda self: torch.device("cuda")))
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", False)
+    with enc._own_precision():
+        assert cudnn.benchmark
+    assert not cudnn.benchmark
+    enc.cudnn_benchmark = False
+    with enc._own_precision():
+        assert not cudnn.benchmark
+    enc.cudnn_benchmark = True
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    with enc._own_precision():
+        assert not cudnn.benchmark

@@ -192,11 +192,25 @@ def test_callback_and_progress(pipe, capsys):
     assert "%" in err or "it/s" in err or "s/it" in err  # tqdm bar
 
 
+def test_temperature_zero_is_greedy_decoding(pipe):
+    """temperature=0: the most likely token at every cell, so every seed gives the same image, and each cell is
+    the argmax of the model's logits given the cells before it (checked against a teacher-forced pass)."""
+    a = pipe.generate("a red circle", seed=0, temperature=0, progress=False, return_tokens=True)
+    b = pipe.generate("a red circle", seed=1, temperature=0, progress=False, return_tokens=True)
+    assert torch.equal(a.tokens, b.tokens)
+    t = pipe.transformer
+    text = pipe.tokenizer.encode(["a red circle"], t.config.text_len).to(t.device)
+    image = a.tokens.reshape(1, -1).to(t.device)
+    with torch.no_grad():
+        logits = t(text, image)[1]
+    assert torch.equal(logits[0].argmax(-1), image[0])
+
+
 def test_bad_arguments(pipe):
     with pytest.raises(ConfigError, match="num_images"):
         pipe.generate("a", num_images=0, progress=False)
     with pytest.raises(ConfigError, match="temperature"):
-        pipe.generate("a", temperature=0, progress=False)
+        pipe.generate("a", temperature=-0.5, progress=False)
     with pytest.raises(ConfigError, match="top_p"):
         pipe.generate("a", top_p=1.5, progress=False)
     with pytest.raises(TypeError, match="prompt 1"):

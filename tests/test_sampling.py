@@ -71,57 +71,57 @@ def test_sample_logits_follows_the_distribution() -> None:
 
 def test_sample_shape_and_seeds(model: DALLETransformer) -> None:
     text = texts()
-    a = model.sample(text, generator=gens(1, 2, 3))
+    a = sample(model, text, generator=gens(1, 2, 3))
     assert a.shape == (3, G, G) and a.dtype == torch.long
     assert int(a.min()) >= 0 and int(a.max()) < VI
-    assert torch.equal(a, model.sample(text, generator=gens(1, 2, 3)))
-    assert not torch.equal(a, model.sample(text, generator=gens(4, 5, 6)))
+    assert torch.equal(a, sample(model, text, generator=gens(1, 2, 3)))
+    assert not torch.equal(a, sample(model, text, generator=gens(4, 5, 6)))
 
 
 def test_sample_does_not_depend_on_its_batch(model: DALLETransformer) -> None:
     text = texts()
-    together = model.sample(text, generator=gens(10, 11, 12))
+    together = sample(model, text, generator=gens(10, 11, 12))
     for i, seed in enumerate((10, 11, 12)):
-        alone = model.sample(text[i : i + 1], generator=gens(seed))
+        alone = sample(model, text[i : i + 1], generator=gens(seed))
         assert torch.equal(alone[0], together[i])
 
 
 def test_cache_and_no_cache_sample_the_same(model: DALLETransformer) -> None:
     text = texts(2)
-    cached = model.sample(text, generator=gens(5, 6), top_p=0.9)
-    uncached = model.sample(text, generator=gens(5, 6), top_p=0.9, use_cache=False)
+    cached = sample(model, text, generator=gens(5, 6), top_p=0.9)
+    uncached = sample(model, text, generator=gens(5, 6), top_p=0.9, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_prime_is_kept(model: DALLETransformer) -> None:
     text = texts(2)
     prime = torch.randint(0, VI, (2, 2 * G + 3), generator=torch.Generator().manual_seed(2))
-    out = model.sample(text, prime=prime, generator=gens(1, 2))
+    out = sample(model, text, prime=prime, generator=gens(1, 2))
     assert torch.equal(out.view(2, -1)[:, : prime.shape[1]], prime)
     # the no-cache path agrees, whole rows given as [B, rows, grid] work, a full prime is returned as is
-    assert torch.equal(out, model.sample(text, prime=prime, generator=gens(1, 2), use_cache=False))
+    assert torch.equal(out, sample(model, text, prime=prime, generator=gens(1, 2), use_cache=False))
     rows = prime[:, : 2 * G].view(2, 2, G)
-    assert torch.equal(model.sample(text, prime=rows, generator=gens(1, 2)).view(2, -1)[:, : 2 * G], rows.view(2, -1))
+    assert torch.equal(sample(model, text, prime=rows, generator=gens(1, 2)).view(2, -1)[:, : 2 * G], rows.view(2, -1))
     full = torch.randint(0, VI, (2, G * G))
-    assert torch.equal(model.sample(text, prime=full).view(2, -1), full)
+    assert torch.equal(sample(model, text, prime=full).view(2, -1), full)
     with pytest.raises(ConfigError, match="prime"):
-        model.sample(text, prime=prime[:, :3] + VI)
+        sample(model, text, prime=prime[:, :3] + VI)
 
 
 def test_guidance(model: DALLETransformer) -> None:
     text = texts(2)
-    plain = model.sample(text, generator=gens(1, 2))
-    assert torch.equal(model.sample(text, generator=gens(1, 2), guidance_scale=1.0), plain)
-    uncond = model.sample(torch.zeros_like(text), generator=gens(1, 2))
-    assert torch.equal(model.sample(text, generator=gens(1, 2), guidance_scale=0.0), uncond)
-    strong = model.sample(text, generator=gens(1, 2), guidance_scale=3.0, prime=plain.view(2, -1)[:, :4])
+    plain = sample(model, text, generator=gens(1, 2))
+    assert torch.equal(sample(model, text, generator=gens(1, 2), guidance_scale=1.0), plain)
+    uncond = sample(model, torch.zeros_like(text), generator=gens(1, 2))
+    assert torch.equal(sample(model, text, generator=gens(1, 2), guidance_scale=0.0), uncond)
+    strong = sample(model, text, generator=gens(1, 2), guidance_scale=3.0, prime=plain.view(2, -1)[:, :4])
     assert strong.shape == (2, G, G)
 
 
 def test_callback_progress_and_mode(model: DALLETransformer) -> None:
     calls: list[tuple[int, tuple[int, ...]]] = []
     model.train()
-    out = model.sample(
+    out = sample(model,
         texts(2), generator=gens(1, 2), callback=lambda s, t: calls.append((s, tuple(t.shape))),
         callback_every=10, progress=True, prime=torch.zeros(2, 3, dtype=torch.long),
     )
@@ -129,15 +129,15 @@ def test_callback_progress_and_mode(model: DALLETransformer) -> None:
     model.eval()
     assert [s for s, _ in calls] == [13, 23, 33, 36] and all(shape == (2, G, G) for _, shape in calls)
     last: list[torch.Tensor] = []
-    model.sample(texts(2), generator=gens(1, 2), callback=lambda s, t: last.append(t), prime=torch.zeros(2, 3, dtype=torch.long))
+    sample(model, texts(2), generator=gens(1, 2), callback=lambda s, t: last.append(t), prime=torch.zeros(2, 3, dtype=torch.long))
     assert len(last) == G * G - 3 and torch.equal(last[-1], out)
 
 
 def test_bad_generators(model: DALLETransformer) -> None:
     with pytest.raises(ConfigError, match="one per text row"):
-        model.sample(texts(3), generator=gens(1, 2))
+        sample(model, texts(3), generator=gens(1, 2))
     with pytest.raises(ConfigError, match="callback_every"):
-        model.sample(texts(1), callback_every=0)
+        sample(model, texts(1), callback_every=0)
 
 
 # ------------------------------------------------------------------------- samplers, filters, forced cells
@@ -263,11 +263,11 @@ def test_tiny_model_memorises_and_samples_back() -> None:
     model.eval()
     print(f"\noverfit: {steps} steps, {train_s:.1f} s, image loss {float(parts['image']):.4f}")
     assert parts["image"] < 0.05
-    greedy = model.sample(text, top_k=1, generator=gens(0, 1, 2, 3))
+    greedy = sample(model, text, top_k=1, generator=gens(0, 1, 2, 3))
     assert torch.equal(greedy.view(4, -1), grids)
-    cool = model.sample(text, temperature=0.3, generator=gens(4, 5, 6, 7))
+    cool = sample(model, text, temperature=0.3, generator=gens(4, 5, 6, 7))
     assert torch.equal(cool.view(4, -1), grids)
-    completed = model.sample(text, top_k=1, prime=grids[:, : 2 * G])  # image completion from two rows
+    completed = sample(model, text, top_k=1, prime=grids[:, : 2 * G])  # image completion from two rows
     assert torch.equal(completed.view(4, -1), grids)
     ll = model.image_log_likelihood(text, grids)
     shuffled = model.image_log_likelihood(text, grids.roll(1, 0))

@@ -365,3 +365,25 @@ def test_model_flags_accept_registered_names(tmp_path, monkeypatch) -> None:
     assert encoder.vocab_size == decoder.vocab_size and size == 256
     (tmp_path / "shapes").mkdir()
     assert model_path("shapes") == Path("shapes")
+
+
+def test_mse_reconstruction_term_is_squared_pixel_error_over_two_sigma_squared() -> None:
+    """recon_loss "mse": the decoded mean's error in pixel units, over 2 sigma^2; gradients reach mu; bad
+    settings are refused."""
+    from dalle.dvae import map_pixels, unmap_pixels
+    from dalle.train.dvae import DVAELoss, gaussian_nll
+
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 8, 8)
+    stats = torch.randn(2, 6, 8, 8, requires_grad=True)
+    nll = gaussian_nll(map_pixels(pixels), stats, 0.3)
+    decoded = (torch.sigmoid(stats[:, :3]) - 0.1) / 0.8  # unmap_pixels before its clamp to [0, 1]
+    assert torch.allclose(nll, (decoded - pixels).square() / (2 * 0.3**2), atol=1e-5)
+    inside = (decoded >= 0) & (decoded <= 1)
+    assert torch.equal(unmap_pixels(torch.sigmoid(stats[:, :3]))[inside], decoded[inside])
+    nll.sum().backward()
+    assert stats.grad[:, :3].abs().sum() > 0 and stats.grad[:, 3:].abs().sum() == 0  # ln b unused
+    assert DVAELoss.__init__.__defaults__[-2:] == ("logit-laplace", 0.1)  # the paper's term by default
+    for bad in ({"recon_loss": "l2"}, {"recon_sigma": 0.0}):
+        with pytest.raises(ConfigError, match="recon_"):
+            DVAETrainConfig(**{"out_dir": "x", **bad}).validate()

@@ -188,8 +188,8 @@ def test_transformer_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, d
 def test_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path, dvae_dir) -> None:
     from safetensors import safe_open
 
+    from dalle.model_dir import load_transformer
     from dalle.pipeline import DALLE
-    from dalle.transformer import DALLETransformer
 
     cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
                                     "steps": 2, "eval_every": 0, "sample_every": 0, "plot_every": 0,
@@ -207,8 +207,7 @@ def test_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path, dv
     for key, value in exported.items():
         assert loaded[key].dtype == torch.float32
         torch.testing.assert_close(loaded[key], value.half().float())  # the stored values, widened
-    (out / "transformer_config.json").write_text(json.dumps(pipe.transformer.config.to_dict()))
-    direct = DALLETransformer.load(out)  # the standalone loader widens half-precision files too
+    direct = load_transformer(out)  # the model directory's transformer alone widens half-precision files too
     assert all(p.dtype == torch.float32 for p in direct.parameters())
     bad = TransformerTrainConfig(**{**TINY_TRANSFORMER, "dvae": str(dvae_dir), "weights_dtype": "int8"})
     with pytest.raises(ConfigError, match="weights_dtype must be one of float32, float16, bfloat16"):

@@ -60,7 +60,7 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run ``dalle convert``; returns the exit code."""
     from dalle.cli import UsageError
-    from dalle.pipeline import convert_rudalle, download_rudalle
+    from dalle.hub import convert_rudalle, download_rudalle
     from dalle.rudalle import RUDALLE_HUB
 
     local = {"--transformer": args.transformer, "--vqgan": args.vqgan, "--bpe": args.bpe}

@@ -9,9 +9,12 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dalle.cli import add_threads_flag
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dalle.pipeline import GenerationOutput
 
 ORDER = 10
 
@@ -54,6 +57,16 @@ def parse_seed(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -78,7 +91,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "and converted on first use) (default: the bundled shapes model)")
     p.add_argument("-n", "--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=parse_seed, default=None, help="base seed; image k uses seed+k (default: random)")
-    p.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--temperature", type=_nonnegative_float, default=1.0,
+                   help="sampling temperature (default 1, the paper's); 0 is greedy decoding (the most likely token "
+                        "at every cell, the same image for every seed)")
     p.add_argument("--top-k", type=_non_negative_int, default=None,
                    help="sample among the k likeliest tokens; 0 turns it off (default: the model's, e.g. 1024 for "
                         "ruDALL-E models, none for dalle models)")
@@ -259,7 +274,9 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     loaded = time.perf_counter()
-    result = pipe.generate(list(DEMO_PROMPTS), num_images=1, seed=args.seed, progress=True, return_tokens=True)
+    result = cast("GenerationOutput", pipe.generate(  # return_tokens=True: a GenerationOutput
+        list(DEMO_PROMPTS), num_images=1, seed=args.seed, progress=True, return_tokens=True
+    ))
     done = time.perf_counter()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

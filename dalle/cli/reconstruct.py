@@ -7,7 +7,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dalle.cli import add_threads_flag
 
@@ -62,7 +62,7 @@ def load_dvae_dir(path: Path) -> tuple[Encoder, Decoder, int]:
     for kind, conf in (("encoder", enc_cfg), ("decoder", dec_cfg)):
         tensors, _ = read_weights(path / f"{kind}.safetensors")
         models.append(model_from_state_dict(tensors, kind, conf, source=str(path / f"{kind}.safetensors")))
-    return models[0], models[1], size
+    return cast("Encoder", models[0]), cast("Decoder", models[1]), size  # kinds asked for above
 
 
 def run(args: argparse.Namespace) -> int:

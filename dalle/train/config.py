@@ -82,6 +82,11 @@ class DVAETrainConfig(LoopConfig):
     ema_decay: float = 0.999
     ema_every: int = 1
     straight_through: bool = False  # NOT the paper: one-hot forward, soft backward
+    # reconstruction term: "logit-laplace" (the paper's eq. 2) or, NOT the paper, "mse": squared error of the
+    # decoded mean in pixel units / (2 recon_sigma^2), i.e. a Gaussian of fixed width (for sparse images, where
+    # logit-Laplace's learned scale rewards certainty about the background over the colour of the strokes)
+    recon_loss: str = "logit-laplace"
+    recon_sigma: float = 0.1
     freeze_encoder: bool = False  # NOT the paper: train only the decoder, on the init encoder's argmax codes
     new_decoder: bool = False  # with init: a fresh decoder of n_init / n_hid / n_blk_per_group, not init's
     augment: bool = True
@@ -127,8 +132,13 @@ class DVAETrainConfig(LoopConfig):
             )
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"need 0 < tau_end <= tau_start, got {self.tau_end} and {self.tau_start}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ConfigError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}")
+        if not self.recon_sigma > 0:
+            raise ConfigError(f"recon_sigma must be > 0, got {self.recon_sigma}")
 
 
+RECON_LOSSES = ("logit-laplace", "mse")
 PAPER_WARMUP_FRAC = 5_000 / 430_000
 # precisions the exported transformer weights may be stored in; loading always gives float32 (or the asked dtype)
 WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
@@ -153,6 +163,7 @@ class TransformerTrainConfig(LoopConfig):
     attn_types: list[str] | None = None
     conv_kernel: int | None = None
     checkpoint_activations: bool = False
+    compile: bool = False  # torch.compile the training forward and backward (not with fsdp)
     batch_size: int = 8  # per rank
     lr: float = 4.5e-4
     lr_end: float | None = None  # default lr / 32
@@ -207,7 +218,8 @@ class TransformerTrainConfig(LoopConfig):
             raise ConfigError(
                 f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}"
             )
-
+        if self.compile and self.fsdp:
+            raise ConfigError("compile is not supported together with fsdp yet: drop one of the two flags")
 
 
 __all__ = ["WEIGHTS_DTYPES", "DVAETrainConfig", "LoopConfig", "TransformerTrainConfig"]

@@ -73,6 +73,17 @@ def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return ln_b + math.log(2.0) + torch.log(x) + torch.log1p(-x) + (logit_x - mu).abs() * torch.exp(-ln_b)
 
 
+def gaussian_nll(x: torch.Tensor, stats: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-value squared error [B, C, H, W] of the decoded mean, in pixel units ([0, 1]), over ``2 sigma^2``:
+    a Gaussian of fixed width ``sigma`` (constant terms left out). ``x`` are mapped pixels, ``mu = stats[:, :C]``
+    as for :func:`logit_laplace_nll` (the decoded image is ``unmap_pixels(sigmoid(mu))``). Not the paper's."""
+    c = x.shape[1]
+    from dalle.dvae import logit_laplace_eps
+
+    diff = (torch.sigmoid(stats[:, :c]) - x) / (1.0 - 2.0 * logit_laplace_eps)  # unmap_pixels without its clamp
+    return diff.square() / (2.0 * sigma * sigma)
+
+
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits) || uniform(K)) summed over positions, per sample [B] (logits [B, K, h, w])."""
     log_q = F.log_softmax(logits, dim=1)
@@ -92,12 +103,15 @@ class DVAELoss(nn.Module):
     """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
 
     def __init__(
-        self, encoder: Encoder, decoder: Decoder, straight_through: bool = False, freeze_encoder: bool = False
+        self, encoder: Encoder, decoder: Decoder, straight_through: bool = False, freeze_encoder: bool = False,
+        recon_loss: str = "logit-laplace", recon_sigma: float = 0.1,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.straight_through = straight_through
+        self.recon_loss = recon_loss
+        self.recon_sigma = recon_sigma
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             encoder.requires_grad_(False)
@@ -118,7 +132,10 @@ class DVAELoss(nn.Module):
             z = hard - z.detach() + z
         stats = self.decoder(z).float()
         b, c, h, w = x.shape
-        nll = logit_laplace_nll(x, stats).sum(dim=(1, 2, 3))
+        if self.recon_loss == "mse":
+            nll = gaussian_nll(x, stats, self.recon_sigma).sum(dim=(1, 2, 3))
+        else:
+            nll = logit_laplace_nll(x, stats).sum(dim=(1, 2, 3))
         kl = kl_to_uniform(logits)
         loss = ((nll + beta * kl) / (c * h * w)).mean()
         positions = logits.shape[2] * logits.shape[3]
@@ -296,7 +313,8 @@ class DVAETrainer(Trainer):
                               vocab_size=cfg.vocab_size)
         self.vocab_size = encoder.vocab_size
         self.net = DVAELoss(
-            encoder, decoder, straight_through=cfg.straight_through, freeze_encoder=cfg.freeze_encoder
+            encoder, decoder, straight_through=cfg.straight_through, freeze_encoder=cfg.freeze_encoder,
+            recon_loss=cfg.recon_loss, recon_sigma=cfg.recon_sigma,
         ).to(info.device)
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net.to(memory_format=self._memory_format)
@@ -479,6 +497,7 @@ __all__ = [
     "DVAETrainer",
     "gumbel_noise",
     "kl_to_uniform",
+    "gaussian_nll",
     "logit_laplace_nll",
     "reconstruction_metrics",
     "schedules",

@@ -1,5 +1,6 @@
 """The directories a run exports: a dVAE directory (``dalle train-dvae``) and a model directory (``dalle train``),
-and loading a dVAE back from either."""
+and loading a dVAE back from either. Both are written by :func:`dalle.model_dir.write_model_files`, the
+format's one writer (as :meth:`dalle.pipeline.DALLE.save_pretrained` is)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from dalle._files import publish
 from dalle.errors import ConfigError, ModelLoadError
-from dalle.train.checkpoints import _saveable
+from dalle.model_dir import FORMAT_VERSION, dvae_config, load_weights, model_config, write_model_files
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -22,23 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from dalle.tokenizer import BPETokenizer
     from dalle.transformer import DALLETransformer
 
-MODEL_FORMAT_VERSION = 1
-
-
-def _write_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], file: Path) -> None:
-    """safetensors weights written atomically; shared (tied) tensors are stored once (``save_model``)."""
-    from safetensors.torch import save_file, save_model
-
-    tmp = file.with_name(file.name + ".tmp")
-    if isinstance(module_or_state, nn.Module):
-        module_or_state.to(memory_format=torch.contiguous_format)  # channels-last weights are not contiguous
-        save_model(module_or_state, str(tmp))
-    else:
-        save_file(_saveable(module_or_state), str(tmp))
-    publish(tmp, file)  # safetensors writes 0600 files
+#: the model-directory format version (:data:`dalle.model_dir.FORMAT_VERSION`), under its older name
+MODEL_FORMAT_VERSION = FORMAT_VERSION
 
 
 def _write_json(obj: Any, file: Path) -> None:
+    """``obj`` as indented JSON, replacing ``file`` atomically (a run's ``run_config.json``)."""
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, file)
@@ -65,34 +53,17 @@ def write_model_dir(
     ``encoder.safetensors``, ``decoder.safetensors`` and ``tokenizer.model``. Each file is replaced
     atomically and ``config.json`` is written last, so a directory with a config is complete.
     """
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
     tcfg = transformer.config
     if int(image_size) != 8 * int(tcfg.image_grid):
         raise ConfigError(f"image_size {image_size} does not match the {tcfg.image_grid}x{tcfg.image_grid} token grid")
-    if weights_dtype == "float32":
-        _write_safetensors(transformer, path / "transformer.safetensors")
-    else:
-        dtype = getattr(torch, weights_dtype)
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in transformer.state_dict().items()}
-        _write_safetensors(state, path / "transformer.safetensors")
-    _write_safetensors(encoder, path / "encoder.safetensors")
-    _write_safetensors(decoder, path / "decoder.safetensors")
-    tmp = path / "tokenizer.model.tmp"
-    tokenizer.save(tmp)
-    os.replace(tmp, path / "tokenizer.model")
-    config = {
-        "format_version": MODEL_FORMAT_VERSION,
-        "name": str(name),
-        "image_size": int(image_size),
-        "text_len": int(tcfg.text_len),
-        "trained_with_caption_dropout": bool(trained_with_caption_dropout),
-        "transformer": tcfg.to_dict(),
-        "encoder": encoder.config(),
-        "decoder": decoder.config(),
-    }
-    _write_json(config, path / "config.json")
-    return path
+    config = model_config(
+        name=str(name), image_size=int(image_size), text_len=int(tcfg.text_len),
+        trained_with_caption_dropout=bool(trained_with_caption_dropout), transformer=tcfg.to_dict(),
+        encoder=encoder.config(), decoder=decoder.config(),
+    )
+    dtype = None if weights_dtype == "float32" else getattr(torch, weights_dtype)  # float32: the module as it is
+    return write_model_files(out_dir, config, encoder=encoder, decoder=decoder, transformer=transformer,
+                             tokenizer=tokenizer, weights_dtype=dtype)
 
 
 def save_dvae_dir(
@@ -104,33 +75,8 @@ def save_dvae_dir(
 ) -> Path:
     """Write a trained dVAE: ``config.json`` (``{"format_version": 1, "kind": "dvae", "encoder", "decoder",
     "image_size", ...extra}``), ``encoder.safetensors``, ``decoder.safetensors`` (same names as a model dir)."""
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(encoder, path / "encoder.safetensors")
-    _write_safetensors(decoder, path / "decoder.safetensors")
-    config = {
-        "format_version": MODEL_FORMAT_VERSION,
-        "kind": "dvae",
-        "image_size": int(image_size),
-        "encoder": encoder.config(),
-        "decoder": decoder.config(),
-        **dict(extra or {}),
-    }
-    _write_json(config, path / "config.json")
-    return path
-
-
-def _load_module_weights(module: nn.Module, file: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    try:
-        missing, unexpected = load_model(module, str(file), strict=False)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load weights from {file}: {exc}") from exc
-    if missing or unexpected:
-        raise ModelLoadError(f"weights in {file} do not fit its config: missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]}")
+    config = dvae_config(encoder.config(), decoder.config(), image_size, extra)
+    return write_model_files(out_dir, config, encoder=encoder, decoder=decoder)
 
 
 #: the exported results a run leaves in its --out (beside its checkpoints): a model or a dVAE directory
@@ -174,6 +120,6 @@ def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") 
         image_size = int(cfg["image_size"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{cfg_file} does not describe a dVAE: {exc}") from exc
-    _load_module_weights(encoder, root / "encoder.safetensors")
-    _load_module_weights(decoder, root / "decoder.safetensors")
+    load_weights(encoder, root / "encoder.safetensors")
+    load_weights(decoder, root / "decoder.safetensors")
     return encoder.to(device), decoder.to(device), image_size

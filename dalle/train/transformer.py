@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from dalle.errors import ConfigError
+from dalle.sampling import sample
 from dalle.seeds import derive_seed, make_generator, seed_everything
 from dalle.train.config import TransformerTrainConfig
 from dalle.train.distributed import DistInfo, barrier, full_state_dict
@@ -283,6 +284,10 @@ class TransformerTrainer(Trainer):
                                   f"config.json and the flags ({str(exc).splitlines()[0]})") from None
         self.net = TransformerLoss(transformer).to(dev)
         self.model: nn.Module = self.net
+        if cfg.compile:
+            # in place: the state dict keeps its names; evaluation and sampling call the transformer directly,
+            # so only the training (and evaluation-loss) forward and its backward are compiled
+            self.net.compile(dynamic=False)
         if info.distributed and cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -472,7 +477,7 @@ class TransformerTrainer(Trainer):
         dev = model.device
         text = self.encode_text(prompts, [], train=False).to(dev)
         gens = [make_generator(dev, "samples", i) for i in range(len(prompts))]
-        tokens = model.sample(text, generator=gens)
+        tokens = sample(model, text, generator=gens)
         model.reset_cache()  # the KV cache would otherwise stay allocated through training
         images = self.decoder.decode(tokens.to(self.info.device)).float().clamp(0, 1).cpu()
         tiles = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
