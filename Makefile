@@ -56,7 +56,8 @@ demo: $(STAMP)
 	$(PY) -m dalle demo --output-dir $(OUT)
 
 lint: $(DEV)
-	$(VENV)/bin/ruff check dalle tests benchmarks
+	$(VENV)/bin/ruff check dalle tests benchmarks scripts
+	$(PY) -m mypy dalle
 
 # The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). The references: OpenAI's dall_e
 # for the dVAE (it imports attrs without declaring it), transformers and DALLE-pytorch for sampling, rudalle

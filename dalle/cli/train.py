@@ -31,8 +31,9 @@ _SECTIONS = {
 
 _HELP: dict[str, str] = {
     "data": "training data: a folder of images with .txt captions, .tar shards (file, folder or glob), "
-    "token shards from `dalle encode-dataset` (train only), 'shapes[:SEED]' (the built-in shapes world) "
-    "or 'shapes-dense[:SEED]' (its uncaptioned dense scenes, train-dvae only)",
+    "token shards from `dalle encode-dataset` (train only), 'shapes[:SEED]' (the built-in shapes world), "
+    "'shapes-dense[:SEED]' (its uncaptioned dense scenes, train-dvae only) or 'letters' (360 coloured letters "
+    "on white, 64 px)",
     "out_dir": "run directory: checkpoints/, metrics.jsonl, loss.png, samples/ and the final model",
     "steps": "optimizer steps; the schedules scale with this",
     "batch_size": "samples per rank and step (the global batch is this times the number of ranks)",
