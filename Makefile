@@ -57,6 +57,7 @@ demo: $(STAMP)
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check dalle tests benchmarks scripts
+	$(VENV)/bin/ruff format --check dalle tests benchmarks scripts
 	$(PY) -m mypy dalle
 
 # The figures of BENCHMARKS.md (CPU; tens of minutes on a 2-core machine). The references: OpenAI's dall_e

@@ -46,11 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default=None, help="CUDA compute dtype for ours: float32, float16, bfloat16"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--compile", action="store_true",
-                        help="time ours through torch.compile (default mode; compilation happens in the warm-up)")
-    parser.add_argument("--no-cudnn-benchmark", action="store_true",
-                        help="ours with cuDNN's heuristic algorithm choice instead of timed selection (CUDA)")
-    parser.add_argument("--nchw", action="store_true", help="ours on NCHW activations instead of channels-last")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time ours through torch.compile (default mode; compilation happens in the warm-up)",
+    )
+    parser.add_argument(
+        "--no-cudnn-benchmark",
+        action="store_true",
+        help="ours with cuDNN's heuristic algorithm choice instead of timed selection (CUDA)",
+    )
+    parser.add_argument(
+        "--nchw", action="store_true", help="ours on NCHW activations instead of channels-last"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -108,15 +116,25 @@ def main(argv: list[str] | None = None) -> int:
                 r, o = (statistics.median(t[0] for t in ts) / b for ts in (ref_t, our_t))
                 rc, oc = (statistics.median(t[1] for t in ts) / b for ts in (ref_t, our_t))
                 rows.append((task, b, r, o, rc, oc))
-                print(f"  {task} batch {b}: dall_e {r * 1e3:.2f} ms/img, dalle {o * 1e3:.2f} ms/img", file=sys.stderr)
+                print(
+                    f"  {task} batch {b}: dall_e {r * 1e3:.2f} ms/img, dalle {o * 1e3:.2f} ms/img",
+                    file=sys.stderr,
+                )
 
     where = (
         f"{device.type}, {torch.get_num_threads()} threads"
         if device.type == "cpu"
         else (f"{torch.cuda.get_device_name(device)}, dalle dtype {args.dtype or 'default (bfloat16)'}")
     )
-    where += "".join(note for flag, note in ((args.compile, ", ours compiled"), (args.nchw, ", ours NCHW"),
-                                             (args.no_cudnn_benchmark, ", ours without cuDNN benchmark")) if flag)
+    where += "".join(
+        note
+        for flag, note in (
+            (args.compile, ", ours compiled"),
+            (args.nchw, ", ours NCHW"),
+            (args.no_cudnn_benchmark, ", ours without cuDNN benchmark"),
+        )
+        if flag
+    )
     print(
         f"\ndVAE full size (256x256, vocab 8192), {where}; torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}; median of {args.repeats}, seconds per image "

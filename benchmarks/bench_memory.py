@@ -18,7 +18,7 @@ import platform
 import subprocess
 import sys
 
-CHILD = r'''
+CHILD = r"""
 import json, sys
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ with torch.no_grad():
         before = loaded()
         pipe.generate(["a red circle"] * batch, seed=0, progress=False)
 print(json.dumps({"loaded": before, "peak": peak()}))
-'''
+"""
 
 CASES = (
     ("dall_e", "OpenAI `dall_e`: `argmax(enc(x))`, `one_hot`, `dec(z)` (full size, 256x256)"),
@@ -86,27 +86,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
-    parser.add_argument("--case", action="append", choices=[c for c, _ in CASES],
-                        help="run only this case (repeatable; default all)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=[c for c, _ in CASES],
+        help="run only this case (repeatable; default all)",
+    )
     args = parser.parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     what = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; device {args.device}; "
-          f"batch {args.batch}; python {platform.python_version()}\n")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; device {args.device}; "
+        f"batch {args.batch}; python {platform.python_version()}\n"
+    )
     print(f"| case | after loading (MiB) | {what} (MiB) | the work's share (MiB) |")
     print("|---|---:|---:|---:|")
     for case, label in CASES:
         if args.case and case not in args.case:
             continue
-        run = subprocess.run([sys.executable, "-c", CHILD, case, args.device, str(args.batch)],
-                             capture_output=True, text=True, env=env)
+        run = subprocess.run(
+            [sys.executable, "-c", CHILD, case, args.device, str(args.batch)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if run.returncode != 0:
-            print(f"| {label} | failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} | | |")
+            print(
+                f"| {label} | failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} | | |"
+            )
             continue
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"| {label} | {r['loaded']:.0f} | {r['peak']:.0f} | {r['peak'] - r['loaded']:.0f} |")
-    print(f"\ncommand: python {' '.join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])}")
+    print(
+        f"\ncommand: python {' '.join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])}"
+    )
     return 0
 
 

@@ -44,8 +44,15 @@ def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -
 
 def bench_ours(a: argparse.Namespace, device: torch.device, text: torch.Tensor) -> tuple[float, int]:
     cfg = TransformerConfig(
-        text_vocab_size=a.text_vocab, text_len=a.text_len, image_vocab_size=a.image_vocab, image_grid=a.grid,
-        depth=a.depth, heads=a.heads, head_dim=a.head_dim, attn_types=["full"] * a.depth, dropout=0.0,
+        text_vocab_size=a.text_vocab,
+        text_len=a.text_len,
+        image_vocab_size=a.image_vocab,
+        image_grid=a.grid,
+        depth=a.depth,
+        heads=a.heads,
+        head_dim=a.head_dim,
+        attn_types=["full"] * a.depth,
+        dropout=0.0,
     )
     torch.manual_seed(0)
     model = DALLETransformer(cfg).to(device).eval()
@@ -63,33 +70,74 @@ def bench_hf(a: argparse.Namespace, device: torch.device, text: torch.Tensor) ->
 
     d = a.heads * a.head_dim
     n = a.grid * a.grid
-    cfg = GPT2Config(vocab_size=a.text_vocab + a.image_vocab, n_positions=a.text_len + n, n_embd=d,
-                     n_layer=a.depth, n_head=a.heads, n_inner=4 * d, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=a.text_vocab + a.image_vocab,
+        n_positions=a.text_len + n,
+        n_embd=d,
+        n_layer=a.depth,
+        n_head=a.heads,
+        n_inner=4 * d,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(device).eval()
     mask = torch.ones_like(text)
 
     def run() -> None:
         with torch.no_grad():
-            out = model.generate(input_ids=text, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=True, top_k=0, top_p=1.0, temperature=1.0, use_cache=True)
+            out = model.generate(
+                input_ids=text,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                use_cache=True,
+            )
         assert out.shape == (text.shape[0], a.text_len + n)
 
     return _median_time(run, device, a.repeats), sum(p.numel() for p in model.parameters())
 
 
-def bench_dalle_pytorch(a: argparse.Namespace, device: torch.device, text: torch.Tensor) -> tuple[float, int, float]:
+def bench_dalle_pytorch(
+    a: argparse.Namespace, device: torch.device, text: torch.Tensor
+) -> tuple[float, int, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from dalle_pytorch import DALLE, DiscreteVAE
 
     torch.manual_seed(0)
-    vae = DiscreteVAE(image_size=a.grid * 8, num_layers=3, num_tokens=a.image_vocab, codebook_dim=32,
-                      hidden_dim=16, num_resnet_blocks=0)
-    model = DALLE(dim=a.heads * a.head_dim, vae=vae, num_text_tokens=a.text_vocab, text_seq_len=a.text_len,
-                  depth=a.depth, heads=a.heads, dim_head=a.head_dim, attn_types=("full",), ff_dropout=0.0,
-                  attn_dropout=0.0).to(device).eval()
+    vae = DiscreteVAE(
+        image_size=a.grid * 8,
+        num_layers=3,
+        num_tokens=a.image_vocab,
+        codebook_dim=32,
+        hidden_dim=16,
+        num_resnet_blocks=0,
+    )
+    model = (
+        DALLE(
+            dim=a.heads * a.head_dim,
+            vae=vae,
+            num_text_tokens=a.text_vocab,
+            text_seq_len=a.text_len,
+            depth=a.depth,
+            heads=a.heads,
+            dim_head=a.head_dim,
+            attn_types=("full",),
+            ff_dropout=0.0,
+            attn_dropout=0.0,
+        )
+        .to(device)
+        .eval()
+    )
     own = sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith("vae."))
     text = text.clamp(1, a.text_vocab - 1)  # 0 is its padding id
 
@@ -120,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated: hf, dalle-pytorch")
     a = parser.parse_args(argv)
     if a.threads:
@@ -131,27 +181,44 @@ def main(argv: list[str] | None = None) -> int:
     text = torch.randint(1, a.text_vocab, (a.batch, a.text_len), device=device)
     n = a.grid * a.grid
     print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"shape: depth {a.depth}, {a.heads} heads x {a.head_dim}, text {a.text_len} + image {a.grid}x{a.grid}, "
-          f"batch {a.batch}, median of {a.repeats}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    print(
+        f"shape: depth {a.depth}, {a.heads} heads x {a.head_dim}, text {a.text_len} + image {a.grid}x{a.grid}, "
+        f"batch {a.batch}, median of {a.repeats}\n"
+    )
     rows: list[tuple[str, str, str]] = []
     ours, params = bench_ours(a, device, text)
-    rows.append(("dalle (this library)", f"{ours:.2f} s ({ours / n * 1e3:.1f} ms/step)", f"{params / 1e6:.1f}M"))
+    rows.append(
+        ("dalle (this library)", f"{ours:.2f} s ({ours / n * 1e3:.1f} ms/step)", f"{params / 1e6:.1f}M")
+    )
     if "hf" not in skip:
         try:
             t, p = bench_hf(a, device, text)
-            rows.append(("transformers GPT-2 generate", f"{t:.2f} s ({t / n * 1e3:.1f} ms/step), "
-                         f"{t / ours:.2f}x ours", f"{p / 1e6:.1f}M"))
+            rows.append(
+                (
+                    "transformers GPT-2 generate",
+                    f"{t:.2f} s ({t / n * 1e3:.1f} ms/step), {t / ours:.2f}x ours",
+                    f"{p / 1e6:.1f}M",
+                )
+            )
         except ImportError as exc:
             rows.append(("transformers", f"not installed ({exc.name})", ""))
     if "dalle-pytorch" not in skip:
         try:
             t, p, vae_t = bench_dalle_pytorch(a, device, text)
             t -= vae_t
-            rows.append(("DALLE-pytorch generate_images", f"{t:.2f} s ({t / n * 1e3:.1f} ms/step), "
-                         f"{t / ours:.2f}x ours (VAE decode {vae_t * 1e3:.0f} ms subtracted)", f"{p / 1e6:.1f}M"))
+            rows.append(
+                (
+                    "DALLE-pytorch generate_images",
+                    f"{t:.2f} s ({t / n * 1e3:.1f} ms/step), "
+                    f"{t / ours:.2f}x ours (VAE decode {vae_t * 1e3:.0f} ms subtracted)",
+                    f"{p / 1e6:.1f}M",
+                )
+            )
         except ImportError as exc:
             rows.append(("DALLE-pytorch", f"not installed ({exc.name})", ""))
     print(f"| library | time to sample {a.batch} image(s) of {n} tokens (ms per step) | parameters |")

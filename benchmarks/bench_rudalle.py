@@ -57,8 +57,9 @@ def load_rudalle() -> types.SimpleNamespace:
         warnings.simplefilter("ignore")
         model = importlib.import_module("rudalle.dalle.model")
         pipelines = importlib.import_module("rudalle.pipelines")
-    return types.SimpleNamespace(model=model, pipelines=pipelines, patched=patched,
-                                 transformers=transformers.__version__)
+    return types.SimpleNamespace(
+        model=model, pipelines=pipelines, patched=patched, transformers=transformers.__version__
+    )
 
 
 class _Tokenizer:
@@ -91,10 +92,20 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     ref = load_rudalle()
-    params = dict(num_layers=a.depth, hidden_size=2048, num_attention_heads=16, embedding_dropout_prob=0.0,
-                  attention_dropout_prob=0.0, output_dropout_prob=0.0, image_tokens_per_dim=32, text_seq_length=128,
-                  vocab_size=16384 + 128, image_vocab_size=8192, cogview_sandwich_layernorm=True,
-                  cogview_pb_relax=True)
+    params = dict(
+        num_layers=a.depth,
+        hidden_size=2048,
+        num_attention_heads=16,
+        embedding_dropout_prob=0.0,
+        attention_dropout_prob=0.0,
+        output_dropout_prob=0.0,
+        image_tokens_per_dim=32,
+        text_seq_length=128,
+        vocab_size=16384 + 128,
+        image_vocab_size=8192,
+        cogview_sandwich_layernorm=True,
+        cogview_pb_relax=True,
+    )
     torch.manual_seed(0)
     theirs = ref.model.DalleModel(device=device, hf_version="v3", **params).to(device).eval()
     ours = RuDalleTransformer(RuDalleConfig.from_rudalle_params(hf_version="v3", **params))
@@ -109,8 +120,17 @@ def main() -> None:
         vae = _VAE()
         orig = vae.decode
         vae.decode = lambda codes: (captured.append(codes.cpu()), orig(codes))[1]
-        ref.pipelines.generate_images("caption", _Tokenizer(ids), theirs, vae, top_k=top_k, top_p=top_p,
-                                      images_num=a.batch, bs=a.batch, seed=a.seed)
+        ref.pipelines.generate_images(
+            "caption",
+            _Tokenizer(ids),
+            theirs,
+            vae,
+            top_k=top_k,
+            top_p=top_p,
+            images_num=a.batch,
+            bs=a.batch,
+            seed=a.seed,
+        )
         return torch.cat(captured)
 
     def run_ours() -> torch.Tensor:
@@ -143,12 +163,18 @@ def main() -> None:
     with redirect_stderr(io.StringIO()):  # rudalle's tqdm bar
         t_theirs, codes_theirs = timed(run_theirs)
     print(f"rudalle: {t_theirs / a.batch:.2f} s / image", flush=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {ref.transformers}, device {device}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {ref.transformers}, device {device}"
+    )
     if ref.patched:
-        print("note: this transformers has no top_k_top_p_filtering; dalle.rudalle.top_k_top_p_filtering "
-              "(the same rule) was patched in for rudalle")
-    print(f"model: {a.depth} layers x 2048 wide, 32x32 grid, batch {a.batch}, top_k {top_k}, top_p {top_p}, fp32")
+        print(
+            "note: this transformers has no top_k_top_p_filtering; dalle.rudalle.top_k_top_p_filtering "
+            "(the same rule) was patched in for rudalle"
+        )
+    print(
+        f"model: {a.depth} layers x 2048 wide, 32x32 grid, batch {a.batch}, top_k {top_k}, top_p {top_p}, fp32"
+    )
     print(f"tokens identical: {'yes' if torch.equal(codes_theirs, codes_ours) else 'no'}")
     print("| implementation | s / image | ratio |")
     print("|---|---:|---:|")

@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import youtokentome  # noqa: F401
     except ImportError:
-        sys.exit("bench_tokenizer.py measures dalle's tokenizer against youtokentome, which is not installed: "
-                 "`make setup` installs it (or pip install cython setuptools wheel && "
-                 "pip install --no-build-isolation youtokentome)")
+        sys.exit(
+            "bench_tokenizer.py measures dalle's tokenizer against youtokentome, which is not installed: "
+            "`make setup` installs it (or pip install cython setuptools wheel && "
+            "pip install --no-build-isolation youtokentome)"
+        )
     captions = make_captions(args.n)
     t0 = time.perf_counter()
     tok = BPETokenizer.train(make_captions(2000, seed=1), vocab_size=args.vocab_size, strict=True)
@@ -103,24 +105,39 @@ def main(argv: list[str] | None = None) -> int:
     assert tok.encode(captions, text_len=args.text_len).tolist()[0][: len(rows[0])] == rows[0]
 
     results = [
-        ("youtokentome alone: `bpe.encode(captions)` -> id lists", median_ms(lambda: bpe.encode(captions), args.repeats)),
-        ("**`tok.encode(captions, text_len)` -> LongTensor**",
-         median_ms(lambda: tok.encode(captions, text_len=args.text_len), args.repeats)),
+        (
+            "youtokentome alone: `bpe.encode(captions)` -> id lists",
+            median_ms(lambda: bpe.encode(captions), args.repeats),
+        ),
+        (
+            "**`tok.encode(captions, text_len)` -> LongTensor**",
+            median_ms(lambda: tok.encode(captions, text_len=args.text_len), args.repeats),
+        ),
         ("  of which: normalise", median_ms(lambda: [normalize(c) for c in captions], args.repeats)),
-        ("  of which: pad into the tensor",
-         median_ms(lambda: tok._pad([list(r) for r in rows], args.text_len, True, False), args.repeats)),
-        ("`tok.encode(..., dropout=0.1)` (training, 1 thread)",
-         median_ms(lambda: tok.encode(captions, text_len=args.text_len, dropout=0.1), args.repeats)),
+        (
+            "  of which: pad into the tensor",
+            median_ms(lambda: tok._pad([list(r) for r in rows], args.text_len, True, False), args.repeats),
+        ),
+        (
+            "`tok.encode(..., dropout=0.1)` (training, 1 thread)",
+            median_ms(lambda: tok.encode(captions, text_len=args.text_len, dropout=0.1), args.repeats),
+        ),
     ]
     base = results[0][1][0]
-    cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd()), *(argv if argv is not None else sys.argv[1:])])
+    cmd = "python " + " ".join(
+        [os.path.relpath(__file__, os.getcwd()), *(argv if argv is not None else sys.argv[1:])]
+    )
     print(f"Command: `{cmd}`  ")
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} CPUs visible, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; python {platform.python_version()}, "
-          f"torch {torch.__version__}, youtokentome {version('youtokentome')}  ")
-    print(f"Data: {args.n} captions, {n_tokens / args.n:.1f} tokens each on average, vocab {tok.vocab_size}, "
-          f"text_len {args.text_len}; median of {args.repeats} runs (training the tokenizer on 2000 captions: "
-          f"{train_ms:.0f} ms)\n")
+    print(
+        f"Machine: {cpu_name()}, {os.cpu_count()} CPUs visible, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; python {platform.python_version()}, "
+        f"torch {torch.__version__}, youtokentome {version('youtokentome')}  "
+    )
+    print(
+        f"Data: {args.n} captions, {n_tokens / args.n:.1f} tokens each on average, vocab {tok.vocab_size}, "
+        f"text_len {args.text_len}; median of {args.repeats} runs (training the tokenizer on 2000 captions: "
+        f"{train_ms:.0f} ms)\n"
+    )
     print("| step | median ms | min ms | x youtokentome alone | CPU ms, all threads |")
     print("|---|---:|---:|---:|---:|")
     for name, (med, low, cpu) in results:

@@ -28,8 +28,17 @@ def make_shards(path: Path, n: int, image_size: int, device: str) -> None:
     what ``dalle encode-dataset`` runs)."""
     from dalle.train.encode import EncodeConfig, encode_dataset
 
-    encode_dataset(EncodeConfig(data="shapes:1", dvae=str(REPO / "dalle" / "pretrained" / "shapes"),
-                                out_dir=str(path), limit=n, image_size=image_size, device=device, progress=False))
+    encode_dataset(
+        EncodeConfig(
+            data="shapes:1",
+            dvae=str(REPO / "dalle" / "pretrained" / "shapes"),
+            out_dir=str(path),
+            limit=n,
+            image_size=image_size,
+            device=device,
+            progress=False,
+        )
+    )
 
 
 def run(image_size: int, batch: int, steps: int, bf16: bool, device: str, shards: Path) -> float:
@@ -40,11 +49,30 @@ def run(image_size: int, batch: int, steps: int, bf16: bool, device: str, shards
     pretrained = REPO / "dalle" / "pretrained" / "shapes"
     with tempfile.TemporaryDirectory() as out:
         cfg = TransformerTrainConfig(
-            data=str(shards), dvae=str(pretrained), tokenizer=str(pretrained / "tokenizer.model"), out_dir=out,
-            image_size=image_size, text_len=16, depth=8, heads=8, head_dim=32, attn_types=["full"] * 8,
-            batch_size=batch, steps=steps + 1, warmup_steps=1, bpe_dropout=0.0, ema_decay=0.0, eval_every=0,
-            sample_every=0, plot_every=0, ckpt_every=10**6, log_every=1, progress=False, device=device,
-            bf16=bf16, cpu_bf16=bf16,
+            data=str(shards),
+            dvae=str(pretrained),
+            tokenizer=str(pretrained / "tokenizer.model"),
+            out_dir=out,
+            image_size=image_size,
+            text_len=16,
+            depth=8,
+            heads=8,
+            head_dim=32,
+            attn_types=["full"] * 8,
+            batch_size=batch,
+            steps=steps + 1,
+            warmup_steps=1,
+            bpe_dropout=0.0,
+            ema_decay=0.0,
+            eval_every=0,
+            sample_every=0,
+            plot_every=0,
+            ckpt_every=10**6,
+            log_every=1,
+            progress=False,
+            device=device,
+            bf16=bf16,
+            cpu_bf16=bf16,
         )
         TransformerTrainer(cfg).fit()
         from dalle.train.outputs import read_metrics
@@ -60,7 +88,9 @@ def cpu_description() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    name = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
+    )
     native = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in info]
     return f"{name}, bfloat16: {', '.join(native) or 'not native'}"
 
@@ -81,11 +111,25 @@ def main() -> None:
         for batch in args.batch:
             for bf16 in (False, True):
                 rate = run(args.image_size, batch, args.steps, bf16, args.device, shards)
-                results.append({"batch": batch, "precision": "bfloat16 autocast" if bf16 else "float32",
-                                "samples_per_s": round(rate, 2)})
+                results.append(
+                    {
+                        "batch": batch,
+                        "precision": "bfloat16 autocast" if bf16 else "float32",
+                        "samples_per_s": round(rate, 2),
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
-    print(json.dumps({"cpu": cpu_description(), "torch": torch.__version__,
-                      "threads": args.threads, "image_size": args.image_size, "device": args.device}))
+    print(
+        json.dumps(
+            {
+                "cpu": cpu_description(),
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "image_size": args.image_size,
+                "device": args.device,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -84,14 +84,18 @@ def bench_attention_cuda(batch: int = 8, heads: int = 12, text_len: int = 256, g
     )
     rows = []
     for backend in ("sdpa", "flex"):
+
         def run(backend=backend):
             attend(q, k, v, masks, "row", backend).sum().backward()
+
         try:
             for _ in range(3):
                 run()
             t = min(_timed(run, q.device) for _ in range(20))
-            rows.append(f"| attention fwd+bwd, row mask, L={length}, B{batch} H{heads} D64 bf16 | {backend} | "
-                        f"{t * 1e3:.2f} ms |")
+            rows.append(
+                f"| attention fwd+bwd, row mask, L={length}, B{batch} H{heads} D64 bf16 | {backend} | "
+                f"{t * 1e3:.2f} ms |"
+            )
         except Exception as exc:  # noqa: BLE001 - report, do not crash the benchmark
             rows.append(f"| attention, {backend} | failed: {type(exc).__name__} | |")
     return rows
@@ -102,38 +106,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--points", type=int, default=6, help="measured no-cache steps (>= 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--skip-cpu", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TransformerConfig.preset(args.preset)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    )
     torch.manual_seed(0)
 
     print(f"command: `{command}`")
-    print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
-    print(f"preset {args.preset}: depth {cfg.depth}, d_model {cfg.d_model}, heads {cfg.heads}, text_len {cfg.text_len}, "
-          f"grid {cfg.image_grid}x{cfg.image_grid}, batch {args.batch}\n")
+    print(
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"preset {args.preset}: depth {cfg.depth}, d_model {cfg.d_model}, heads {cfg.heads}, text_len {cfg.text_len}, "
+        f"grid {cfg.image_grid}x{cfg.image_grid}, batch {args.batch}\n"
+    )
     print("| device | setting | KV cache | no cache | speed-up |")
     print("|---|---|---|---|---|")
     notes = []
     if not args.skip_cpu:
         model = DALLETransformer(cfg).eval()
         r = bench_sampling(model, args.batch, args.points)
-        print(f"| CPU ({torch.get_num_threads()} threads) | fp32, SDPA | {r['cached']:.1f} s | "
-              f"{r['no_cache']:.0f} s (extrapolated) | {r['no_cache'] / r['cached']:.0f}x |")
-        notes.append("CPU no-cache steps measured at prefix j = " + ", ".join(
-            f"{j}: {t:.2f} s" for j, t in zip(r["js"], r["measured"])) + "; per-step time interpolated linearly "
-            f"over all {cfg.image_len} steps and summed")
+        print(
+            f"| CPU ({torch.get_num_threads()} threads) | fp32, SDPA | {r['cached']:.1f} s | "
+            f"{r['no_cache']:.0f} s (extrapolated) | {r['no_cache'] / r['cached']:.0f}x |"
+        )
+        notes.append(
+            "CPU no-cache steps measured at prefix j = "
+            + ", ".join(f"{j}: {t:.2f} s" for j, t in zip(r["js"], r["measured"]))
+            + "; per-step time interpolated linearly "
+            f"over all {cfg.image_len} steps and summed"
+        )
         del model
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         model = DALLETransformer(cfg).to("cuda").eval()
         r = bench_sampling(model, args.batch, args.points)
-        print(f"| {name} | bf16 autocast, eager | {r['cached']:.2f} s | {r['no_cache']:.1f} s (extrapolated) | "
-              f"{r['no_cache'] / r['cached']:.0f}x |")
+        print(
+            f"| {name} | bf16 autocast, eager | {r['cached']:.2f} s | {r['no_cache']:.1f} s (extrapolated) | "
+            f"{r['no_cache'] / r['cached']:.0f}x |"
+        )
         try:
             rc = bench_sampling(model, args.batch, 2, compile_step=True)
             print(f"| {name} | bf16, decode_step compiled (reduce-overhead) | {rc['cached']:.2f} s | | |")

@@ -31,7 +31,12 @@ class LineProgress:
     line every ``interval`` seconds (and at the end) rather than redrawn in place."""
 
     def __init__(
-        self, total: int | None, desc: str, unit: str, initial: int = 0, file: TextIO | None = None,
+        self,
+        total: int | None,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        file: TextIO | None = None,
         interval: float = LINE_INTERVAL,
     ) -> None:
         self.total, self.desc, self.unit = total, desc, unit

@@ -151,7 +151,9 @@ class AttentionMasks:
                 self._cache[key] = self.full(attn_type)[:length, :length].contiguous().to(device)
         return self._cache[key]  # type: ignore[return-value]
 
-    def additive_mask(self, attn_type: str, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def additive_mask(
+        self, attn_type: str, length: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Additive mask (0 where allowed, -inf elsewhere) for SDPA; faster than a bool mask on the CPU."""
         key = ("add", attn_type, length, str(device), dtype)
         if key not in self._cache:
@@ -272,7 +274,9 @@ def attend(
         raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         # FlexAttention only for full-length passes (training): prefills of varying length would each compile
-        backend = "sdpa" if dropout_p > 0 or q.shape[-2] != masks.length else _choose(q, k, v, masks, attn_type)
+        backend = (
+            "sdpa" if dropout_p > 0 or q.shape[-2] != masks.length else _choose(q, k, v, masks, attn_type)
+        )
     if backend == "flex" and dropout_p == 0.0:
         return _flex(q, k, v, masks, attn_type)
     return _sdpa(q, k, v, masks, attn_type, dropout_p)
@@ -305,11 +309,20 @@ class KVCache(torch.nn.Module):
     v: torch.Tensor
 
     def __init__(
-        self, depth: int, batch: int, heads: int, length: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self,
+        depth: int,
+        batch: int,
+        heads: int,
+        length: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         shape = (depth, batch, heads, length, head_dim)
-        with torch.inference_mode(False):  # normal tensors accept in-place writes inside and outside inference mode
+        with torch.inference_mode(
+            False
+        ):  # normal tensors accept in-place writes inside and outside inference mode
             self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
             self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 

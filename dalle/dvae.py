@@ -376,8 +376,13 @@ class _DVAEModule(nn.Module):
         if torch.is_autocast_enabled(kind):
             stack.enter_context(torch.autocast(kind, enabled=False))
         cudnn = torch.backends.cudnn
-        if (kind == "cuda" and self.cudnn_benchmark and not cudnn.benchmark and not cudnn.deterministic
-                and not torch.are_deterministic_algorithms_enabled()):
+        if (
+            kind == "cuda"
+            and self.cudnn_benchmark
+            and not cudnn.benchmark
+            and not cudnn.deterministic
+            and not torch.are_deterministic_algorithms_enabled()
+        ):
             cudnn.benchmark = True  # only this flag: cudnn.flags() would reset the others (TF32 among them)
             stack.callback(setattr, cudnn, "benchmark", False)
         return stack
@@ -524,7 +529,9 @@ def check_token_grid(tokens: torch.Tensor, vocab_size: int, device: torch.device
     if not isinstance(tokens, torch.Tensor):
         raise ConfigError(f"decode expects a LongTensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-        raise ConfigError(f"decode expects integer token ids, got {tokens.dtype} (the dVAE decoder's forward() takes one-hot)")
+        raise ConfigError(
+            f"decode expects integer token ids, got {tokens.dtype} (the dVAE decoder's forward() takes one-hot)"
+        )
     if tokens.dim() == 2:
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
@@ -533,7 +540,9 @@ def check_token_grid(tokens: torch.Tensor, vocab_size: int, device: torch.device
             )
         tokens = tokens.reshape(tokens.shape[0], side, side)
     if tokens.dim() != 3:
-        raise ConfigError(f"decode expects tokens of shape [B, h, w] (or [B, h*w]), got {tuple(tokens.shape)}")
+        raise ConfigError(
+            f"decode expects tokens of shape [B, h, w] (or [B, h*w]), got {tuple(tokens.shape)}"
+        )
     if tokens.numel() == 0:
         raise ConfigError(f"decode got an empty token tensor of shape {tuple(tokens.shape)}")
     lo, hi = int(tokens.min()), int(tokens.max())

@@ -62,34 +62,58 @@ def convert_rudalle(
         raise ConfigError(f"bad configuration overrides {overrides}: {exc}") from None
     tokenizer = RuDalleTokenizer.load(bpe)
     if tokenizer.vocab_size > config.bpe_vocab_size:
-        raise ModelLoadError(f"{bpe} has {tokenizer.vocab_size} tokens, more than the {config.bpe_vocab_size} text ids "
-                             f"of the {preset!r} configuration; is it the right bpe.model?")
+        raise ModelLoadError(
+            f"{bpe} has {tokenizer.vocab_size} tokens, more than the {config.bpe_vocab_size} text ids "
+            f"of the {preset!r} configuration; is it the right bpe.model?"
+        )
     state = read_rudalle_checkpoint(transformer)
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in without_masks(RuDalleTransformer(config).state_dict()).items()}
+        expected = {
+            k: tuple(v.shape) for k, v in without_masks(RuDalleTransformer(config).state_dict()).items()
+        }
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        detail = "; ".join(f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for what, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong)) if keys)
-        raise ModelLoadError(f"{transformer} does not hold a {preset!r} ruDALL-E transformer: {detail}. Pass the "
-                             "preset the checkpoint was released as (--preset)")
+        detail = "; ".join(
+            f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong))
+            if keys
+        )
+        raise ModelLoadError(
+            f"{transformer} does not hold a {preset!r} ruDALL-E transformer: {detail}. Pass the "
+            "preset the checkpoint was released as (--preset)"
+        )
     encoder, decoder = vqgan_from_state_dict(read_lightning_checkpoint(vqgan), None, source=os.fspath(vqgan))
     if decoder.vocab_size != config.image_vocab_size:
-        raise ModelLoadError(f"the VQGAN {vqgan} has {decoder.vocab_size} codes, the transformer "
-                             f"{config.image_vocab_size}; they do not belong together")
+        raise ModelLoadError(
+            f"the VQGAN {vqgan} has {decoder.vocab_size} codes, the transformer "
+            f"{config.image_vocab_size}; they do not belong together"
+        )
     path = Path(out_dir)
     model = model_config(
-        name=name or path.name, image_size=config.image_grid * encoder.factor, text_len=config.text_len,
-        trained_with_caption_dropout=False, transformer=config.to_dict(), encoder=encoder.config(),
-        decoder=decoder.config(), architecture="rudalle", image_tokenizer="vqgan",
+        name=name or path.name,
+        image_size=config.image_grid * encoder.factor,
+        text_len=config.text_len,
+        trained_with_caption_dropout=False,
+        transformer=config.to_dict(),
+        encoder=encoder.config(),
+        decoder=decoder.config(),
+        architecture="rudalle",
+        image_tokenizer="vqgan",
         sampling=check_sampling_defaults(dict(RUDALLE_SAMPLING) if sampling is None else sampling),
         source=source or {"preset": preset},
     )
     # the tensors are written in their own dtype, one by one
-    return write_model_files(path, model, encoder=encoder, decoder=decoder, transformer=state, tokenizer=tokenizer,
-                             weights_metadata={"format": "dalle.rudalle"})
+    return write_model_files(
+        path,
+        model,
+        encoder=encoder,
+        decoder=decoder,
+        transformer=state,
+        tokenizer=tokenizer,
+        weights_metadata={"format": "dalle.rudalle"},
+    )
 
 
 def download_rudalle(name: str, *, progress: bool | None = None) -> dict[str, Path]:
@@ -123,9 +147,16 @@ def ensure_rudalle_model(name: str, *, progress: bool | None = None) -> Path:
         return path
     files = download_rudalle(name, progress=progress)
     entry = RUDALLE_HUB[name]
-    return convert_rudalle(path, files["transformer"], files["vqgan"], files["bpe"], entry["preset"], name=name,
-                           overrides=entry.get("overrides"), source={"preset": entry["preset"], "repos": list(entry["repos"]),
-                                   "filename": entry["filename"]})
+    return convert_rudalle(
+        path,
+        files["transformer"],
+        files["vqgan"],
+        files["bpe"],
+        entry["preset"],
+        name=name,
+        overrides=entry.get("overrides"),
+        source={"preset": entry["preset"], "repos": list(entry["repos"]), "filename": entry["filename"]},
+    )
 
 
 __all__ = ["convert_rudalle", "download_rudalle", "ensure_rudalle_model"]

@@ -534,8 +534,13 @@ def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, torch.Tens
 
 # first bytes of files a user may pass by mistake, for a clearer error than the unpickler's
 _OTHER_FORMATS = (
-    (b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"), (b"RIFF", "RIFF (WebP) image"),
-    (b"{", "JSON"), (b"\x1f\x8b", "gzip"), (b"<", "HTML or XML"),
+    (b"\x89PNG", "PNG image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"GIF8", "GIF image"),
+    (b"RIFF", "RIFF (WebP) image"),
+    (b"{", "JSON"),
+    (b"\x1f\x8b", "gzip"),
+    (b"<", "HTML or XML"),
 )
 
 
@@ -722,8 +727,18 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> _Inert:
 
 
 _TORCH_DTYPE_NAMES = (
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "complex64", "complex128",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
 )
 # Globals only Lightning checkpoints need. Everything is inert except the few builders of plain data above.
 _LIGHTNING_EXACT: dict[tuple[str, str], Any] = {
@@ -734,19 +749,47 @@ _LIGHTNING_EXACT: dict[tuple[str, str], Any] = {
     **{
         key: _inert_class(".".join(key))
         for key in [
-            *[(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-              for n in ("scalar", "_reconstruct")],
-            ("numpy", "dtype"), ("numpy", "ndarray"), ("argparse", "Namespace"),
-            *[("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")],
-            *[("builtins", n) for n in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes",
-                                        "complex", "object", "NoneType")],
+            *[
+                (m, n)
+                for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for n in ("scalar", "_reconstruct")
+            ],
+            ("numpy", "dtype"),
+            ("numpy", "ndarray"),
+            ("argparse", "Namespace"),
+            *[
+                ("pathlib", n)
+                for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+            ],
+            *[
+                ("builtins", n)
+                for n in (
+                    "dict",
+                    "list",
+                    "tuple",
+                    "int",
+                    "float",
+                    "str",
+                    "bool",
+                    "bytes",
+                    "complex",
+                    "object",
+                    "NoneType",
+                )
+            ],
         ]
     },
 }
 # Whole packages whose classes may appear in a checkpoint's hyper-parameters, callbacks and configs. The
 # names are only matched as text: the packages are never imported (they need not be installed).
 _LIGHTNING_INERT_PREFIXES = (
-    "omegaconf.", "pytorch_lightning.", "lightning.", "lightning_fabric.", "typing.", "numpy.dtypes.", "taming.",
+    "omegaconf.",
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "typing.",
+    "numpy.dtypes.",
+    "taming.",
 )
 _LIGHTNING_INERT_MODULES = {"omegaconf", "pytorch_lightning", "lightning", "lightning_fabric", "typing"}
 
@@ -774,11 +817,17 @@ def _lightning_state_dict(obj: Any, source: str) -> dict[str, Any]:
     without ``loss.*`` entries (taming's discriminator and LPIPS network)."""
     sd = obj.get("state_dict") if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
-        if isinstance(obj, dict) and obj and all(isinstance(v, _TensorRef | torch.Tensor) for v in obj.values()):
+        if (
+            isinstance(obj, dict)
+            and obj
+            and all(isinstance(v, _TensorRef | torch.Tensor) for v in obj.values())
+        ):
             sd = obj
         else:
             keys = sorted(str(k) for k in obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise ModelLoadError(f"{source}: not a Lightning checkpoint or state dict (no 'state_dict'; has {keys})")
+            raise ModelLoadError(
+                f"{source}: not a Lightning checkpoint or state dict (no 'state_dict'; has {keys})"
+            )
     out: dict[str, Any] = {}
     for key, value in sd.items():
         if not isinstance(key, str):
@@ -786,7 +835,9 @@ def _lightning_state_dict(obj: Any, source: str) -> dict[str, Any]:
         if key.startswith("loss."):
             continue
         if not isinstance(value, _TensorRef | torch.Tensor):
-            raise ModelLoadError(f"{source}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ModelLoadError(
+                f"{source}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
         out[key] = value
     if not out:
         raise ModelLoadError(f"{source}: the checkpoint's state_dict holds no weights besides loss.*")
@@ -964,18 +1015,24 @@ def load_model(
         text = os.fspath(MODEL_NAMES[text])
     scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", text)
     if scheme and scheme.group(1).lower() not in ("http", "https"):
-        raise DownloadError(f"{text}: only http:// and https:// URLs can be downloaded; fetch the file yourself "
-                            "and pass its path")
+        raise DownloadError(
+            f"{text}: only http:// and https:// URLs can be downloaded; fetch the file yourself "
+            "and pass its path"
+        )
     if text.startswith(("http://", "https://")):
         path = download(text, sha256=sha256, progress=progress)
     else:
         path = Path(text).expanduser()
         if path.is_dir():
-            raise ModelLoadError(f"{path} is a directory; give the weight file in it (e.g. encoder.pkl), or load a "
-                                 "model directory with DALLE.from_pretrained")
+            raise ModelLoadError(
+                f"{path} is a directory; give the weight file in it (e.g. encoder.pkl), or load a "
+                "model directory with DALLE.from_pretrained"
+            )
         if not path.is_file():
             names = ", ".join(MODEL_NAMES)
-            raise ModelLoadError(f"{path}: no such file (expected a dVAE weight file, an http(s) URL or one of {names})")
+            raise ModelLoadError(
+                f"{path}: no such file (expected a dVAE weight file, an http(s) URL or one of {names})"
+            )
         if sha256 is not None:
             actual = sha256_file(path)
             if actual != sha256.lower():
@@ -1098,9 +1155,11 @@ def download(
         publish(tmp, target)
     except requests.ConnectionError as exc:
         host = urlparse(url).netloc
-        raise DownloadError(f"could not download {url}: cannot connect to {host} (refused, unreachable or no such "
-                            f"host); check the URL and the network, or download the file yourself and pass its "
-                            f"path ({type(exc).__name__})") from None
+        raise DownloadError(
+            f"could not download {url}: cannot connect to {host} (refused, unreachable or no such "
+            f"host); check the URL and the network, or download the file yourself and pass its "
+            f"path ({type(exc).__name__})"
+        ) from None
     except requests.RequestException as exc:
         raise DownloadError(f"could not download {url}: {exc}") from None
     except DownloadError:
@@ -1239,7 +1298,9 @@ def _content_range_total(value: str | None) -> tuple[int, int | None] | None:
     return int(match.group(1)), None if match.group(2) == "*" else int(match.group(2))
 
 
-def _fetch_resumable(url: str, part: Path, timeout: float, progress: bool | None, requests: Any) -> int | None:
+def _fetch_resumable(
+    url: str, part: Path, timeout: float, progress: bool | None, requests: Any
+) -> int | None:
     """Fetch ``url`` into ``part``, continuing what ``part`` already holds; None when complete, else the HTTP
     status meaning "no such repository" (401 / 404). Raises DownloadError on other HTTP errors and on a short
     body (``part`` is kept for the next try)."""
@@ -1260,11 +1321,17 @@ def _fetch_resumable(url: str, part: Path, timeout: float, progress: bool | None
             else:  # a full body (the server ignored the Range): start again
                 length = resp.headers.get("Content-Length")
                 start, mode = 0, "wb"
-                total = int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
+                total = (
+                    int(length)
+                    if length and length.isdigit() and not resp.headers.get("Content-Encoding")
+                    else None
+                )
             got = start
             with open(part, mode) as out:
                 # small chunks: a dropped connection loses the unfinished chunk, resumed from the last whole one
-                for chunk in _progress(resp.iter_content(chunk_size=1 << 14), total, url, progress, initial=start):
+                for chunk in _progress(
+                    resp.iter_content(chunk_size=1 << 14), total, url, progress, initial=start
+                ):
                     out.write(chunk)
                     got += len(chunk)
             if total is not None and got != total:
@@ -1273,19 +1340,30 @@ def _fetch_resumable(url: str, part: Path, timeout: float, progress: bool | None
                     f"command again to resume it ({part} is kept)"
                 )
         return None
-    raise DownloadError(f"could not download {url}: the server refused to resume or restart it")  # pragma: no cover
+    raise DownloadError(
+        f"could not download {url}: the server refused to resume or restart it"
+    )  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------ streaming safetensors writer
 _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
 
 def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``tensors`` as a safetensors file one tensor at a time (memory stays at one tensor: a 21.5 GiB
@@ -1298,8 +1376,11 @@ def write_safetensors(
         if out_dtype not in _SAFETENSORS_DTYPES:
             raise ConfigError(f"tensor {name!r} has dtype {out_dtype}, which safetensors cannot store")
         size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + size]}
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[out_dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header: dict[str, Any] = dict(entries)
     if metadata:

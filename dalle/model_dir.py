@@ -45,16 +45,31 @@ FORMAT_VERSION = 1
 ARCHITECTURES: tuple[str, ...] = ("dalle", "rudalle")
 IMAGE_TOKENIZERS: tuple[str, ...] = ("dvae", "vqgan")
 #: the files of a complete model directory
-FILES = ("config.json", "transformer.safetensors", "encoder.safetensors", "decoder.safetensors", "tokenizer.model")
+FILES = (
+    "config.json",
+    "transformer.safetensors",
+    "encoder.safetensors",
+    "decoder.safetensors",
+    "tokenizer.model",
+)
 #: the keys of a model's default sampling settings (``config.json``'s ``sampling``)
 SAMPLING_KEYS = ("top_k", "top_p", "sampler", "filter")
 
 
 # ------------------------------------------------------------------------------------------------- config
 def model_config(
-    *, name: str, image_size: int, text_len: int, trained_with_caption_dropout: bool, transformer: dict[str, Any],
-    encoder: dict[str, Any], decoder: dict[str, Any], architecture: str = "dalle", image_tokenizer: str = "dvae",
-    sampling: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
+    *,
+    name: str,
+    image_size: int,
+    text_len: int,
+    trained_with_caption_dropout: bool,
+    transformer: dict[str, Any],
+    encoder: dict[str, Any],
+    decoder: dict[str, Any],
+    architecture: str = "dalle",
+    image_tokenizer: str = "dvae",
+    sampling: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``config.json`` of a model directory; the keys added for ruDALL-E / VQGAN models are written only where
     they differ from what older files mean by their absence."""
@@ -138,8 +153,10 @@ def read_config(path: Path) -> dict[str, Any]:
             raise ModelLoadError(f"{path / 'config.json'} lacks the key {key!r}")
     for key, allowed in (("architecture", ARCHITECTURES), ("image_tokenizer", IMAGE_TOKENIZERS)):
         if config.get(key, allowed[0]) not in allowed:
-            raise ModelLoadError(f"{path / 'config.json'}: {key} {config[key]!r} is not one of {', '.join(allowed)}; "
-                                 "upgrade dalle or re-save the model")
+            raise ModelLoadError(
+                f"{path / 'config.json'}: {key} {config[key]!r} is not one of {', '.join(allowed)}; "
+                "upgrade dalle or re-save the model"
+            )
     if not isinstance(config.get("sampling", {}), dict):
         raise ModelLoadError(f"{path / 'config.json'}: sampling must be an object of default settings")
     return config
@@ -157,7 +174,9 @@ def load_weights(module: nn.Module, file: Path) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read weights from {file}: {exc}") from exc
     except RuntimeError as exc:  # shape mismatches
-        raise ModelLoadError(f"weights in {file} do not fit the model described in config.json: {exc}") from exc
+        raise ModelLoadError(
+            f"weights in {file} do not fit the model described in config.json: {exc}"
+        ) from exc
     if missing or unexpected:
         raise ModelLoadError(
             f"weights in {file} do not fit config.json: missing {sorted(missing)[:5]}, "
@@ -183,7 +202,9 @@ def without_masks(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.removeprefix("transformer.") not in MASK_NAMES}
 
 
-def load_transformer(directory: str | os.PathLike[str], config: Mapping[str, Any] | None = None) -> DALLETransformer:
+def load_transformer(
+    directory: str | os.PathLike[str], config: Mapping[str, Any] | None = None
+) -> DALLETransformer:
     """The :class:`~dalle.transformer.DALLETransformer` of a dalle model directory, with float32 parameters
     (half-precision files widen) on the CPU, in eval mode: the transformer
     :meth:`dalle.pipeline.DALLE.from_pretrained` loads from such a directory. ``config``: the directory's
@@ -193,8 +214,9 @@ def load_transformer(directory: str | os.PathLike[str], config: Mapping[str, Any
     path = Path(directory)
     cfg = read_config(path) if config is None else config
     if cfg.get("architecture", "dalle") != "dalle":
-        raise ModelLoadError(f"{str(path)!r} holds a {cfg['architecture']} transformer; load it with "
-                             "DALLE.from_pretrained")
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {cfg['architecture']} transformer; load it with DALLE.from_pretrained"
+        )
     try:
         transformer = DALLETransformer(TransformerConfig.from_dict(cfg["transformer"]))
     except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
@@ -235,7 +257,11 @@ def write_model_files(
     path.mkdir(parents=True, exist_ok=True)
     if transformer is not None:
         file = path / "transformer.safetensors"
-        as_is = weights_dtype is None and weights_metadata is None and config.get("architecture", "dalle") == "dalle"
+        as_is = (
+            weights_dtype is None
+            and weights_metadata is None
+            and config.get("architecture", "dalle") == "dalle"
+        )
         if isinstance(transformer, nn.Module) and as_is:
             save_weights(transformer, file)
         else:
@@ -254,7 +280,18 @@ def write_model_files(
 
 
 __all__ = [
-    "ARCHITECTURES", "FILES", "FORMAT_VERSION", "IMAGE_TOKENIZERS", "SAMPLING_KEYS", "check_sampling_defaults",
-    "dvae_config", "load_transformer", "load_weights", "model_config", "read_config", "save_weights",
-    "without_masks", "write_model_files",
+    "ARCHITECTURES",
+    "FILES",
+    "FORMAT_VERSION",
+    "IMAGE_TOKENIZERS",
+    "SAMPLING_KEYS",
+    "check_sampling_defaults",
+    "dvae_config",
+    "load_transformer",
+    "load_weights",
+    "model_config",
+    "read_config",
+    "save_weights",
+    "without_masks",
+    "write_model_files",
 ]

@@ -89,9 +89,15 @@ def _base_seed(seed: int | None, count: int = 1) -> int:
     the ``count`` images are seed, seed + 1, ..., all below 2**32)."""
     if seed is None:
         return secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_LIMIT - count:
-        raise ConfigError(f"seed must be an integer from 0 to {SEED_LIMIT - count} (image k of a prompt uses seed + k, "
-                          f"below 2**32) or None, got {seed!r}")
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed <= SEED_LIMIT - count
+    ):
+        raise ConfigError(
+            f"seed must be an integer from 0 to {SEED_LIMIT - count} (image k of a prompt uses seed + k, "
+            f"below 2**32) or None, got {seed!r}"
+        )
     return int(seed)
 
 
@@ -141,15 +147,23 @@ def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
             )
         return path
     if key in REGISTRY and not any(ch in key for ch in "/\\"):
-        warnings.warn(f"the model directory {key!r} in the current directory is used, not the bundled model of that "
-                      f"name (leave the model unset for the bundled default, or pass './{key}' to say you mean the "
-                      "directory)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"the model directory {key!r} in the current directory is used, not the bundled model of that "
+            f"name (leave the model unset for the bundled default, or pass './{key}' to say you mean the "
+            "directory)",
+            UserWarning,
+            stacklevel=3,
+        )
     path = Path(key).expanduser()  # key is the given path (None was the default model)
     if not path.exists():
         names = ", ".join(sorted(REGISTRY) + sorted(RUDALLE_HUB))
-        raise ModelLoadError(f"no model directory {str(path)!r} and no registered model of that name (known: {names})")
+        raise ModelLoadError(
+            f"no model directory {str(path)!r} and no registered model of that name (known: {names})"
+        )
     if not path.is_dir():
-        raise ModelLoadError(f"{str(path)!r} is a file; a model is a directory written by DALLE.save_pretrained")
+        raise ModelLoadError(
+            f"{str(path)!r} is a file; a model is a directory written by DALLE.save_pretrained"
+        )
     return path
 
 
@@ -200,14 +214,18 @@ def _check_fits(what: str, num_params: int, dtype: torch.dtype, device: torch.de
     )
 
 
-def _read_safetensors(file: Path, device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+def _read_safetensors(
+    file: Path, device: torch.device, dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     """(tensors, stored float dtype) of a safetensors file, read tensor by tensor from the memory-mapped file
     straight to ``device`` and converted to ``dtype`` (floating-point tensors only; None keeps them)."""
     from safetensors import SafetensorError, safe_open
 
     state, stored = {}, None
     try:
-        with safe_open(str(file), framework="pt", device="cpu" if device.type != "cuda" else str(device)) as f:
+        with safe_open(
+            str(file), framework="pt", device="cpu" if device.type != "cuda" else str(device)
+        ) as f:
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.is_floating_point():
@@ -254,7 +272,9 @@ def _load_image_tokenizer(path: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"weights in {path / f'{key}.safetensors'} do not fit config.json: {exc}") from exc
+            raise ModelLoadError(
+                f"weights in {path / f'{key}.safetensors'} do not fit config.json: {exc}"
+            ) from exc
         halves.append(module)
     return halves[0], halves[1]
 
@@ -324,8 +344,10 @@ class DALLE:
         self.architecture = "rudalle" if isinstance(transformer, RuDalleTransformer) else "dalle"
         self.image_tokenizer = "dvae" if getattr(encoder, "kind", None) != "vqgan-encoder" else "vqgan"
         if self.architecture == "rudalle" and not isinstance(tokenizer, RuDalleTokenizer):
-            raise ConfigError(f"a RuDalleTransformer reads captions encoded by RuDalleTokenizer ([2] + ids + [3], "
-                              f"0-padded), got a {type(tokenizer).__name__}; wrap the BPE model with RuDalleTokenizer")
+            raise ConfigError(
+                f"a RuDalleTransformer reads captions encoded by RuDalleTokenizer ([2] + ids + [3], "
+                f"0-padded), got a {type(tokenizer).__name__}; wrap the BPE model with RuDalleTokenizer"
+            )
         factor = int(getattr(encoder, "factor", 8))  # pixels per token side of the encoder's input
         if image_size % factor or image_size // factor != grid:
             raise ConfigError(
@@ -425,7 +447,10 @@ class DALLE:
 
                 rcfg = RuDalleConfig.from_dict(cfg["transformer"])
                 transformer, stored = _load_rudalle_transformer(
-                    path / "transformer.safetensors", rcfg, dev, dtype if dev.type == "cuda" else torch.float32,
+                    path / "transformer.safetensors",
+                    rcfg,
+                    dev,
+                    dtype if dev.type == "cuda" else torch.float32,
                     str(cfg.get("name", path.name)),
                 )
                 tokenizer: Any = RuDalleTokenizer.load(path / "tokenizer.model")
@@ -460,10 +485,15 @@ class DALLE:
         """The ``config.json`` content of this model (a dalle model with a dVAE writes no
         ``architecture`` / ``image_tokenizer`` keys, so older dalle versions read it too)."""
         return model_config(
-            name=self.name, image_size=self.image_size, text_len=self.text_len,
+            name=self.name,
+            image_size=self.image_size,
+            text_len=self.text_len,
             trained_with_caption_dropout=self.trained_with_caption_dropout,
-            transformer=self.transformer.config.to_dict(), encoder=self.encoder.config(),
-            decoder=self.decoder.config(), architecture=self.architecture, image_tokenizer=self.image_tokenizer,
+            transformer=self.transformer.config.to_dict(),
+            encoder=self.encoder.config(),
+            decoder=self.decoder.config(),
+            architecture=self.architecture,
+            image_tokenizer=self.image_tokenizer,
             sampling=self.sampling,
         )
 
@@ -479,7 +509,11 @@ class DALLE:
         )
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], weights_dtype: torch.dtype | None = None, *, overwrite: bool = False
+        self,
+        directory: str | os.PathLike[str],
+        weights_dtype: torch.dtype | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Path:
         """Write the model directory (config, safetensors weights, tokenizer); each file is replaced atomically,
         ``config.json`` last.
@@ -500,8 +534,15 @@ class DALLE:
             )
         if weights_dtype is None and self.architecture == "rudalle":
             weights_dtype = self.weights_dtype  # the stored dtype, not the one computed in
-        return write_model_files(path, self.config(), encoder=self.encoder, decoder=self.decoder,
-                                 transformer=self.transformer, tokenizer=self.tokenizer, weights_dtype=weights_dtype)
+        return write_model_files(
+            path,
+            self.config(),
+            encoder=self.encoder,
+            decoder=self.decoder,
+            transformer=self.transformer,
+            tokenizer=self.tokenizer,
+            weights_dtype=weights_dtype,
+        )
 
     # ------------------------------------------------------------------ helpers
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -516,14 +557,19 @@ class DALLE:
             if not issubclass(w.category, TruncationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if any(issubclass(w.category, TruncationWarning) for w in caught):
-            lengths = [len(row) for row in cast("BPETokenizer", self.tokenizer).encode_ids(list(prompts))] if hasattr(
-                self.tokenizer, "encode_ids") else []
+            lengths = (
+                [len(row) for row in cast("BPETokenizer", self.tokenizer).encode_ids(list(prompts))]
+                if hasattr(self.tokenizer, "encode_ids")
+                else []
+            )
             long = [p for p, n in zip(prompts, lengths) if n > self.text_len] or list(prompts)
             warnings.warn(
                 f"prompt {long[0]!r}{f' (and {len(long) - 1} more)' if len(long) > 1 else ''} is longer than the "
                 f"{self.text_len} tokens model {self.name!r} reads: only its first {self.text_len} tokens are used; "
                 "shorten the prompt to control what is dropped",
-                TruncationWarning, stacklevel=3)
+                TruncationWarning,
+                stacklevel=3,
+            )
         return ids.to(self.device)
 
     @torch.inference_mode()
@@ -533,8 +579,10 @@ class DALLE:
 
         cells = self.grid * self.grid
         if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
-            raise ConfigError(f"tokens must be an integer tensor of image token ids, got {type(tokens).__name__}"
-                              + (f" of {tokens.dtype}" if isinstance(tokens, torch.Tensor) else ""))
+            raise ConfigError(
+                f"tokens must be an integer tensor of image token ids, got {type(tokens).__name__}"
+                + (f" of {tokens.dtype}" if isinstance(tokens, torch.Tensor) else "")
+            )
         if tokens.numel() == 0 or tokens.numel() % cells:
             raise ConfigError(
                 f"tokens of shape {tuple(tokens.shape)} are not image token grids of this model: expected "
@@ -543,7 +591,9 @@ class DALLE:
         tokens = tokens.reshape(-1, self.grid, self.grid)
         vocab = self.decoder.vocab_size
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-            raise ConfigError(f"image token ids must lie in [0, {vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+            raise ConfigError(
+                f"image token ids must lie in [0, {vocab}), got {int(tokens.min())}..{int(tokens.max())}"
+            )
         bs = batch_size or self._default_batch_size()
         images: list[Image.Image] = []
         for i in range(0, len(tokens), bs):
@@ -572,7 +622,9 @@ class DALLE:
         return self.architecture != "rudalle"
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], tokens: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[str], tokens: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
         """The built-in rerank score of each grid given its prompt: the mean log-likelihood per image token
         (higher is better) for dalle models; for ruDALL-E models rudalle's own score, the perplexity of
         ``generate_images`` (:func:`dalle.rudalle.rerank_scores`; lower is better, see
@@ -609,8 +661,14 @@ class DALLE:
         return batch_size_for_memory(free, kv_cache_bytes(self.transformer.config, self.dtype))
 
     def _sampling(
-        self, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None,
-        batch_size: int | None = None, sampler: str | None = None, filter: str | None = None,
+        self,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        guidance_scale: float | None,
+        batch_size: int | None = None,
+        sampler: str | None = None,
+        filter: str | None = None,
     ) -> dict[str, Any]:
         """Validate the sampling arguments and return the keyword arguments of :func:`dalle.sampling.sample`:
         None takes the model's default (:attr:`sampling`); ``top_k=0`` and ``top_p=1`` switch a filter off."""
@@ -621,14 +679,18 @@ class DALLE:
         if not (isinstance(temperature, (int, float)) and temperature >= 0):
             raise ConfigError(f"temperature must be a number >= 0 (0: greedy decoding), got {temperature!r}")
         if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
-            raise ConfigError(f"top_k must be an integer >= 0 (0: off) or None (the model's default), got {top_k!r}")
+            raise ConfigError(
+                f"top_k must be an integer >= 0 (0: off) or None (the model's default), got {top_k!r}"
+            )
         if top_p is not None and not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1: off), got {top_p}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)} or None, got {sampler!r}")
         if filter is not None and filter not in FILTERS:
             raise ConfigError(f"filter must be one of {', '.join(FILTERS)} or None, got {filter!r}")
-        if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale > 0):
+        if guidance_scale is not None and not (
+            isinstance(guidance_scale, (int, float)) and guidance_scale > 0
+        ):
             raise ConfigError(f"guidance_scale must be a number > 0 or None, got {guidance_scale!r}")
         if guidance_scale is not None and not self.trained_with_caption_dropout:
             raise ConfigError(
@@ -673,17 +735,23 @@ class DALLE:
         for prompt in dict.fromkeys(p for p, e in zip(prompts, empty) if e):
             what = "is empty" if not prompt.strip() else "holds no character the tokenizer knows"
             mode = (
-                "an unconditional sample" if self.trained_with_caption_dropout
+                "an unconditional sample"
+                if self.trained_with_caption_dropout
                 else "arbitrary images (this model was not trained with empty captions)"
             )
-            warnings.warn(f"prompt {prompt!r} {what}, so the model produces {mode}", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"prompt {prompt!r} {what}, so the model produces {mode}", UserWarning, stacklevel=4
+            )
         for prompt in dict.fromkeys(prompts):
             words = self.unfamiliar_words(prompt)
             if words:
                 warnings.warn(
                     f"prompt {prompt!r}: the tokenizer spells out {', '.join(repr(w) for w in words)} piece by piece, "
                     f"so the model most likely never saw {'this word' if len(words) == 1 else 'these words'} in "
-                    "training and will not draw what it means", UserWarning, stacklevel=4)
+                    "training and will not draw what it means",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     def _sample_rows(
         self,
@@ -711,8 +779,14 @@ class DALLE:
                 given = None if prompt_tokens is None else prompt_tokens[i : i + bs].to(self.device)
                 with _out_of_memory_as_error("sampling", len(gens), self.device):
                     out = sample(
-                        self.transformer, text, generator=gens, callback=callback, progress=progress,
-                        prompt_tokens=given, prompt_mask=prompt_mask if given is not None else None, **sampling,
+                        self.transformer,
+                        text,
+                        generator=gens,
+                        callback=callback,
+                        progress=progress,
+                        prompt_tokens=given,
+                        prompt_mask=prompt_mask if given is not None else None,
+                        **sampling,
                     )
                 grids.append(out.reshape(-1, self.grid, self.grid).cpu())
         finally:
@@ -789,7 +863,9 @@ class DALLE:
         )
         scores = None
         if rerank is not None:
-            tokens, seeds, scores = self._rerank(prompt_list, tokens, seeds, candidates, num_images, scorer, batch_size)
+            tokens, seeds, scores = self._rerank(
+                prompt_list, tokens, seeds, candidates, num_images, scorer, batch_size
+            )
         images = self.decode_tokens(tokens, batch_size)
         if return_tokens:
             kept_prompts = [p for p in prompt_list for _ in range(num_images)]
@@ -814,10 +890,16 @@ class DALLE:
             if scorer is None:
                 s = self.score([prompt] * candidates, cand, batch_size)
             else:
-                s = torch.as_tensor(scorer(prompt, self.decode_tokens(cand, batch_size)), dtype=torch.float32).flatten().cpu()
+                s = (
+                    torch.as_tensor(scorer(prompt, self.decode_tokens(cand, batch_size)), dtype=torch.float32)
+                    .flatten()
+                    .cpu()
+                )
                 if s.numel() != candidates:
                     raise ConfigError(f"scorer returned {s.numel()} scores for {candidates} images")
-            order = torch.argsort(s, descending=scorer is not None or self.higher_score_is_better, stable=True)[:keep]
+            order = torch.argsort(
+                s, descending=scorer is not None or self.higher_score_is_better, stable=True
+            )[:keep]
             kept_tokens.append(cand[order])
             kept_seeds.extend(seeds[j * candidates + int(i)] for i in order)
             kept_scores.append(s[order])
@@ -867,9 +949,15 @@ class DALLE:
                 raise ConfigError(f"rows must be an integer between 0 and {self.grid}, got {rows!r}")
             keep = torch.zeros(self.grid, self.grid, dtype=torch.bool)
             keep[:rows] = True
-        if not (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.shape == (self.grid, self.grid)):
-            raise ConfigError(f"keep must be a bool tensor [{self.grid}, {self.grid}] of kept token cells, got "
-                              f"{getattr(keep, 'dtype', type(keep).__name__)} of shape {tuple(getattr(keep, 'shape', ()))}")
+        if not (
+            isinstance(keep, torch.Tensor)
+            and keep.dtype == torch.bool
+            and keep.shape == (self.grid, self.grid)
+        ):
+            raise ConfigError(
+                f"keep must be a bool tensor [{self.grid}, {self.grid}] of kept token cells, got "
+                f"{getattr(keep, 'dtype', type(keep).__name__)} of shape {tuple(getattr(keep, 'shape', ()))}"
+            )
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
         settings = self._sampling(temperature, top_k, top_p, guidance_scale, batch_size, sampler, filter)
@@ -942,8 +1030,20 @@ def generate(
 
 
 __all__ = [
-    "DALLE", "GenerationOutput", "generate", "load_default", "describe_model", "resolve_model", "REGISTRY",
-    "border_mask", "convert_rudalle", "download_rudalle", "ensure_rudalle_model", "default_dtype",
+    "DALLE",
+    "GenerationOutput",
+    "generate",
+    "load_default",
+    "describe_model",
+    "resolve_model",
+    "REGISTRY",
+    "border_mask",
+    "convert_rudalle",
+    "download_rudalle",
+    "ensure_rudalle_model",
+    "default_dtype",
     # the model-directory format (dalle.model_dir), importable from here as before
-    "ARCHITECTURES", "FORMAT_VERSION", "IMAGE_TOKENIZERS",
+    "ARCHITECTURES",
+    "FORMAT_VERSION",
+    "IMAGE_TOKENIZERS",
 ]

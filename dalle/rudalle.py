@@ -88,8 +88,14 @@ BOS_ID, EOS_ID, UNK_ID, PAD_ID = 2, 3, 1, 0
 MaskFn = Callable[[torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 _COMMON = dict(
-    embedding_dropout_prob=0.1, output_dropout_prob=0.1, attention_dropout_prob=0.1, image_tokens_per_dim=32,
-    text_seq_length=128, cogview_sandwich_layernorm=True, cogview_pb_relax=True, vocab_size=16384 + 128,
+    embedding_dropout_prob=0.1,
+    output_dropout_prob=0.1,
+    attention_dropout_prob=0.1,
+    image_tokens_per_dim=32,
+    text_seq_length=128,
+    cogview_sandwich_layernorm=True,
+    cogview_pb_relax=True,
+    vocab_size=16384 + 128,
     image_vocab_size=8192,
 )
 #: rudalle 1.1.3's MODELS hyper-parameters (``model_params`` and ``hf_version``), by our preset name
@@ -97,14 +103,21 @@ RUDALLE_MODELS: dict[str, dict[str, Any]] = {
     "malevich": dict(hf_version="v3", num_layers=24, hidden_size=2048, num_attention_heads=16, **_COMMON),
     "malevich-v2": dict(hf_version="v2", num_layers=24, hidden_size=2048, num_attention_heads=16, **_COMMON),
     "emojich": dict(hf_version="v2", num_layers=24, hidden_size=2048, num_attention_heads=16, **_COMMON),
-    "surrealist-xl": dict(hf_version="v3", num_layers=24, hidden_size=2048, num_attention_heads=16, **_COMMON),
+    "surrealist-xl": dict(
+        hf_version="v3", num_layers=24, hidden_size=2048, num_attention_heads=16, **_COMMON
+    ),
     "kandinsky": dict(hf_version="v3", num_layers=64, hidden_size=3840, num_attention_heads=60, **_COMMON),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(RUDALLE_MODELS)
 
 #: a middle setting of the (top_k, top_p) list rudalle's README samples Malevich with; the released models'
 #: default sampling in dalle (``DALLE.generate`` uses it when top_k / top_p are not given)
-RUDALLE_SAMPLING: dict[str, Any] = {"top_k": 1024, "top_p": 0.99, "sampler": "multinomial", "filter": "rudalle"}
+RUDALLE_SAMPLING: dict[str, Any] = {
+    "top_k": 1024,
+    "top_p": 0.99,
+    "sampler": "multinomial",
+    "filter": "rudalle",
+}
 #: Hub repositories of the files every released model shares (rudalle 1.1.3's get_vae / get_tokenizer)
 RUDALLE_UTILS_REPOS: tuple[str, ...] = ("shonenkov/rudalle-utils",)
 RUDALLE_VQGAN_FILE = "vqgan.gumbelf8-sber.model.ckpt"
@@ -112,15 +125,31 @@ RUDALLE_BPE_FILE = "bpe.model"
 #: dalle's registered names of the released models: preset, Hub repositories (rudalle 1.1.3's repo id first,
 #: then the name the organisation was renamed to) and the transformer's file name
 RUDALLE_HUB: dict[str, dict[str, Any]] = {
-    "rudalle-malevich": {"preset": "malevich", "filename": "pytorch_model_v3.bin",
-                         "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich")},
-    "rudalle-malevich-v2": {"preset": "malevich-v2", "filename": "pytorch_model_v2.bin",
-                            "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich")},
-    "rudalle-emojich": {"preset": "emojich", "filename": "pytorch_model.bin",
-                        "repos": ("sberbank-ai/rudalle-Emojich", "ai-forever/rudalle-Emojich")},
-    "rudalle-surrealist-xl": {"preset": "surrealist-xl", "filename": "pytorch_model.bin",
-                              "repos": ("shonenkov-AI/rudalle-xl-surrealist",)},
-    "rudalle-kandinsky": {"preset": "kandinsky", "filename": "pytorch_model.bin", "repos": ("shonenkov-AI/Kandinsky",)},
+    "rudalle-malevich": {
+        "preset": "malevich",
+        "filename": "pytorch_model_v3.bin",
+        "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich"),
+    },
+    "rudalle-malevich-v2": {
+        "preset": "malevich-v2",
+        "filename": "pytorch_model_v2.bin",
+        "repos": ("sberbank-ai/rudalle-Malevich", "ai-forever/rudalle-Malevich"),
+    },
+    "rudalle-emojich": {
+        "preset": "emojich",
+        "filename": "pytorch_model.bin",
+        "repos": ("sberbank-ai/rudalle-Emojich", "ai-forever/rudalle-Emojich"),
+    },
+    "rudalle-surrealist-xl": {
+        "preset": "surrealist-xl",
+        "filename": "pytorch_model.bin",
+        "repos": ("shonenkov-AI/rudalle-xl-surrealist",),
+    },
+    "rudalle-kandinsky": {
+        "preset": "kandinsky",
+        "filename": "pytorch_model.bin",
+        "repos": ("shonenkov-AI/Kandinsky",),
+    },
 }
 
 
@@ -161,7 +190,15 @@ class RuDalleConfig:
             raise ConfigError(f"RuDalleConfig.version must be one of {VERSIONS}, got {self.version!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"RuDalleConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "depth", "heads", "head_dim"):
+        for name in (
+            "text_vocab_size",
+            "text_len",
+            "image_vocab_size",
+            "image_grid",
+            "depth",
+            "heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"RuDalleConfig.{name} must be a positive integer, got {value!r}")
@@ -171,7 +208,9 @@ class RuDalleConfig:
                 "its last text_len ids are the per-position pad tokens"
             )
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
-            raise ConfigError(f"RuDalleConfig.conv_kernel must be a positive odd integer, got {self.conv_kernel}")
+            raise ConfigError(
+                f"RuDalleConfig.conv_kernel must be a positive odd integer, got {self.conv_kernel}"
+            )
         for name in ("attention_dropout", "output_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"RuDalleConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -213,7 +252,8 @@ class RuDalleConfig:
     def layer_types(self) -> list[str]:
         """Mask of every layer: ``column`` if (l-1) % 4 == 0, else ``row``, the last layer ``conv``."""
         return [
-            "column" if (i - 1) % 4 == 0 else ("row" if i != self.depth - 1 else "conv") for i in range(self.depth)
+            "column" if (i - 1) % 4 == 0 else ("row" if i != self.depth - 1 else "conv")
+            for i in range(self.depth)
         ]
 
     # construction -------------------------------------------------------------------------------------
@@ -233,12 +273,19 @@ class RuDalleConfig:
             p.pop(unused, None)
         activation = p.pop("mlp_activation", "gelu_jit")
         if activation not in ("gelu", "gelu_jit"):
-            raise ConfigError(f"mlp_activation={activation!r} is not supported (rudalle's are gelu / gelu_jit)")
+            raise ConfigError(
+                f"mlp_activation={activation!r} is not supported (rudalle's are gelu / gelu_jit)"
+            )
         renames = {
-            "num_layers": "depth", "vocab_size": "text_vocab_size", "text_seq_length": "text_len",
-            "image_tokens_per_dim": "image_grid", "cogview_sandwich_layernorm": "sandwich_layernorm",
-            "cogview_pb_relax": "pb_relax", "attention_dropout_prob": "attention_dropout",
-            "output_dropout_prob": "output_dropout", "loss_img_weight": "loss_img_weight",
+            "num_layers": "depth",
+            "vocab_size": "text_vocab_size",
+            "text_seq_length": "text_len",
+            "image_tokens_per_dim": "image_grid",
+            "cogview_sandwich_layernorm": "sandwich_layernorm",
+            "cogview_pb_relax": "pb_relax",
+            "attention_dropout_prob": "attention_dropout",
+            "output_dropout_prob": "output_dropout",
+            "loss_img_weight": "loss_img_weight",
         }
         kwargs = {renames.get(k, k): v for k, v in p.items()}
         return cls(version=hf_version, heads=heads, head_dim=hidden // heads, **kwargs)
@@ -306,7 +353,9 @@ def _decode_table(mask: torch.Tensor) -> DecodeTable:
     length = mask.shape[0]
     width = int(mask.sum(1).max())
     if width * 4 >= length * 3:
-        return DecodeTable(index=torch.arange(length, device=mask.device)[None], valid=mask.clone(), dense=True)
+        return DecodeTable(
+            index=torch.arange(length, device=mask.device)[None], valid=mask.clone(), dense=True
+        )
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     valid = mask.gather(1, order)
     index = torch.where(valid, order, torch.zeros_like(order))
@@ -322,7 +371,11 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, pb_relax: bool = True,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    pb_relax: bool = True,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """The reference's attention arithmetic: q, k, v [B, H, P/K, Dh], ``allowed`` bool [.., P, K].
@@ -346,7 +399,10 @@ def reference_attention(
 
 
 def top_k_top_p_filtering(
-    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, filter_value: float = -float("inf"),
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    filter_value: float = -float("inf"),
     min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """transformers' ``top_k_top_p_filtering`` (the filter rudalle samples with) on logits [B, V]; returns a
@@ -394,7 +450,10 @@ def rudalle_filter_logits(
 
 
 def rudalle_sample_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row [B] long, drawn as rudalle draws it (:func:`rudalle_filter_logits`, softmax,
@@ -460,7 +519,9 @@ class DalleSelfAttention(nn.Module):
         y = self.dense(y.transpose(1, 2).reshape(shape))
         return self.output_dropout(y.clamp(-CLAMP, CLAMP))
 
-    def forward(self, x: torch.Tensor, masks: MaskFn, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, masks: MaskFn, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         """Attention over the first ``x.shape[1]`` slots; ``masks(dtype)`` gives the (bool, additive) masks."""
         q, k, v = self._qkv(x)
         if cache is not None:
@@ -473,7 +534,9 @@ class DalleSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=p)
         return self._out(y, x.shape)
 
-    def step(self, x: torch.Tensor, table: DecodeTable, cache: KVCache, layer: int, slot: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, table: DecodeTable, cache: KVCache, layer: int, slot: torch.Tensor
+    ) -> torch.Tensor:
         """One new slot (x [B, 1, d]) attending over the static cache (gathered keys of ``table``)."""
         q, k, v = self._qkv(x)
         cache.write_one(layer, slot, k, v)
@@ -528,11 +591,15 @@ class DalleTransformerLayer(nn.Module):
             m = self.before_second_addition_layernorm(m)
         return x + m
 
-    def forward(self, x: torch.Tensor, masks: MaskFn, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, masks: MaskFn, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         """Full (or prefix) pass; stores keys/values in ``cache`` when given."""
         return self._finish(x, self.attention(self.input_layernorm(x), masks, cache, layer))
 
-    def step(self, x: torch.Tensor, table: DecodeTable, cache: KVCache, layer: int, slot: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, table: DecodeTable, cache: KVCache, layer: int, slot: torch.Tensor
+    ) -> torch.Tensor:
         """One-slot pass for cached decoding."""
         return self._finish(x, self.attention.step(self.input_layernorm(x), table, cache, layer, slot))
 
@@ -553,8 +620,14 @@ class DalleTransformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         # The reference rebuilds its masks and never loads them: keep ours whether or not a checkpoint has them.
         for name in MASK_NAMES:
@@ -595,7 +668,9 @@ class RuDalleTransformer(nn.Module):
         self._mask_cache: dict[tuple, Any] = {}
         if self.text_embeddings.weight.device.type != "meta":
             for emb in (self.text_pos_embeddings, self.image_row_embeddings, self.image_col_embeddings):
-                nn.init.normal_(emb.weight, std=0.02)  # the reference's init; other modules keep torch defaults
+                nn.init.normal_(
+                    emb.weight, std=0.02
+                )  # the reference's init; other modules keep torch defaults
 
     # --------------------------------------------------------------------------------------------- helpers
     @property
@@ -624,7 +699,11 @@ class RuDalleTransformer(nn.Module):
             return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         if dtype is not None and torch.get_autocast_dtype("cuda") == dtype:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cuda", enabled=False)
+        return (
+            torch.autocast("cuda", dtype=dtype)
+            if dtype is not None
+            else torch.autocast("cuda", enabled=False)
+        )
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RuDalleTransformer:
         self._mask_cache = {}  # masks and decode tables follow the buffers to their new device
@@ -655,11 +734,15 @@ class RuDalleTransformer(nn.Module):
         """Validate text ids [B, t <= text_len] (ids in [0, text_vocab_size)); right-pad with 0 to text_len."""
         return check_text(text, self.config, self.device)
 
-    def _check_image(self, image: torch.Tensor, name: str = "image", max_len: int | None = None) -> torch.Tensor:
+    def _check_image(
+        self, image: torch.Tensor, name: str = "image", max_len: int | None = None
+    ) -> torch.Tensor:
         """Validate image ids [B, n] or [B, rows, grid] (raster order); returns [B, n] long on the device."""
         return check_image(image, self.config, self.device, name, max_len)
 
-    def _pair(self, text: torch.Tensor, image: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, ...]:
+    def _pair(
+        self, text: torch.Tensor, image: torch.Tensor, max_len: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         text, image = self._check_text(text), self._check_image(image, max_len=max_len)
         if image.shape[0] != text.shape[0]:
             raise ConfigError(f"text batch {text.shape[0]} and image batch {image.shape[0]} differ")
@@ -703,7 +786,9 @@ class RuDalleTransformer(nn.Module):
             h = F.layer_norm(h.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
             return F.linear(h, lin.weight[part].float(), lin.bias[part].float())
 
-    def _hidden(self, text: torch.Tensor, image_in: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def _hidden(
+        self, text: torch.Tensor, image_in: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         with self._autocast(self.device):
             return self._trunk(self._embed(text, image_in), cache)
 
@@ -757,7 +842,9 @@ class RuDalleTransformer(nn.Module):
         return loss, {"text": loss_text.detach(), "image": loss_image.detach()}
 
     @torch.no_grad()
-    def image_log_likelihood(self, text: torch.Tensor, image: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def image_log_likelihood(
+        self, text: torch.Tensor, image: torch.Tensor, reduction: str = "sum"
+    ) -> torch.Tensor:
         """log p(image | text) per sample, [B] float32 (``reduction`` ``sum`` or ``mean`` over cells). A text
         batch of 1 is broadcast over the images. See :func:`rerank_scores` for rudalle's own score."""
         if reduction not in ("sum", "mean"):
@@ -851,8 +938,11 @@ class RuDalleTransformer(nn.Module):
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_rudalle_checkpoint(
-        cls, checkpoint: str | os.PathLike[str] | dict[str, torch.Tensor], config: RuDalleConfig | str,
-        device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
+        cls,
+        checkpoint: str | os.PathLike[str] | dict[str, torch.Tensor],
+        config: RuDalleConfig | str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = torch.float32,
     ) -> RuDalleTransformer:
         """Build a model from a rudalle checkpoint (``pytorch_model*.bin`` path, or its state dict) without
         allocating the weights twice. ``config``: a :class:`RuDalleConfig` or preset name. A ``module.``
@@ -866,7 +956,7 @@ class RuDalleTransformer(nn.Module):
             raise ModelLoadError(f"expected a state dict, got {type(checkpoint).__name__}")
         state = dict(checkpoint)
         if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
+            state = {k[len("module.") :]: v for k, v in state.items()}
         target = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
@@ -892,7 +982,7 @@ def read_rudalle_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path} does not hold a state dict (names -> tensors) of a rudalle transformer")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if k.removeprefix("transformer.") not in MASK_NAMES}
 
 
@@ -914,8 +1004,14 @@ def _load_torch_state(path: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def generate_codes(
-    model: RuDalleTransformer, text: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-    prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+    model: RuDalleTransformer,
+    text: torch.Tensor,
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    prompt: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """rudalle's ``generate_images`` token loop on the cached model: image codes [B, image_len].
@@ -946,7 +1042,9 @@ def generate_codes(
         logits = model.prefill(text, tokens[:, :lead])
         for j in range(lead, n):
             if j > lead:
-                logits = model.decode_step(tokens[:, j - 1], torch.tensor(c.text_len + j, device=model.device))
+                logits = model.decode_step(
+                    tokens[:, j - 1], torch.tensor(c.text_len + j, device=model.device)
+                )
             if not mask[j]:
                 tokens[:, j] = rudalle_sample_logits(logits, temperature, top_k, top_p, generator)
     finally:

@@ -68,7 +68,9 @@ def filter_logits(
     return logits
 
 
-def _exponential(shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators) -> torch.Tensor:
+def _exponential(
+    shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators
+) -> torch.Tensor:
     """Exponential(1) draws [B, V] on ``device``; per-row generators make each row independent of the batch."""
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
@@ -85,7 +87,10 @@ def _race(filtered: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def apply_filter(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     filter: str = "dalle",
 ) -> torch.Tensor:
     """Float32 filtered logits [B, V] (removed entries -inf) by the named rule: ``"dalle"``
@@ -105,8 +110,10 @@ def _multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else probs.device
         return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(-1).to(probs.device)
-    rows = [torch.multinomial(p.unsqueeze(0).to(g.device), 1, generator=g).to(probs.device)
-            for p, g in zip(probs, generator)]
+    rows = [
+        torch.multinomial(p.unsqueeze(0).to(g.device), 1, generator=g).to(probs.device)
+        for p, g in zip(probs, generator)
+    ]
     return torch.cat(rows).squeeze(-1)
 
 
@@ -131,7 +138,11 @@ def sample_logits(
 
 
 def _fused_decoder(
-    model: Any, temperature: float, top_k: int | None, top_p: float | None, filter: str,
+    model: Any,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    filter: str,
     guidance_scale: float | None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """For a model whose decoding is compiled: one compiled function (the decode step, guidance, the filter and
@@ -144,9 +155,16 @@ def _fused_decoder(
     if cached is None or cached[0] is not model._compiled_step:
         step = model._step
 
-        def step_and_draw(token: torch.Tensor, position: torch.Tensor, e: torch.Tensor, temperature: float,
-                          top_k: int | None, top_p: float | None, filter: str,
-                          guidance_scale: float | None) -> torch.Tensor:
+        def step_and_draw(
+            token: torch.Tensor,
+            position: torch.Tensor,
+            e: torch.Tensor,
+            temperature: float,
+            top_k: int | None,
+            top_p: float | None,
+            filter: str,
+            guidance_scale: float | None,
+        ) -> torch.Tensor:
             if guidance_scale is not None:
                 logits = step(torch.cat([token, token]), position)
                 cond, unc = logits.chunk(2)
@@ -159,7 +177,9 @@ def _fused_decoder(
         cached = (model._compiled_step, torch.compile(step_and_draw, dynamic=False, **options))
         model._fused_decoder = cached
     fused = cached[1]
-    return lambda token, position, e: fused(token, position, e, temperature, top_k, top_p, filter, guidance_scale)
+    return lambda token, position, e: fused(
+        token, position, e, temperature, top_k, top_p, filter, guidance_scale
+    )
 
 
 def _check_generators(generator: Generators, batch: int) -> Generators:
@@ -174,10 +194,11 @@ def _check_generators(generator: Generators, batch: int) -> Generators:
     return generator
 
 
-
-
 def _forced_cells(
-    model: Any, batch: int, prime: torch.Tensor | None, prompt_tokens: torch.Tensor | None,
+    model: Any,
+    batch: int,
+    prime: torch.Tensor | None,
+    prompt_tokens: torch.Tensor | None,
     prompt_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, N] bool on the CPU, tokens [B, N] long on the model's device) of the cells kept as given:
@@ -206,7 +227,9 @@ def _forced_cells(
             f"token id for every cell, those outside prompt_mask ignored; got shape {tuple(prompt_tokens.shape)}"
         )
     if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool:
-        raise ConfigError(f"prompt_mask must be a bool tensor, got {getattr(prompt_mask, 'dtype', type(prompt_mask))}")
+        raise ConfigError(
+            f"prompt_mask must be a bool tensor, got {getattr(prompt_mask, 'dtype', type(prompt_mask))}"
+        )
     keep = prompt_mask.detach().cpu()
     if keep.shape in ((n,), (c.image_grid, c.image_grid)):
         keep = keep.reshape(1, n)

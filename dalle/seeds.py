@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-
     pass
+
 
 def derive_seed(*keys: Any) -> int:
     """A stable 63-bit seed from any tuple of ints/strings (same on every machine and Python run)."""

@@ -202,7 +202,9 @@ def _validate_model(data: bytes, source: str) -> _ModelInfo:
     specials = nums[-_N_SPECIAL:]  # unk pad bos eos
     unk_id, pad_id, _, _ = specials
     if pad_id != PAD_ID:
-        raise bad(f"pad id is {pad_id}, but dalle needs it to be {PAD_ID} (the transformer treats 0 as padding)")
+        raise bad(
+            f"pad id is {pad_id}, but dalle needs it to be {PAD_ID} (the transformer treats 0 as padding)"
+        )
     if len(set(specials)) != _N_SPECIAL or not all(0 <= s < vocab_size for s in specials):
         raise bad(f"special ids {specials} are not distinct ids below the vocabulary size {vocab_size}")
 
@@ -307,7 +309,11 @@ class BPETokenizer:
         """
         if not isinstance(model, (bytes, bytearray)):
             raise TypeError(f"BPETokenizer() expects the model file's bytes, got {type(model).__name__}")
-        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not (n_threads == -1 or n_threads >= 1):
+        if (
+            isinstance(n_threads, bool)
+            or not isinstance(n_threads, int)
+            or not (n_threads == -1 or n_threads >= 1)
+        ):
             # youtokentome silently returns empty encodings for 0 threads
             raise TokenizerError(f"n_threads must be -1 (every core) or a positive int, got {n_threads!r}")
         model = bytes(model)
@@ -525,7 +531,9 @@ class BPETokenizer:
             except TypeError:
                 seeds = None
             if seeds is None or len(seeds) != len(normalized):
-                raise TokenizerError(f"seeds must be {len(normalized)} ints, one per caption, got {given!r:.80}")
+                raise TokenizerError(
+                    f"seeds must be {len(normalized)} ints, one per caption, got {given!r:.80}"
+                )
         if dropout > 0.0 and seeds is not None:
             py = self._python_bpe()
             return [
@@ -637,7 +645,9 @@ class BPETokenizer:
         return {"model": self._model, "n_threads": self._n_threads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        type(self).__init__(self, state["model"], n_threads=state["n_threads"], source="unpickled tokenizer model")
+        type(self).__init__(
+            self, state["model"], n_threads=state["n_threads"], source="unpickled tokenizer model"
+        )
 
     def __repr__(self) -> str:
         info = self._info
@@ -650,7 +660,9 @@ def _iter_training_texts(texts_or_path: Any) -> Iterator[str]:
         path = Path(texts_or_path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "not found"
-            raise TokenizerError(f"training text file {what}: {path} (expected UTF-8 text, one caption a line)")
+            raise TokenizerError(
+                f"training text file {what}: {path} (expected UTF-8 text, one caption a line)"
+            )
         try:
             with open(path, encoding="utf-8") as f:
                 yield from f
@@ -660,7 +672,9 @@ def _iter_training_texts(texts_or_path: Any) -> Iterator[str]:
             raise TokenizerError(f"cannot read training text file {path}: {exc.strerror or exc}") from exc
         return
     if isinstance(texts_or_path, (bytes, bytearray)) or not isinstance(texts_or_path, Iterable):
-        raise TypeError(f"train() expects captions (an iterable of str) or a file path, got {type(texts_or_path).__name__}")
+        raise TypeError(
+            f"train() expects captions (an iterable of str) or a file path, got {type(texts_or_path).__name__}"
+        )
     for i, text in enumerate(texts_or_path):
         if not isinstance(text, str):
             raise TypeError(f"train(): caption at position {i} is {type(text).__name__}, expected str")
@@ -733,7 +747,10 @@ def _learn_bpe(
     removed = 0
     kept_from = 0
     # drop the rarest characters while what is left still covers more than `coverage` of the text
-    while kept_from < len(by_rarity) and total_chars - removed - by_rarity[kept_from][1] > total_chars * coverage:
+    while (
+        kept_from < len(by_rarity)
+        and total_chars - removed - by_rarity[kept_from][1] > total_chars * coverage
+    ):
         removed += by_rarity[kept_from][1]
         kept_from += 1
     alphabet = [ch for ch, _ in reversed(by_rarity[kept_from:])]
@@ -824,8 +841,15 @@ def _learn_bpe_yttm(
         try:
             with _stderr_to_void(not verbose):
                 yttm.BPE.train(
-                    data=data_path, model=model_path, vocab_size=vocab_size, coverage=coverage,
-                    n_threads=n_threads, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                    data=data_path,
+                    model=model_path,
+                    vocab_size=vocab_size,
+                    coverage=coverage,
+                    n_threads=n_threads,
+                    pad_id=PAD_ID,
+                    unk_id=UNK_ID,
+                    bos_id=BOS_ID,
+                    eos_id=EOS_ID,
                 )
         except ValueError as exc:
             raise TokenizerError(f"youtokentome refused to train: {exc}") from exc

@@ -52,11 +52,23 @@ from dalle.errors import ConfigError, ModelLoadError
 _PRESETS: dict[str, dict[str, Any]] = {
     # Ramesh et al. 2021: 64 layers, 62 heads of 64 (d_model 3968), about 12 billion parameters.
     "paper": dict(
-        text_vocab_size=16384, text_len=256, image_vocab_size=8192, image_grid=32, depth=64, heads=62, head_dim=64
+        text_vocab_size=16384,
+        text_len=256,
+        image_vocab_size=8192,
+        image_grid=32,
+        depth=64,
+        heads=62,
+        head_dim=64,
     ),
     # GPT-2 small sized: 12 layers, d_model 768, 12 heads.
     "small": dict(
-        text_vocab_size=16384, text_len=256, image_vocab_size=8192, image_grid=32, depth=12, heads=12, head_dim=64
+        text_vocab_size=16384,
+        text_len=256,
+        image_vocab_size=8192,
+        image_grid=32,
+        depth=12,
+        heads=12,
+        head_dim=64,
     ),
     # For tests: 4 layers (row, column, row, conv), d_model 64, a 6x6 grid.
     "tiny": dict(
@@ -99,13 +111,23 @@ class TransformerConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried through save/load
 
     def __post_init__(self) -> None:
-        for name in ("text_vocab_size", "text_len", "image_vocab_size", "image_grid", "depth", "heads",
-                     "head_dim", "mlp_ratio"):
+        for name in (
+            "text_vocab_size",
+            "text_len",
+            "image_vocab_size",
+            "image_grid",
+            "depth",
+            "heads",
+            "head_dim",
+            "mlp_ratio",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
-            raise ConfigError(f"TransformerConfig.conv_kernel must be a positive odd integer, got {self.conv_kernel}")
+            raise ConfigError(
+                f"TransformerConfig.conv_kernel must be a positive odd integer, got {self.conv_kernel}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.text_pad_id < self.text_vocab_size:
@@ -114,7 +136,9 @@ class TransformerConfig:
                 f"(size {self.text_vocab_size})"
             )
         if self.attn_backend not in BACKENDS:
-            raise ConfigError(f"TransformerConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+            raise ConfigError(
+                f"TransformerConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}"
+            )
         if self.attn_types is not None:
             self.attn_types = list(self.attn_types)
             if len(self.attn_types) != self.depth:
@@ -397,13 +421,19 @@ class DALLETransformer(nn.Module):
             return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         if dtype is not None and torch.get_autocast_dtype("cuda") == dtype:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cuda", enabled=False)
+        return (
+            torch.autocast("cuda", dtype=dtype)
+            if dtype is not None
+            else torch.autocast("cuda", enabled=False)
+        )
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         """Validate text ids [B, t<=text_len]; right-pad with the pad id to text_len (documented rule)."""
         return check_text(text, self.config, self.device)
 
-    def _check_image(self, image: torch.Tensor, name: str = "image", max_len: int | None = None) -> torch.Tensor:
+    def _check_image(
+        self, image: torch.Tensor, name: str = "image", max_len: int | None = None
+    ) -> torch.Tensor:
         """Validate image ids [B, n] or [B, rows, grid]; returns [B, n] long on the model's device."""
         return check_image(image, self.config, self.device, name, max_len)
 
@@ -472,15 +502,20 @@ class DALLETransformer(nn.Module):
         # a sum over the counted targets divided by their number (at least 1): 0 when nothing is left to predict
         # (text_len == 1 or every target an ignored pad), decided without reading a value back from the device
         counted = (targets != -100).sum().clamp_min(1)
-        loss_text = F.cross_entropy(
-            text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ) / counted
+        loss_text = (
+            F.cross_entropy(
+                text_logits.reshape(-1, text_logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            / counted
+        )
         loss_image = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image.reshape(-1))
         loss = c.text_loss_weight * loss_text + c.image_loss_weight * loss_image
         return loss, {"text": loss_text.detach(), "image": loss_image.detach()}
 
     @torch.no_grad()
-    def image_log_likelihood(self, text: torch.Tensor, image: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    def image_log_likelihood(
+        self, text: torch.Tensor, image: torch.Tensor, reduction: str = "sum"
+    ) -> torch.Tensor:
         """log p(image | text) per sample, [B] float32 (``reduction`` ``sum`` or ``mean`` over tokens), for
         reranking. A text batch of 1 is broadcast over the images. Runs without gradients."""
         if reduction not in ("sum", "mean"):

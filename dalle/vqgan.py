@@ -62,13 +62,31 @@ __all__ = [
 QUANTIZERS = ("gumbel", "vq")
 
 _DDCONFIG_KEYS = (
-    "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "double_z", "in_channels", "out_ch",
-    "resolution", "dropout", "resamp_with_conv",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "z_channels",
+    "double_z",
+    "in_channels",
+    "out_ch",
+    "resolution",
+    "dropout",
+    "resamp_with_conv",
 )
 
 _TAMING_F16 = {
-    "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "z_channels": 256,
-    "double_z": False, "in_channels": 3, "out_ch": 3, "resolution": 256, "dropout": 0.0, "embed_dim": 256,
+    "ch": 128,
+    "ch_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [16],
+    "z_channels": 256,
+    "double_z": False,
+    "in_channels": 3,
+    "out_ch": 3,
+    "resolution": 256,
+    "dropout": 0.0,
+    "embed_dim": 256,
     "quantizer": "vq",
 }
 
@@ -76,9 +94,19 @@ _TAMING_F16 = {
 PRESETS: dict[str, dict[str, Any]] = {
     # ruDALL-E's image tokenizer (rudalle/vae/vqgan.gumbelf8-sber.config.yml): 256 px -> 32x32 of 8192 codes
     "sber-gumbel-f8": {
-        "ch": 128, "ch_mult": [1, 1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [32], "z_channels": 256,
-        "double_z": False, "in_channels": 3, "out_ch": 3, "resolution": 256, "dropout": 0.0,
-        "n_embed": 8192, "embed_dim": 256, "quantizer": "gumbel",
+        "ch": 128,
+        "ch_mult": [1, 1, 2, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [32],
+        "z_channels": 256,
+        "double_z": False,
+        "in_channels": 3,
+        "out_ch": 3,
+        "resolution": 256,
+        "dropout": 0.0,
+        "n_embed": 8192,
+        "embed_dim": 256,
+        "quantizer": "gumbel",
     },
     # taming-transformers' ImageNet VQGANs (configs/imagenet_vqgan*.yaml): 256 px -> 16x16 tokens
     "taming-f16-1024": {**_TAMING_F16, "n_embed": 1024},
@@ -122,9 +150,12 @@ def _groupnorm(channels: int, device: Any) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True, device=device)
 
 
-def _conv(n_in: int, n_out: int, k: int, device: Any, stride: int = 1, padding: int | None = None) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, k, stride=stride, padding=(k - 1) // 2 if padding is None else padding,
-                     device=device)
+def _conv(
+    n_in: int, n_out: int, k: int, device: Any, stride: int = 1, padding: int | None = None
+) -> nn.Conv2d:
+    return nn.Conv2d(
+        n_in, n_out, k, stride=stride, padding=(k - 1) // 2 if padding is None else padding, device=device
+    )
 
 
 # ------------------------------------------------------------------------------------------------- layers
@@ -210,8 +241,9 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution of the encoder (``down.{i}``) or decoder (``up.{i}``): resblocks, attention, resampling."""
 
-    def __init__(self, blocks: list[ResnetBlock], attn: list[AttnBlock], resample: nn.Module | None,
-                 resample_name: str) -> None:
+    def __init__(
+        self, blocks: list[ResnetBlock], attn: list[AttnBlock], resample: nn.Module | None, resample_name: str
+    ) -> None:
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attn)
@@ -249,9 +281,21 @@ class TamingEncoder(nn.Module):
     ``attn_resolutions``; the nominal size fixes the architecture only, any multiple of f can be encoded.
     """
 
-    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 z_channels: int, in_channels: int, resolution: int, dropout: float = 0.0,
-                 resamp_with_conv: bool = True, double_z: bool = False, device: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        z_channels: int,
+        in_channels: int,
+        resolution: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        double_z: bool = False,
+        device: Any = None,
+    ) -> None:
         super().__init__()
         levels = len(ch_mult)
         widths = [ch * m for m in ch_mult]
@@ -266,8 +310,11 @@ class TamingEncoder(nn.Module):
                 if res in attn_resolutions:
                     attn.append(AttnBlock(width, device))
             last = i == levels - 1
-            self.down.append(_Level(blocks, attn, None if last else Downsample(width, resamp_with_conv, device),
-                                    "downsample"))
+            self.down.append(
+                _Level(
+                    blocks, attn, None if last else Downsample(width, resamp_with_conv, device), "downsample"
+                )
+            )
             if not last:
                 res //= 2
         self.mid = _Mid(width_in, dropout, device)
@@ -285,9 +332,20 @@ class TamingEncoder(nn.Module):
 class TamingDecoder(nn.Module):
     """taming's ``Decoder``: [B, z_channels, h, w] -> [B, out_ch, h*f, w*f] (roughly [-1, 1])."""
 
-    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 z_channels: int, out_ch: int, resolution: int, dropout: float = 0.0,
-                 resamp_with_conv: bool = True, device: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        z_channels: int,
+        out_ch: int,
+        resolution: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        device: Any = None,
+    ) -> None:
         super().__init__()
         levels = len(ch_mult)
         width_in = ch * ch_mult[-1]
@@ -305,7 +363,9 @@ class TamingDecoder(nn.Module):
                 width_in = width
                 if res in attn_resolutions:
                     attn.append(AttnBlock(width, device))
-            ups.append(_Level(blocks, attn, Upsample(width, resamp_with_conv, device) if i else None, "upsample"))
+            ups.append(
+                _Level(blocks, attn, Upsample(width, resamp_with_conv, device) if i else None, "upsample")
+            )
             if i:
                 res *= 2
         # up.0 is the full-resolution level, as in taming (which builds bottom-up and prepends)
@@ -458,8 +518,10 @@ class _VQGANModule(nn.Module):
             "embed_dim": _int("embed_dim", cfg["embed_dim"]),
             "quantizer": cfg["quantizer"],
         }
-        if isinstance(arch["dropout"], bool) or not isinstance(arch["dropout"], float) or not (
-            0.0 <= arch["dropout"] < 1.0
+        if (
+            isinstance(arch["dropout"], bool)
+            or not isinstance(arch["dropout"], float)
+            or not (0.0 <= arch["dropout"] < 1.0)
         ):
             raise ConfigError(f"dropout must be a float in [0, 1), got {cfg['dropout']!r}")
         if arch["quantizer"] not in QUANTIZERS:
@@ -488,8 +550,18 @@ class _VQGANModule(nn.Module):
 
     def _taming_kwargs(self) -> dict[str, Any]:
         a = self.arch
-        return {k: a[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "dropout",
-                                  "resamp_with_conv")}
+        return {
+            k: a[k]
+            for k in (
+                "ch",
+                "ch_mult",
+                "num_res_blocks",
+                "attn_resolutions",
+                "resolution",
+                "dropout",
+                "resamp_with_conv",
+            )
+        }
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -543,11 +615,18 @@ class _VQGANModule(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_ddconfig(cls: type[_M], ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
-                      quantizer: str = "gumbel", **kwargs: Any) -> _M:
+    def from_ddconfig(
+        cls: type[_M],
+        ddconfig: Mapping[str, Any],
+        n_embed: int,
+        embed_dim: int,
+        quantizer: str = "gumbel",
+        **kwargs: Any,
+    ) -> _M:
         """Build from a taming ``ddconfig`` (a dict or OmegaConf node) plus ``n_embed``, ``embed_dim``."""
-        return cls(**_ddconfig_kwargs(ddconfig), n_embed=n_embed, embed_dim=embed_dim, quantizer=quantizer,
-                   **kwargs)
+        return cls(
+            **_ddconfig_kwargs(ddconfig), n_embed=n_embed, embed_dim=embed_dim, quantizer=quantizer, **kwargs
+        )
 
 
 def _ddconfig_kwargs(ddconfig: Mapping[str, Any]) -> dict[str, Any]:
@@ -576,18 +655,36 @@ class VQGANEncoder(_VQGANModule):
 
     kind = "vqgan-encoder"
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (32,), z_channels: int = 256, double_z: bool = False,
-                 in_channels: int = 3, out_ch: int = 3, resolution: int = 256, dropout: float = 0.0,
-                 resamp_with_conv: bool = True, n_embed: int = 8192, embed_dim: int = 256,
-                 quantizer: str = "gumbel", device: torch.device | str | None = None,
-                 use_mixed_precision: bool = True, dtype: torch.dtype | str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (32,),
+        z_channels: int = 256,
+        double_z: bool = False,
+        in_channels: int = 3,
+        out_ch: int = 3,
+        resolution: int = 256,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        n_embed: int = 8192,
+        embed_dim: int = 256,
+        quantizer: str = "gumbel",
+        device: torch.device | str | None = None,
+        use_mixed_precision: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
         super().__init__()
         a = self._init_common(dict(locals()), use_mixed_precision, dtype)
-        self.encoder = TamingEncoder(**self._taming_kwargs(), z_channels=a["z_channels"],
-                                     in_channels=a["in_channels"], device=device)
+        self.encoder = TamingEncoder(
+            **self._taming_kwargs(), z_channels=a["z_channels"], in_channels=a["in_channels"], device=device
+        )
         self.quant_conv = _conv(a["z_channels"], a["embed_dim"], 1, device)
-        self.quantize = _EncodeQuantizer(a["quantizer"], a["z_channels"], a["embed_dim"], a["n_embed"], device)
+        self.quantize = _EncodeQuantizer(
+            a["quantizer"], a["z_channels"], a["embed_dim"], a["n_embed"], device
+        )
 
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -646,12 +743,28 @@ class VQGANDecoder(_VQGANModule):
 
     kind = "vqgan-decoder"
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 4), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (32,), z_channels: int = 256, double_z: bool = False,
-                 in_channels: int = 3, out_ch: int = 3, resolution: int = 256, dropout: float = 0.0,
-                 resamp_with_conv: bool = True, n_embed: int = 8192, embed_dim: int = 256,
-                 quantizer: str = "gumbel", dwt: bool = False, device: torch.device | str | None = None,
-                 use_mixed_precision: bool = True, dtype: torch.dtype | str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (32,),
+        z_channels: int = 256,
+        double_z: bool = False,
+        in_channels: int = 3,
+        out_ch: int = 3,
+        resolution: int = 256,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        n_embed: int = 8192,
+        embed_dim: int = 256,
+        quantizer: str = "gumbel",
+        dwt: bool = False,
+        device: torch.device | str | None = None,
+        use_mixed_precision: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
         super().__init__()
         a = self._init_common(dict(locals()), use_mixed_precision, dtype)
         self.dwt = _bool("dwt", dwt)
@@ -661,12 +774,14 @@ class VQGANDecoder(_VQGANModule):
         self.decoder: nn.Module
         if dwt:
             # ruDALL-E keeps this decoder's own post_quant_conv inside it (decoder.post_quant_conv)
-            self.decoder = DWTDecoder(embed_dim=a["embed_dim"], z_channels=a["z_channels"], device=device,
-                                      **self._taming_kwargs())
+            self.decoder = DWTDecoder(
+                embed_dim=a["embed_dim"], z_channels=a["z_channels"], device=device, **self._taming_kwargs()
+            )
         else:
             self.post_quant_conv = _conv(a["embed_dim"], a["z_channels"], 1, device)
-            self.decoder = TamingDecoder(**self._taming_kwargs(), z_channels=a["z_channels"], out_ch=a["out_ch"],
-                                         device=device)
+            self.decoder = TamingDecoder(
+                **self._taming_kwargs(), z_channels=a["z_channels"], out_ch=a["out_ch"], device=device
+            )
         #: output pixels per token side
         self.output_factor: int = self.factor * (2 if dwt else 1)
 
@@ -747,7 +862,7 @@ def _level_indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     found = set()
     for k in sd:
         if k.startswith(prefix):
-            head = k[len(prefix):].split(".", 1)[0]
+            head = k[len(prefix) :].split(".", 1)[0]
             if head.isdigit():
                 found.add(int(head))
     return sorted(found)
@@ -779,16 +894,29 @@ def infer_vqgan_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
     except KeyError as exc:
         raise ModelLoadError(f"not a taming VQGAN state dict: missing {exc.args[0]!r}") from None
     if not levels or levels != list(range(len(levels))):
-        raise ModelLoadError("not a taming VQGAN state dict: encoder.down levels are missing or not numbered 0..n")
+        raise ModelLoadError(
+            "not a taming VQGAN state dict: encoder.down levels are missing or not numbered 0..n"
+        )
     resolution = 256
     attn = {resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd}
     attn |= {resolution // 2**i for i in levels if f"{dec}up.{i}.attn.0.q.weight" in sd}
     resamp = "encoder.down.0.downsample.conv.weight" in sd or len(levels) == 1
     return {
-        "ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_resolutions": sorted(attn, reverse=True),
-        "z_channels": z_channels, "double_z": False, "in_channels": in_channels, "out_ch": out_ch,
-        "resolution": resolution, "dropout": 0.0, "resamp_with_conv": resamp, "n_embed": n_embed,
-        "embed_dim": embed_dim, "quantizer": quantizer, "dwt": dwt,
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_resolutions": sorted(attn, reverse=True),
+        "z_channels": z_channels,
+        "double_z": False,
+        "in_channels": in_channels,
+        "out_ch": out_ch,
+        "resolution": resolution,
+        "dropout": 0.0,
+        "resamp_with_conv": resamp,
+        "n_embed": n_embed,
+        "embed_dim": embed_dim,
+        "quantizer": quantizer,
+        "dwt": dwt,
     }
 
 
@@ -797,7 +925,9 @@ def _assign(module: _VQGANModule, sd: Mapping[str, torch.Tensor], what: str) -> 
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"{what}: weights do not fit a VQGAN with config {module.config()}: {exc}") from None
+        raise ModelLoadError(
+            f"{what}: weights do not fit a VQGAN with config {module.config()}: {exc}"
+        ) from None
 
 
 def vqgan_from_state_dict(
@@ -816,8 +946,10 @@ def vqgan_from_state_dict(
     elif isinstance(config, str):
         if config not in PRESETS:
             raise ConfigError(f"unknown VQGAN preset {config!r}; use one of {', '.join(PRESETS)}")
-        cfg = {**PRESETS[config], "dwt": any(k.startswith(("decoder.decoder.", "model.decoder.decoder."))
-                                             for k in state_dict)}
+        cfg = {
+            **PRESETS[config],
+            "dwt": any(k.startswith(("decoder.decoder.", "model.decoder.decoder.")) for k in state_dict),
+        }
     else:
         cfg = dict(config)
     enc_sd, dec_sd = split_state_dict(state_dict)

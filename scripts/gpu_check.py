@@ -195,17 +195,35 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_subprocess(cmd: list[str], timeout: float, log: Callable[[str], None], env: dict[str, str] | None = None,
-                   ) -> tuple[int | None, str]:
+def run_subprocess(
+    cmd: list[str],
+    timeout: float,
+    log: Callable[[str], None],
+    env: dict[str, str] | None = None,
+) -> tuple[int | None, str]:
     """(return code or None on timeout, combined output); the output also goes to the log."""
     log(f"$ {' '.join(cmd)}  (timeout {timeout:.0f} s)")
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True,
-                              timeout=max(5.0, timeout))
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=env or os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=max(5.0, timeout),
+        )
         out, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        out += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        out = (
+            (exc.stdout or b"").decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else (exc.stdout or "")
+        )
+        out += (
+            (exc.stderr or b"").decode(errors="replace")
+            if isinstance(exc.stderr, bytes)
+            else (exc.stderr or "")
+        )
         rc = None
     log(out)
     return rc, out
@@ -242,8 +260,9 @@ def tiny_pipeline(device: torch.device, seed: int = 0) -> Any:
 
     tok = BPETokenizer.load(REGISTRY["shapes"] / "tokenizer.model")
     torch.manual_seed(seed)
-    cfg = TransformerConfig.preset("tiny", text_vocab_size=tok.vocab_size, text_len=16, image_grid=4,
-                                   text_pad_id=tok.pad_id)
+    cfg = TransformerConfig.preset(
+        "tiny", text_vocab_size=tok.vocab_size, text_len=16, image_grid=4, text_pad_id=tok.pad_id
+    )
     model = DALLETransformer(cfg)
     randomise_heads(model, seed)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=cfg.image_vocab_size)
@@ -255,17 +274,45 @@ def tiny_pipeline(device: torch.device, seed: int = 0) -> Any:
 def section_gpu_tests(ctx: Context, s: Section) -> None:
     """``python -m pytest -m gpu -q`` in a subprocess (the gpu-marked files only in --cpu-smoke)."""
     if importlib.util.find_spec("pytest") is None:
-        s.skip("pytest -m gpu", "pytest is not importable here; carry its wheel (scripts/gpu_check_wheels.sh pytest)")
+        s.skip(
+            "pytest -m gpu",
+            "pytest is not importable here; carry its wheel (scripts/gpu_check_wheels.sh pytest)",
+        )
         return
     targets = ["tests"]
     if ctx.smoke:  # collecting the whole suite costs seconds; only these files hold gpu tests
-        targets = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                         if "mark.gpu" in p.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--continue-on-collection-errors", *targets]
-    seconds, (rc, out) = timed(lambda: run_subprocess(cmd, min(s.budget, ctx.remaining() - 5), ctx.log), ctx.device)
+        targets = sorted(
+            str(p.relative_to(REPO))
+            for p in (REPO / "tests").glob("test_*.py")
+            if "mark.gpu" in p.read_text()
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-rfEs",
+        "--continue-on-collection-errors",
+        *targets,
+    ]
+    seconds, (rc, out) = timed(
+        lambda: run_subprocess(cmd, min(s.budget, ctx.remaining() - 5), ctx.log), ctx.device
+    )
     s.fig("seconds", round(seconds, 1))
-    summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|skipped|"
-                                                                                     r"deselected|error)", ln)), "")
+    summary = next(
+        (
+            ln.strip("= ")
+            for ln in reversed(out.splitlines())
+            if re.search(
+                r"\d+ (passed|failed|skipped|"
+                r"deselected|error)",
+                ln,
+            )
+        ),
+        "",
+    )
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", summary)}
     s.fig("counts", counts)
     s.fig("summary", summary)
@@ -303,19 +350,33 @@ def section_cached_decode(ctx: Context, s: Section) -> None:
 
     dev = ctx.device
     if ctx.smoke:
-        cfg = TransformerConfig.preset("tiny", attn_types=["full", "row", "column", "conv"], attn_backend="sdpa")
+        cfg = TransformerConfig.preset(
+            "tiny", attn_types=["full", "row", "column", "conv"], attn_backend="sdpa"
+        )
     else:
-        cfg = TransformerConfig.preset("tiny", text_len=32, image_grid=16, depth=4, heads=4, head_dim=64,
-                                       text_vocab_size=256, image_vocab_size=512,
-                                       attn_types=["full", "row", "column", "conv"], attn_backend="sdpa")
-    s.fig("model", f"depth {cfg.depth} ({', '.join(cfg.layer_types)}), d_model {cfg.d_model}, "
-                   f"text {cfg.text_len} + {cfg.image_grid}x{cfg.image_grid} cells, batch 2")
+        cfg = TransformerConfig.preset(
+            "tiny",
+            text_len=32,
+            image_grid=16,
+            depth=4,
+            heads=4,
+            head_dim=64,
+            text_vocab_size=256,
+            image_vocab_size=512,
+            attn_types=["full", "row", "column", "conv"],
+            attn_backend="sdpa",
+        )
+    s.fig(
+        "model",
+        f"depth {cfg.depth} ({', '.join(cfg.layer_types)}), d_model {cfg.d_model}, "
+        f"text {cfg.text_len} + {cfg.image_grid}x{cfg.image_grid} cells, batch 2",
+    )
     torch.manual_seed(0)
     base = DALLETransformer(cfg).eval()
     randomise_heads(base)
     base = base.to(dev)
     text = torch.randint(1, cfg.text_vocab_size, (2, cfg.text_len))
-    text[1, cfg.text_len // 2:] = cfg.text_pad_id  # one caption shorter than text_len: pads in the stream
+    text[1, cfg.text_len // 2 :] = cfg.text_pad_id  # one caption shorter than text_len: pads in the stream
     image = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_len))
     text, image = text.to(dev), image.to(dev)
     n0 = 5  # primed cells: prefill covers text, start-of-image and cells 0..4
@@ -358,12 +419,20 @@ def section_cached_decode(ctx: Context, s: Section) -> None:
                 model.reset_cache()
             got = torch.stack(cached, 1)
             want = full[:, n0:]
-            row = {"case": name, "cached_vs_full_max_abs": max_abs(got, want), "cached_vs_full_rel": rel_err(got, want),
-                   "full_vs_fp32_math_rel": rel_err(full, ref), "cached_vs_fp32_math_rel": rel_err(got, ref[:, n0:])}
+            row = {
+                "case": name,
+                "cached_vs_full_max_abs": max_abs(got, want),
+                "cached_vs_full_rel": rel_err(got, want),
+                "full_vs_fp32_math_rel": rel_err(full, ref),
+                "cached_vs_fp32_math_rel": rel_err(got, ref[:, n0:]),
+            }
             rows.append(row)
-            s.check(name, row["cached_vs_full_rel"] < tol[dname] and row["full_vs_fp32_math_rel"] < tol[dname],
-                    f"cached vs full: max abs {row['cached_vs_full_max_abs']:.2e}, rel {row['cached_vs_full_rel']:.2e}; "
-                    f"full vs fp32 MATH rel {row['full_vs_fp32_math_rel']:.2e} (tolerance {tol[dname]:.0e})")
+            s.check(
+                name,
+                row["cached_vs_full_rel"] < tol[dname] and row["full_vs_fp32_math_rel"] < tol[dname],
+                f"cached vs full: max abs {row['cached_vs_full_max_abs']:.2e}, rel {row['cached_vs_full_rel']:.2e}; "
+                f"full vs fp32 MATH rel {row['full_vs_fp32_math_rel']:.2e} (tolerance {tol[dname]:.0e})",
+            )
         del model
     s.fig("cases", rows)
 
@@ -380,10 +449,25 @@ def section_flex(ctx: Context, s: Section) -> None:
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 32))
     if ctx.smoke:
-        masks, shape, dtype, types, backward = AttentionMasks(8, 6), (1, 2, 44, 16), torch.float32, ["row"], False
-        s.skip("bf16 backward", "CPU: FlexAttention has no backward there and bf16 is CUDA's; forward in fp32 only")
+        masks, shape, dtype, types, backward = (
+            AttentionMasks(8, 6),
+            (1, 2, 44, 16),
+            torch.float32,
+            ["row"],
+            False,
+        )
+        s.skip(
+            "bf16 backward",
+            "CPU: FlexAttention has no backward there and bf16 is CUDA's; forward in fp32 only",
+        )
     else:
-        masks, shape, dtype, types, backward = AttentionMasks(256, 32), (4, 8, 1280, 64), torch.bfloat16, ATTN_TYPES, True
+        masks, shape, dtype, types, backward = (
+            AttentionMasks(256, 32),
+            (4, 8, 1280, 64),
+            torch.bfloat16,
+            ATTN_TYPES,
+            True,
+        )
     s.fig("shape", f"B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]} {str(dtype).replace('torch.', '')}")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
@@ -405,7 +489,9 @@ def section_flex(ctx: Context, s: Section) -> None:
             row[f"{backend}_fwd_rel"] = rel_err(out, ref)
             if backward:
                 out.backward(do.to(dtype))
-                row[f"{backend}_grad_rel"] = max(rel_err(t.grad, r.grad) for t, r in ((qb, qr), (kb, kr), (vb, vr)))
+                row[f"{backend}_grad_rel"] = max(
+                    rel_err(t.grad, r.grad) for t, r in ((qb, qr), (kb, kr), (vb, vr))
+                )
             outs[backend] = out.detach()
 
             def fwd(qb=qb, kb=kb, vb=vb, backend=backend, attn_type=attn_type) -> Any:
@@ -426,13 +512,17 @@ def section_flex(ctx: Context, s: Section) -> None:
         # FlexAttention must be as close to the float32 reference as SDPA at this precision, within a margin
         limit_f = max(2 * row["sdpa_fwd_rel"], 1e-5 if dtype == torch.float32 else 1e-2)
         ok = row["flex_fwd_rel"] <= limit_f
-        detail = (f"fwd rel err vs fp32: flex {row['flex_fwd_rel']:.2e}, sdpa {row['sdpa_fwd_rel']:.2e}; "
-                  f"fwd flex {row['flex_fwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_ms']:.3f} ms")
+        detail = (
+            f"fwd rel err vs fp32: flex {row['flex_fwd_rel']:.2e}, sdpa {row['sdpa_fwd_rel']:.2e}; "
+            f"fwd flex {row['flex_fwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_ms']:.3f} ms"
+        )
         if backward:
             limit_b = max(2 * row["sdpa_grad_rel"], 2e-2)
             ok = ok and row["flex_grad_rel"] <= limit_b
-            detail += (f"; grad rel err flex {row['flex_grad_rel']:.2e}, sdpa {row['sdpa_grad_rel']:.2e}; fwd+bwd "
-                       f"flex {row['flex_fwd_bwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_bwd_ms']:.3f} ms")
+            detail += (
+                f"; grad rel err flex {row['flex_grad_rel']:.2e}, sdpa {row['sdpa_grad_rel']:.2e}; fwd+bwd "
+                f"flex {row['flex_fwd_bwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_bwd_ms']:.3f} ms"
+            )
         s.check(attn_type, ok, detail)
     s.fig("cases", rows)
 
@@ -448,8 +538,11 @@ def section_bundled(ctx: Context, s: Section) -> None:
         s.note("--cpu-smoke: a tiny random pipeline stands in for the bundled model (same code path)")
     else:
         pipe = DALLE.from_pretrained("shapes", device=ctx.device)
-    s.fig("model", f"{pipe.name}: {pipe.grid}x{pipe.grid} tokens, dtype {str(pipe.dtype).replace('torch.', '')}, "
-                   f"guidance {'yes' if pipe.trained_with_caption_dropout else 'no'}")
+    s.fig(
+        "model",
+        f"{pipe.name}: {pipe.grid}x{pipe.grid} tokens, dtype {str(pipe.dtype).replace('torch.', '')}, "
+        f"guidance {'yes' if pipe.trained_with_caption_dropout else 'no'}",
+    )
     gen = dict(progress=False, return_tokens=True)
 
     t, a = timed(lambda: pipe.generate(PROMPT, num_images=2, seed=0, **gen), ctx.device)
@@ -458,8 +551,9 @@ def section_bundled(ctx: Context, s: Section) -> None:
     s.check("same seed twice", *tokens_equal(a.tokens, b.tokens))
 
     t4, batched = timed(lambda: pipe.generate(PROMPT, num_images=4, seed=10, batch_size=4, **gen), ctx.device)
-    singles = torch.cat([pipe.generate(PROMPT, num_images=1, seed=10 + k, batch_size=1, **gen).tokens
-                         for k in range(4)])
+    singles = torch.cat(
+        [pipe.generate(PROMPT, num_images=1, seed=10 + k, batch_size=1, **gen).tokens for k in range(4)]
+    )
     s.fig("generate_batch_of_4_s", round(t4, 3))
     s.check("batch of 4 vs one by one", *tokens_equal(batched.tokens, singles))
 
@@ -468,7 +562,11 @@ def section_bundled(ctx: Context, s: Section) -> None:
         return
     r = pipe.generate(PROMPT, num_images=1, rerank=4, seed=0, **gen)
     ok = len(r.images) == 1 and r.scores is not None and bool(torch.isfinite(r.scores).all())
-    s.check("rerank 4 -> 1", ok, f"{len(r.images)} image, scores {r.scores.tolist() if r.scores is not None else None}")
+    s.check(
+        "rerank 4 -> 1",
+        ok,
+        f"{len(r.images)} image, scores {r.scores.tolist() if r.scores is not None else None}",
+    )
 
     rows = pipe.completion_rows
     c = pipe.complete(a.images[0], PROMPT, num_images=2, seed=0, **gen)
@@ -519,13 +617,21 @@ def section_compiled(ctx: Context, s: Section) -> None:
     if ctx.cuda:  # the pipeline's precision rules
         model.cuda_dtype = torch.bfloat16
         model.cast_matmul_weights(torch.bfloat16)
-    s.fig("model", f"preset {'tiny' if ctx.smoke else 'small'}: depth {cfg.depth}, d_model {cfg.d_model}, "
-                   f"{cfg.image_len} image tokens" + (", bf16 (pipeline rules)" if ctx.cuda else ", fp32"))
+    s.fig(
+        "model",
+        f"preset {'tiny' if ctx.smoke else 'small'}: depth {cfg.depth}, d_model {cfg.d_model}, "
+        f"{cfg.image_len} image tokens" + (", bf16 (pipeline rules)" if ctx.cuda else ", fp32"),
+    )
     texts = {b: torch.randint(1, cfg.text_vocab_size, (b, cfg.text_len), device=dev) for b in batches}
 
     def warm_up(b: int) -> None:  # a short primed sample: allocations, decode tables, (compilation)
         prime = torch.zeros(b, cfg.image_len - 8, dtype=torch.long, device=dev)
-        sample(model, texts[b], generator=[torch.Generator(device=dev).manual_seed(i) for i in range(b)], prime=prime)
+        sample(
+            model,
+            texts[b],
+            generator=[torch.Generator(device=dev).manual_seed(i) for i in range(b)],
+            prime=prime,
+        )
 
     eager = {}
     for b in batches:
@@ -548,12 +654,17 @@ def section_compiled(ctx: Context, s: Section) -> None:
     if ctx.cuda:  # did inductor capture CUDA graphs, or skip them (and why)?
         from torch._dynamo.utils import counters
 
-        s.fig("inductor_cudagraph_counters", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
+        s.fig(
+            "inductor_cudagraph_counters", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+        )
     got_logits = teacher_forced()
     tol = 1e-4 if not ctx.cuda else 3e-2
     err = rel_err(got_logits, ref_logits)
-    s.check("teacher-forced logits, compiled vs eager", err < tol,
-            f"rel err {err:.2e}, max abs {max_abs(got_logits, ref_logits):.2e} over {steps} steps (tolerance {tol:.0e})")
+    s.check(
+        "teacher-forced logits, compiled vs eager",
+        err < tol,
+        f"rel err {err:.2e}, max abs {max_abs(got_logits, ref_logits):.2e} over {steps} steps (tolerance {tol:.0e})",
+    )
     compiled = {}
     for b in batches:
         if s.out_of_time():
@@ -563,7 +674,9 @@ def section_compiled(ctx: Context, s: Section) -> None:
             warm_up(b)  # a new batch size compiles / records anew
         compiled[b] = timed(lambda b=b: _sample_tokens(model, texts[b], 0), dev)
     same, detail = tokens_equal(compiled[1][1], eager[1][1])
-    if ctx.cuda:  # bf16: fused kernels round differently; a near-tie then flips one token and the rest follows
+    if (
+        ctx.cuda
+    ):  # bf16: fused kernels round differently; a near-tie then flips one token and the rest follows
         s.fig("random_model_tokens_identical_bf16", same)
         s.note(f"random-weight model, bf16, seed 0, batch 1: compiled vs eager tokens: {detail}")
     else:
@@ -577,8 +690,11 @@ def section_compiled(ctx: Context, s: Section) -> None:
             s.fig(f"compiled_batch{b}_tokens_per_s", round(n * b / compiled[b][0], 1))
     if ctx.cuda and 1 in compiled:
         t1 = compiled[1][0]
-        s.goal("1024 image tokens, 12x768, batch 1 <= 0.30 s", t1 <= 0.30,
-               f"compiled {t1:.3f} s, eager {eager[1][0]:.3f} s ({eager[1][0] / t1:.1f}x)")
+        s.goal(
+            "1024 image tokens, 12x768, batch 1 <= 0.30 s",
+            t1 <= 0.30,
+            f"compiled {t1:.3f} s, eager {eager[1][0]:.3f} s ({eager[1][0] / t1:.1f}x)",
+        )
     model.compile_decoding(mode="off")
     model = None  # the closures above hold the name: drop the model through it
     torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph memory
@@ -586,7 +702,10 @@ def section_compiled(ctx: Context, s: Section) -> None:
 
     # the user-facing switch on the bundled model: same seed, same tokens
     if ctx.smoke:
-        s.skip("DALLE(compile=True) on the bundled model", "CUDA only (inductor on a CPU is too slow for a smoke run)")
+        s.skip(
+            "DALLE(compile=True) on the bundled model",
+            "CUDA only (inductor on a CPU is too slow for a smoke run)",
+        )
         return
     if s.out_of_time():
         s.skip("DALLE(compile=True) on the bundled model", "section time budget reached")
@@ -646,9 +765,12 @@ def section_paper(ctx: Context, s: Section) -> None:
     for gib in (80, 141):  # what the rule gives on an H100 and an H200 after the weights
         free = gib * 2**30 - weight_bytes
         s.fig(f"predicted_batch_{gib}gib", batch_size_for_memory(free, cache_row))
-    s.check("prediction computed (meta device)", cache_row > 0 and weight_bytes > 0,
-            f"{params / 1e9:.2f}B parameters, {weight_bytes / 2**30:.1f} GiB of weights, "
-            f"{cache_row / 2**30:.2f} GiB KV cache per row")
+    s.check(
+        "prediction computed (meta device)",
+        cache_row > 0 and weight_bytes > 0,
+        f"{params / 1e9:.2f}B parameters, {weight_bytes / 2**30:.1f} GiB of weights, "
+        f"{cache_row / 2**30:.2f} GiB KV cache per row",
+    )
 
     tok = BPETokenizer.load(REGISTRY["shapes"] / "tokenizer.model")
     if not ctx.cuda:
@@ -659,22 +781,30 @@ def section_paper(ctx: Context, s: Section) -> None:
             pipe.generate([PROMPT] * bs, progress=False, seed=0, callback=_stop_after(3))
         except _StopSampling:
             pass
-        s.check("tiny pipeline: default batch, sampling stopped after 3 tokens", bs >= 1 and pipe.transformer.cache is None,
-                f"default batch {bs}; KV cache released after the stop: {pipe.transformer.cache is None}")
+        s.check(
+            "tiny pipeline: default batch, sampling stopped after 3 tokens",
+            bs >= 1 and pipe.transformer.cache is None,
+            f"default batch {bs}; KV cache released after the stop: {pipe.transformer.cache is None}",
+        )
         s.skip("peak memory at the paper size", "CUDA only")
         return
     total = torch.cuda.get_device_properties(ctx.device).total_memory
     fp32_bytes = params * 4
     if total < fp32_bytes * 1.15:
-        s.skip("peak memory at the paper size", f"the GPU has {total / 2**30:.0f} GiB; building the model in float32 "
-               f"first needs {fp32_bytes / 2**30:.0f} GiB")
+        s.skip(
+            "peak memory at the paper size",
+            f"the GPU has {total / 2**30:.0f} GiB; building the model in float32 "
+            f"first needs {fp32_bytes / 2**30:.0f} GiB",
+        )
         return
     free_memory(ctx.device)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(ctx.device):
         model = DALLETransformer(cfg)
-    pipe = DALLE(tok, Encoder(), Decoder(), model, 256, name="paper-random", device=ctx.device)  # casts to bf16
+    pipe = DALLE(
+        tok, Encoder(), Decoder(), model, 256, name="paper-random", device=ctx.device
+    )  # casts to bf16
     del model
     free_memory(ctx.device)
     s.fig("build_s", round(time.perf_counter() - t0, 1))
@@ -700,9 +830,12 @@ def section_paper(ctx: Context, s: Section) -> None:
     s.fig("sampling_extra_gib", round(extra / 2**30, 2))
     s.fig("predicted_kv_cache_gib", round(predicted / 2**30, 2))
     s.fig("extra_over_prediction", round(extra / predicted, 3))
-    s.check("peak within the rule's budget", extra <= free / 2,
-            f"batch {bs}: sampling took {extra / 2**30:.1f} GiB above the weights; predicted KV caches "
-            f"{predicted / 2**30:.1f} GiB; the rule budgets half the free {free / 2**30:.1f} GiB for two caches per row")
+    s.check(
+        "peak within the rule's budget",
+        extra <= free / 2,
+        f"batch {bs}: sampling took {extra / 2**30:.1f} GiB above the weights; predicted KV caches "
+        f"{predicted / 2**30:.1f} GiB; the rule budgets half the free {free / 2**30:.1f} GiB for two caches per row",
+    )
     pipe.transformer.reset_cache()
     del pipe
     free_memory(ctx.device)
@@ -752,26 +885,59 @@ def section_training(ctx: Context, s: Section) -> None:
         ckpt = variant.get("checkpoint_activations", True)
         if ctx.smoke:
             dvae = make_tiny_dvae_dir(ctx.tmp / "tiny-dvae", image_size=32)
-            tcfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, **quiet, "dvae": str(dvae), "data": "shapes",
-                                             "tokenizer": str(bundled / "tokenizer.model"), "steps": steps,
-                                             "grad_accum": 2, "checkpoint_activations": True, "eval_samples": 0,
-                                             "device": str(ctx.device), "out_dir": str(ctx.tmp / f"train-{name}"),
-                                             **variant})
+            tcfg = TransformerTrainConfig(
+                **{
+                    **TINY_TRANSFORMER,
+                    **quiet,
+                    "dvae": str(dvae),
+                    "data": "shapes",
+                    "tokenizer": str(bundled / "tokenizer.model"),
+                    "steps": steps,
+                    "grad_accum": 2,
+                    "checkpoint_activations": True,
+                    "eval_samples": 0,
+                    "device": str(ctx.device),
+                    "out_dir": str(ctx.tmp / f"train-{name}"),
+                    **variant,
+                }
+            )
         else:
             from dalle.train.encode import EncodeConfig, encode_dataset
 
             batch = 32
             shards = ctx.tmp / "tokens"
             if not shards.is_dir():
-                t, _ = timed(lambda: encode_dataset(EncodeConfig(
-                    data="shapes:1", dvae=str(bundled), out_dir=str(shards), limit=batch * (steps + 2),
-                    image_size=256, device=str(ctx.device), progress=False)), ctx.device)
+                t, _ = timed(
+                    lambda: encode_dataset(
+                        EncodeConfig(
+                            data="shapes:1",
+                            dvae=str(bundled),
+                            out_dir=str(shards),
+                            limit=batch * (steps + 2),
+                            image_size=256,
+                            device=str(ctx.device),
+                            progress=False,
+                        )
+                    ),
+                    ctx.device,
+                )
                 s.fig("encode_dataset_s", round(t, 1))
             settings: dict[str, Any] = dict(
-                data=str(shards), dvae=str(bundled), tokenizer=str(bundled / "tokenizer.model"), preset="small",
-                text_len=256, batch_size=batch, grad_accum=2, checkpoint_activations=True, steps=steps,
-                warmup_steps=2, bpe_dropout=0.0, eval_samples=0, device=str(ctx.device),
-                out_dir=str(ctx.tmp / f"train-{name}"))
+                data=str(shards),
+                dvae=str(bundled),
+                tokenizer=str(bundled / "tokenizer.model"),
+                preset="small",
+                text_len=256,
+                batch_size=batch,
+                grad_accum=2,
+                checkpoint_activations=True,
+                steps=steps,
+                warmup_steps=2,
+                bpe_dropout=0.0,
+                eval_samples=0,
+                device=str(ctx.device),
+                out_dir=str(ctx.tmp / f"train-{name}"),
+            )
             tcfg = TransformerTrainConfig(**{**settings, **quiet, **variant})
         trainer = TransformerTrainer(tcfg, info)
         model_cfg = trainer.tcfg
@@ -779,16 +945,25 @@ def section_training(ctx: Context, s: Section) -> None:
         rate, losses = _train_rate(Path(tcfg.out_dir), tcfg.batch_size, skip)
         del trainer
         free_memory(ctx.device)
-        how = (f"batch {tcfg.batch_size} (grad accumulation {tcfg.grad_accum})"
-               + (", activation checkpointing" if ckpt else "") + (", compiled" if tcfg.compile else ""))
-        s.fig(f"{name}", f"depth {model_cfg.depth}, d_model {model_cfg.d_model}, stream {model_cfg.seq_len}, "
-                         f"{how}, {steps} steps")
+        how = (
+            f"batch {tcfg.batch_size} (grad accumulation {tcfg.grad_accum})"
+            + (", activation checkpointing" if ckpt else "")
+            + (", compiled" if tcfg.compile else "")
+        )
+        s.fig(
+            f"{name}",
+            f"depth {model_cfg.depth}, d_model {model_cfg.d_model}, stream {model_cfg.seq_len}, "
+            f"{how}, {steps} steps",
+        )
         s.fig(f"{name}_wall_s", round(wall, 1))
         s.fig(f"{name}_samples_per_s", round(rate, 2))
         s.fig(f"{name}_losses", [round(x, 4) for x in losses])
         finite = len(losses) == steps and all(math.isfinite(x) for x in losses)
-        s.check(f"{name}: {steps} steps, finite losses", finite, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                f"{rate:.1f} samples/s ({how})")
+        s.check(
+            f"{name}: {steps} steps, finite losses",
+            finite,
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {rate:.1f} samples/s ({how})",
+        )
         flops = transformer_flops_per_sample(model_cfg)
         if ctx.cuda:
             achieved = 3 * flops * rate
@@ -797,40 +972,79 @@ def section_training(ctx: Context, s: Section) -> None:
                 s.fig(f"{name}_mfu_vs_{peak_name}", round(achieved / peak, 3))
             peak = ctx.peak_flops.get("datasheet") or ctx.peak_flops.get("measured_matmul")
             if peak:
-                recompute = (f"; with the recomputation of checkpointing the hardware did {4 / 3 * achieved / peak:.1%}"
-                             if ckpt else "")
-                s.goal(f">= 45% MFU ({name}: {how})", achieved / peak >= 0.45,
-                       f"{achieved / 1e12:.0f} TFLOP/s = {achieved / peak:.1%} of {peak / 1e12:.0f} "
-                       f"({'datasheet' if 'datasheet' in ctx.peak_flops else 'measured'}){recompute}")
+                recompute = (
+                    f"; with the recomputation of checkpointing the hardware did {4 / 3 * achieved / peak:.1%}"
+                    if ckpt
+                    else ""
+                )
+                s.goal(
+                    f">= 45% MFU ({name}: {how})",
+                    achieved / peak >= 0.45,
+                    f"{achieved / 1e12:.0f} TFLOP/s = {achieved / peak:.1%} of {peak / 1e12:.0f} "
+                    f"({'datasheet' if 'datasheet' in ctx.peak_flops else 'measured'}){recompute}",
+                )
         else:
             s.skip(f"{name}: MFU", "CUDA only")
 
     def dvae_run() -> None:
         if ctx.smoke:
-            dcfg = DVAETrainConfig(**{**TINY_DVAE, **quiet, "steps": steps, "grad_accum": 2, "device": str(ctx.device),
-                                      "out_dir": str(ctx.tmp / "train-d")})
+            dcfg = DVAETrainConfig(
+                **{
+                    **TINY_DVAE,
+                    **quiet,
+                    "steps": steps,
+                    "grad_accum": 2,
+                    "device": str(ctx.device),
+                    "out_dir": str(ctx.tmp / "train-d"),
+                }
+            )
         else:
-            dcfg = DVAETrainConfig(data="shapes", image_size=128, batch_size=16, grad_accum=2, steps=steps,
-                                   eval_images=8, device=str(ctx.device), out_dir=str(ctx.tmp / "train-d"), **quiet)
+            dcfg = DVAETrainConfig(
+                data="shapes",
+                image_size=128,
+                batch_size=16,
+                grad_accum=2,
+                steps=steps,
+                eval_images=8,
+                device=str(ctx.device),
+                out_dir=str(ctx.tmp / "train-d"),
+                **quiet,
+            )
         dtrainer = DVAETrainer(dcfg, info)
         wall, _ = timed(dtrainer.fit, ctx.device)
         rate, losses = _train_rate(Path(dcfg.out_dir), dcfg.batch_size, skip)
         del dtrainer
         free_memory(ctx.device)
-        s.fig("dvae", f"n_hid {dcfg.n_hid}, {dcfg.image_size} px, batch {dcfg.batch_size} (grad accumulation 2), "
-                      f"{steps} steps; images rendered and augmented on the host in the loop")
+        s.fig(
+            "dvae",
+            f"n_hid {dcfg.n_hid}, {dcfg.image_size} px, batch {dcfg.batch_size} (grad accumulation 2), "
+            f"{steps} steps; images rendered and augmented on the host in the loop",
+        )
         s.fig("dvae_wall_s", round(wall, 1))
         s.fig("dvae_samples_per_s", round(rate, 2))
         finite = len(losses) == steps and all(math.isfinite(x) for x in losses)
-        s.check(f"train-dvae: {steps} steps, finite losses", finite, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                f"{rate:.1f} samples/s")
-        s.note("train-dvae has no activation checkpointing option (DVAETrainConfig); it runs with grad accumulation only")
+        s.check(
+            f"train-dvae: {steps} steps, finite losses",
+            finite,
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {rate:.1f} samples/s",
+        )
+        s.note(
+            "train-dvae has no activation checkpointing option (DVAETrainConfig); it runs with grad accumulation only"
+        )
 
     # each run is reported on its own: one failing does not hide the other
     runs: list[tuple[str, Callable[[], None]]] = [("train", lambda: transformer_run("train", {}))]
-    if not ctx.smoke:  # inductor's CPU compilation is too slow for a smoke run (tests/test_compiled_training.py)
-        runs.append(("train-compiled", lambda: transformer_run("train-compiled", {
-            "compile": True, "checkpoint_activations": False, "grad_accum": 1})))
+    if (
+        not ctx.smoke
+    ):  # inductor's CPU compilation is too slow for a smoke run (tests/test_compiled_training.py)
+        runs.append(
+            (
+                "train-compiled",
+                lambda: transformer_run(
+                    "train-compiled", {"compile": True, "checkpoint_activations": False, "grad_accum": 1}
+                ),
+            )
+        )
     runs.append(("train-dvae", dvae_run))
     for name, run in runs:
         if s.out_of_time():
@@ -840,7 +1054,9 @@ def section_training(ctx: Context, s: Section) -> None:
             run()
         except Exception as exc:  # noqa: BLE001
             ctx.log(f"[training] {name}: {traceback.format_exc()}")
-            s.check(name, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            s.check(
+                name, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            )
             free_memory(ctx.device)
 
 
@@ -863,8 +1079,11 @@ def section_benchmarks(ctx: Context, s: Section) -> None:
     env = os.environ.copy()
     # ---- dVAE vs OpenAI's dall_e
     if importlib.util.find_spec("dall_e") is None:
-        s.skip("dVAE vs dall_e", "OpenAI's dall_e is not importable: run scripts/gpu_check_wheels.sh here and pass "
-               "carry ['.whl'] (DALL-E's wheel; attrs is on the device)")
+        s.skip(
+            "dVAE vs dall_e",
+            "OpenAI's dall_e is not importable: run scripts/gpu_check_wheels.sh here and pass "
+            "carry ['.whl'] (DALL-E's wheel; attrs is on the device)",
+        )
     elif ctx.smoke:
         s.skip("dVAE vs dall_e", "full-size dVAE: about 30 s per image pair on a small CPU; CUDA only")
     else:
@@ -875,8 +1094,21 @@ def section_benchmarks(ctx: Context, s: Section) -> None:
             if label and s.out_of_time():
                 s.skip(f"bench_dvae.py {' '.join(extra)}", "section time budget reached")
                 continue
-            cmd = [py, "benchmarks/bench_dvae.py", "--device", "cuda", "--batch-sizes", "32", "--dtype", "bfloat16",
-                   "--repeats", "5", "--warmup", "2", *extra]
+            cmd = [
+                py,
+                "benchmarks/bench_dvae.py",
+                "--device",
+                "cuda",
+                "--batch-sizes",
+                "32",
+                "--dtype",
+                "bfloat16",
+                "--repeats",
+                "5",
+                "--warmup",
+                "2",
+                *extra,
+            ]
             rc, out = run_subprocess(cmd, min(150.0, ctx.remaining() - 5), ctx.log, env)
             rows = [r for r in _table_rows(out) if r and r[0] in ("encode", "decode")]
             key = f"_{label.replace(' ', '_')}" if label else ""
@@ -885,23 +1117,74 @@ def section_benchmarks(ctx: Context, s: Section) -> None:
             if rc != 0 or len(rows) != 2:
                 s.check(name, False, f"exit {rc}; see gpu-check.log")
                 continue
-            s.check(name, True, "; ".join(f"{r[0]}: dall_e {r[2]} s/img, dalle {r[3]} s/img, {r[4]}" for r in rows))
+            s.check(
+                name,
+                True,
+                "; ".join(f"{r[0]}: dall_e {r[2]} s/img, dalle {r[3]} s/img, {r[4]}" for r in rows),
+            )
             for r in rows:
                 speedup = float(r[4].rstrip("x"))
                 s.fig(f"dvae_{r[0]}{key}_speedup", speedup)
-                s.goal(f"dVAE {r[0]} >= 2.5x dall_e fp16 at batch 32{' (' + label + ')' if label else ''}",
-                       speedup >= 2.5, f"{speedup:.2f}x")
+                s.goal(
+                    f"dVAE {r[0]} >= 2.5x dall_e fp16 at batch 32{' (' + label + ')' if label else ''}",
+                    speedup >= 2.5,
+                    f"{speedup:.2f}x",
+                )
     # ---- sampling vs transformers GPT-2 generate
     if s.out_of_time():
         s.skip("bench_peers.py", "section time budget reached")
         return
     if ctx.smoke:
-        shape = ["--depth", "1", "--heads", "2", "--head-dim", "8", "--grid", "4", "--text-len", "4",
-                 "--text-vocab", "32", "--image-vocab", "32", "--device", "cpu", "--threads", "1"]
+        shape = [
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--grid",
+            "4",
+            "--text-len",
+            "4",
+            "--text-vocab",
+            "32",
+            "--image-vocab",
+            "32",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
     else:
-        shape = ["--depth", "12", "--heads", "12", "--head-dim", "64", "--grid", "32", "--text-len", "256",
-                 "--text-vocab", "16384", "--image-vocab", "8192", "--device", "cuda"]
-    cmd = [py, "benchmarks/bench_peers.py", *shape, "--batch", "1", "--repeats", "1", "--skip", "dalle-pytorch"]
+        shape = [
+            "--depth",
+            "12",
+            "--heads",
+            "12",
+            "--head-dim",
+            "64",
+            "--grid",
+            "32",
+            "--text-len",
+            "256",
+            "--text-vocab",
+            "16384",
+            "--image-vocab",
+            "8192",
+            "--device",
+            "cuda",
+        ]
+    cmd = [
+        py,
+        "benchmarks/bench_peers.py",
+        *shape,
+        "--batch",
+        "1",
+        "--repeats",
+        "1",
+        "--skip",
+        "dalle-pytorch",
+    ]
     rc, out = run_subprocess(cmd, min(200.0, ctx.remaining() - 5), ctx.log, env)
     rows = {r[0]: r[1] for r in _table_rows(out) if len(r) >= 2}
     s.fig("bench_peers_rows", rows)
@@ -917,18 +1200,33 @@ def section_benchmarks(ctx: Context, s: Section) -> None:
         if m:
             s.fig("transformers_time_over_ours", float(m.group(1)))
     else:
-        s.skip("transformers GPT-2 generate", rows.get("transformers", "transformers is not importable") +
-               "; it is on the device image (5.17); else carry its wheel with its dependencies")
-    s.note("bench_peers builds its models with default settings: ours under bf16 autocast on CUDA, GPT-2 in float32")
+        s.skip(
+            "transformers GPT-2 generate",
+            rows.get("transformers", "transformers is not importable")
+            + "; it is on the device image (5.17); else carry its wheel with its dependencies",
+        )
+    s.note(
+        "bench_peers builds its models with default settings: ours under bf16 autocast on CUDA, GPT-2 in float32"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- driver
 SECTIONS: list[tuple[str, str, Callable[[Context, Section], None], float]] = [
     # (name, title, function, time budget in seconds on a GPU)
     ("gpu-tests", "1. gpu-marked pytest tests", section_gpu_tests, 150),
-    ("cached-decode", "2. cached decode vs full forward, per dtype and SDPA backend", section_cached_decode, 40),
+    (
+        "cached-decode",
+        "2. cached decode vs full forward, per dtype and SDPA backend",
+        section_cached_decode,
+        40,
+    ),
     ("flex-vs-sdpa", "3. FlexAttention vs SDPA, forward and backward, bf16", section_flex, 75),
-    ("bundled-model", "4. bundled model: determinism, batching, rerank, complete, guidance", section_bundled, 45),
+    (
+        "bundled-model",
+        "4. bundled model: determinism, batching, rerank, complete, guidance",
+        section_bundled,
+        45,
+    ),
     ("compiled-decode", "5. compiled decode vs eager, tokens/s", section_compiled, 120),
     ("paper-memory", "6. paper preset: default batch size and peak memory", section_paper, 60),
     ("training", "7. training: train and train-dvae, samples/s, MFU", section_training, 180),
@@ -939,8 +1237,12 @@ SECTIONS: list[tuple[str, str, Callable[[Context, Section], None], float]] = [
 def environment(device: torch.device) -> tuple[dict[str, Any], dict[str, float]]:
     """What ran where; on CUDA also the measured bf16 matmul ceiling (for MFU)."""
     env: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "machine": platform.machine(), "cpus": os.cpu_count(), "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
         "youtokentome": importlib.util.find_spec("youtokentome") is not None,
         "dall_e": importlib.util.find_spec("dall_e") is not None,
         "transformers": importlib.util.find_spec("transformers") is not None,
@@ -949,8 +1251,12 @@ def environment(device: torch.device) -> tuple[dict[str, Any], dict[str, float]]
     peaks: dict[str, float] = {}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count)
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+        )
         for key, value in DATASHEET_BF16.items():
             if key in props.name:
                 peaks["datasheet"] = value
@@ -971,26 +1277,50 @@ def install_wheels(folder: Path, log: Callable[[str], None]) -> str | None:
     if not wheels:
         return None
     site = Path(tempfile.mkdtemp(prefix="gpu-check-site-"))
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--target", str(site), *map(str, wheels)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--target",
+        str(site),
+        *map(str, wheels),
+    ]
     rc, _ = run_subprocess(cmd, 120, log)
     if rc != 0:
         log(f"installing the wheels of {folder} failed (exit {rc}); going on without them")
         return None
     sys.path.insert(0, str(site))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     importlib.invalidate_caches()
     return str(site)
 
 
 def write_report(out: Path, env: dict[str, Any], results: dict[str, dict[str, Any]], started: float) -> None:
     total = time.monotonic() - started
-    report = {"environment": env, "mode": "cpu-smoke" if env.get("smoke") else "cuda", "total_s": round(total, 1),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "sections": results}
+    report = {
+        "environment": env,
+        "mode": "cpu-smoke" if env.get("smoke") else "cuda",
+        "total_s": round(total, 1),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "sections": results,
+    }
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    lines = [f"# dalle GPU check ({report['mode']})", "",
-             f"`{report['command']}`; total {total:.0f} s.", "",
-             "| | |", "|---|---|"]
+    lines = [
+        f"# dalle GPU check ({report['mode']})",
+        "",
+        f"`{report['command']}`; total {total:.0f} s.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", "| section | status | checks | goals | time |", "|---|---|---|---|---:|"]
     for name, title, _, _ in SECTIONS:
@@ -998,7 +1328,9 @@ def write_report(out: Path, env: dict[str, Any], results: dict[str, dict[str, An
             continue
         r = results[name]
         counts = {st: sum(c["status"] == st for c in r["checks"]) for st in (PASS, FAIL, SKIP)}
-        goals = ", ".join(f"{c['status'].lower()}" for c in r["checks"] if c["status"] in (GOAL_MET, GOAL_MISSED))
+        goals = ", ".join(
+            f"{c['status'].lower()}" for c in r["checks"] if c["status"] in (GOAL_MET, GOAL_MISSED)
+        )
         summary = ", ".join(f"{n} {st.lower()}" for st, n in counts.items() if n)
         lines.append(f"| {title} | **{r['status']}** | {summary} | {goals} | {r.get('seconds', 0):.0f} s |")
     for name, title, _, _ in SECTIONS:
@@ -1019,7 +1351,10 @@ def write_report(out: Path, env: dict[str, Any], results: dict[str, dict[str, An
                 cols = list(dict.fromkeys(c for row in value for c in row))
                 lines += ["", f"{key}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                 for row in value:
-                    cells = [f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+                    cells = [
+                        f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                        for c in cols
+                    ]
                     lines.append("| " + " | ".join(cells) + " |")
         for note in r["notes"]:
             lines.append(f"- {note}")
@@ -1046,13 +1381,23 @@ def parse_only(value: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/gpu-check", help="report folder (default outputs/gpu-check)")
+    parser.add_argument(
+        "--out", default="outputs/gpu-check", help="report folder (default outputs/gpu-check)"
+    )
     parser.add_argument("--only", help="comma-separated section numbers or names (default: all)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny configurations on the CPU (automatic without CUDA)")
-    parser.add_argument("--time-limit", type=float, default=540.0,
-                        help="seconds for the whole run (default 540): a section that would start with less than "
-                             "its budget left is skipped")
-    parser.add_argument("--wheels", default=".whl", help="folder of wheels to install first if present (default .whl)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny configurations on the CPU (automatic without CUDA)"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="seconds for the whole run (default 540): a section that would start with less than "
+        "its budget left is skipped",
+    )
+    parser.add_argument(
+        "--wheels", default=".whl", help="folder of wheels to install first if present (default .whl)"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -1066,7 +1411,9 @@ def main(argv: list[str] | None = None) -> int:
 
     smoke = args.cpu_smoke or not torch.cuda.is_available()
     device = torch.device("cpu") if smoke else torch.device("cuda")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     site = install_wheels(REPO / args.wheels, log)
     chosen = parse_only(args.only)
     env, peaks = environment(device)
@@ -1077,8 +1424,15 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.dump_traceback_later(args.time_limit + 45, exit=True, file=log_file)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        ctx = Context(device=device, smoke=smoke, out=out, tmp=Path(tmp), log=log,
-                      deadline=started + args.time_limit, peak_flops=peaks)
+        ctx = Context(
+            device=device,
+            smoke=smoke,
+            out=out,
+            tmp=Path(tmp),
+            log=log,
+            deadline=started + args.time_limit,
+            peak_flops=peaks,
+        )
         for name, title, fn, budget in SECTIONS:
             if name not in chosen:
                 continue
@@ -1098,8 +1452,13 @@ def main(argv: list[str] | None = None) -> int:
                 except (Exception, SectionTimeout) as exc:  # noqa: BLE001 - one failing section must not stop the others
                     error = traceback.format_exc()
                     log(f"[{name}] {error}")
-                    sec.check("section ran to the end", False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                              if str(exc) else type(exc).__name__)
+                    sec.check(
+                        "section ran to the end",
+                        False,
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                        if str(exc)
+                        else type(exc).__name__,
+                    )
                 res = sec.result()
                 if error:
                     res["error"] = error[-4000:]
@@ -1118,7 +1477,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in results:
             continue
         r = results[name]
-        print(f"{r['status']:4}  {title} ({r['seconds']:.0f} s){'  ' + r['reason'] if r.get('reason') else ''}")
+        print(
+            f"{r['status']:4}  {title} ({r['seconds']:.0f} s){'  ' + r['reason'] if r.get('reason') else ''}"
+        )
         for c in r["checks"]:
             print(f"      {c['status']}: {c['name']}: {c['detail'][:300]}")
         for key, value in r["figures"].items():

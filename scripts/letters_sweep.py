@@ -80,47 +80,126 @@ B64 = _b(64, "3e-4")  # the base of most variations: batch 64, lr 3e-4 -> 3e-5
 # last ones. Shared by all (from the recipe): n_hid 32, one block a group, n_init 64, 256 codes, EMA 0.99, KL
 # weight 6.6 from the first update (kl_steps 1), tau 1 -> 1/16, eval on the 36 held-out letters.
 RUNS: list[Run] = [
-    Run("recipe-long", "the recipe as it is (batch 16, lr 1e-4), only longer: does it just need more updates?",
-        [], 16),
-    Run("b64-lr3e-4", "batch 64, lr 3e-4 (the base of the variations below): do larger batches / steps help?",
-        B64, 64),
+    Run(
+        "recipe-long",
+        "the recipe as it is (batch 16, lr 1e-4), only longer: does it just need more updates?",
+        [],
+        16,
+    ),
+    Run(
+        "b64-lr3e-4",
+        "batch 64, lr 3e-4 (the base of the variations below): do larger batches / steps help?",
+        B64,
+        64,
+    ),
     Run("b128-lr1e-3", "batch 128, lr 1e-3: the largest batch and step size", _b(128, "1e-3"), 128),
-    Run("b64-hid64", "n_hid 64, n_init 128: is the decoder too small to draw strokes and colour?",
-        [*B64, "--n-hid", "64", "--n-init", "128"], 64),
-    Run("b64-v1024", "1024 codes: more codes, each less polluted by the random codes sampled at white cells",
-        [*B64, "--vocab-size", "1024"], 64),
-    Run("b64-tau1", "tau held at 1 (--tau-end 1): is the collapse driven by the falling temperature?",
-        [*B64, "--tau-end", "1"], 64),
-    Run("b64-kl1-tau16", "KL weight 1 (less pull of every cell towards the uniform posterior), tau 16 -> 1/16 "
+    Run(
+        "b64-hid64",
+        "n_hid 64, n_init 128: is the decoder too small to draw strokes and colour?",
+        [*B64, "--n-hid", "64", "--n-init", "128"],
+        64,
+    ),
+    Run(
+        "b64-v1024",
+        "1024 codes: more codes, each less polluted by the random codes sampled at white cells",
+        [*B64, "--vocab-size", "1024"],
+        64,
+    ),
+    Run(
+        "b64-tau1",
+        "tau held at 1 (--tau-end 1): is the collapse driven by the falling temperature?",
+        [*B64, "--tau-end", "1"],
+        64,
+    ),
+    Run(
+        "b64-kl1-tau16",
+        "KL weight 1 (less pull of every cell towards the uniform posterior), tau 16 -> 1/16 "
         "(which kept beta 1 from saturating early on the CPU)",
-        [*B64, "--kl-weight", "1", "--tau-start", "16"], 64),
-    Run("b64-st", "straight-through: the decoder sees one-hot codes in training, as in evaluation",
-        [*B64, "--straight-through"], 64),
-    Run("b16-lr3e-4", "the recipe's batch 16 with lr 3e-4: separates the lr from the batch effect",
-        _b(16, "3e-4"), 16),
+        [*B64, "--kl-weight", "1", "--tau-start", "16"],
+        64,
+    ),
+    Run(
+        "b64-st",
+        "straight-through: the decoder sees one-hot codes in training, as in evaluation",
+        [*B64, "--straight-through"],
+        64,
+    ),
+    Run(
+        "b16-lr3e-4",
+        "the recipe's batch 16 with lr 3e-4: separates the lr from the batch effect",
+        _b(16, "3e-4"),
+        16,
+    ),
     Run("b64-lr1e-3", "batch 64, lr 1e-3", _b(64, "1e-3"), 64),
     Run("b128-lr3e-4", "batch 128, lr 3e-4", _b(128, "3e-4"), 128),
-    Run("b64-hid64-blk2", "n_hid 64, two blocks a group (the paper's depth), n_init 128",
-        [*B64, "--n-hid", "64", "--n-blk-per-group", "2", "--n-init", "128"], 64),
+    Run(
+        "b64-hid64-blk2",
+        "n_hid 64, two blocks a group (the paper's depth), n_init 128",
+        [*B64, "--n-hid", "64", "--n-blk-per-group", "2", "--n-init", "128"],
+        64,
+    ),
     Run("b64-v512", "512 codes", [*B64, "--vocab-size", "512"], 64),
-    Run("b64-kl13", "KL weight 13.2 (2x the paper's; not tried yet): does a stronger pull make it worse or better?",
-        [*B64, "--kl-weight", "13.2"], 64),
-    Run("b64-st-tau1", "straight-through with tau held at 1: hard codes forward, soft gradients that stay wide",
-        [*B64, "--straight-through", "--tau-end", "1"], 64),
-    Run("b128-hid64-v1024", "everything larger at once: batch 128, lr 5e-4, n_hid 64, n_init 128, 1024 codes",
-        [*_b(128, "5e-4"), "--n-hid", "64", "--n-init", "128", "--vocab-size", "1024"], 128),
+    Run(
+        "b64-kl13",
+        "KL weight 13.2 (2x the paper's; not tried yet): does a stronger pull make it worse or better?",
+        [*B64, "--kl-weight", "13.2"],
+        64,
+    ),
+    Run(
+        "b64-st-tau1",
+        "straight-through with tau held at 1: hard codes forward, soft gradients that stay wide",
+        [*B64, "--straight-through", "--tau-end", "1"],
+        64,
+    ),
+    Run(
+        "b128-hid64-v1024",
+        "everything larger at once: batch 128, lr 5e-4, n_hid 64, n_init 128, 1024 codes",
+        [*_b(128, "5e-4"), "--n-hid", "64", "--n-init", "128", "--vocab-size", "1024"],
+        128,
+    ),
 ]
 
 # --smoke: tiny CPU runs that exercise the flags the sweep uses (a wrong flag kills a run at once)
 SMOKE_STEPS = 12
 SMOKE_RUNS: list[Run] = [
     Run("smoke-recipe", "the recipe, a few updates", ["--batch-size", "4"], 4),
-    Run("smoke-st-tau1-v512", "straight-through, tau held at 1, 512 codes, KL 1, lr 3e-4",
-        ["--batch-size", "4", "--straight-through", "--tau-end", "1", "--vocab-size", "512", "--kl-weight", "1",
-         "--lr", "3e-4", "--lr-end", "3e-5"], 4),
-    Run("smoke-hid64-blk2", "n_hid 64, two blocks a group, tau 16 -> 1/16",
-        ["--batch-size", "4", "--n-hid", "64", "--n-blk-per-group", "2", "--n-init", "128", "--tau-start", "16"],
-        4),
+    Run(
+        "smoke-st-tau1-v512",
+        "straight-through, tau held at 1, 512 codes, KL 1, lr 3e-4",
+        [
+            "--batch-size",
+            "4",
+            "--straight-through",
+            "--tau-end",
+            "1",
+            "--vocab-size",
+            "512",
+            "--kl-weight",
+            "1",
+            "--lr",
+            "3e-4",
+            "--lr-end",
+            "3e-5",
+        ],
+        4,
+    ),
+    Run(
+        "smoke-hid64-blk2",
+        "n_hid 64, two blocks a group, tau 16 -> 1/16",
+        [
+            "--batch-size",
+            "4",
+            "--n-hid",
+            "64",
+            "--n-blk-per-group",
+            "2",
+            "--n-init",
+            "128",
+            "--tau-start",
+            "16",
+        ],
+        4,
+    ),
 ]
 
 
@@ -206,11 +285,19 @@ def summarize_run(result: dict[str, Any]) -> None:
     best = max(evals, key=lambda e: e.get("psnr", -1e9)) if evals else None
     final = evals[-1] if evals else None
     result["best"] = (
-        {"step": best["step"], "psnr": best.get("psnr"), "codes_used": best.get("codes_used")} if best else None
+        {"step": best["step"], "psnr": best.get("psnr"), "codes_used": best.get("codes_used")}
+        if best
+        else None
     )
     result["final"] = (
-        {"step": final["step"], "psnr": final.get("psnr"), "codes_used": final.get("codes_used"),
-         "perplexity": final.get("perplexity")} if final else None
+        {
+            "step": final["step"],
+            "psnr": final.get("psnr"),
+            "codes_used": final.get("codes_used"),
+            "perplexity": final.get("perplexity"),
+        }
+        if final
+        else None
     )
     if evals:
         result["flat_psnr"] = evals[0].get("flat_psnr")
@@ -220,18 +307,25 @@ def summarize_run(result: dict[str, Any]) -> None:
 
 def table(results: list[dict[str, Any]], max_evals: int = 8) -> str:
     """The markdown table of the runs (in sweep order)."""
-    head = ("| run | flags | updates | wall s | held-out PSNR dB / codes_used, by update | best PSNR (update, codes) "
-            "| final PSNR / codes | final KL / ln K, tau | verdict |")
+    head = (
+        "| run | flags | updates | wall s | held-out PSNR dB / codes_used, by update | best PSNR (update, codes) "
+        "| final PSNR / codes | final KL / ln K, tau | verdict |"
+    )
     lines = [head, "|---|---|---:|---:|---|---|---|---|---|"]
     for r in results:
         evals = r.get("evals") or []
         shown = pick_evals(evals, max_evals)
-        cells = ", ".join(f"{_kstep(int(e['step']))}: {fmt(e.get('psnr'))}/{e.get('codes_used', '-')}"
-                          for e in shown)
+        cells = ", ".join(
+            f"{_kstep(int(e['step']))}: {fmt(e.get('psnr'))}/{e.get('codes_used', '-')}" for e in shown
+        )
         if len(shown) < len(evals):
             cells += f" ({len(evals)} evals, {len(shown)} shown)"
         best, final = r.get("best"), r.get("final")
-        best_s = f"**{fmt(best['psnr'], '.2f')}** ({_kstep(int(best['step']))}, {best['codes_used']})" if best else "-"
+        best_s = (
+            f"**{fmt(best['psnr'], '.2f')}** ({_kstep(int(best['step']))}, {best['codes_used']})"
+            if best
+            else "-"
+        )
         final_s = f"{fmt(final['psnr'], '.2f')} / {final['codes_used']}" if final else "-"
         lt = r.get("last_train") or {}
         k = r.get("vocab_size")
@@ -271,17 +365,44 @@ def vocab_of(run: Run) -> int:
     return int(json.loads(RECIPE.read_text()).get("vocab_size", 256))
 
 
-def build_cmd(run: Run, steps: int, run_dir: Path, args: argparse.Namespace, train_limit_s: float,
-              evals: int) -> list[str]:
+def build_cmd(
+    run: Run, steps: int, run_dir: Path, args: argparse.Namespace, train_limit_s: float, evals: int
+) -> list[str]:
     every = max(1, steps // evals)
     cmd = [
-        sys.executable, "-m", "dalle", "train-dvae", "--config", str(RECIPE), "--out", str(run_dir),
-        "--steps", str(steps), "--tau-steps", str(max(1, round(TAU_SHARE * steps))),
-        "--eval-every", str(every), "--sample-every", str(every), "--eval-images", "36",
-        "--log-every", str(max(1, min(every, steps // 100 or 1))), "--ckpt-every", str(steps),
-        "--keep-checkpoints", "1", "--plot-every", "0", "--no-progress",
-        "--device", args.device, "--threads", str(args.threads),
-        "--time-limit", f"{max(train_limit_s, 1.0) / 60.0:.4f}",
+        sys.executable,
+        "-m",
+        "dalle",
+        "train-dvae",
+        "--config",
+        str(RECIPE),
+        "--out",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--tau-steps",
+        str(max(1, round(TAU_SHARE * steps))),
+        "--eval-every",
+        str(every),
+        "--sample-every",
+        str(every),
+        "--eval-images",
+        "36",
+        "--log-every",
+        str(max(1, min(every, steps // 100 or 1))),
+        "--ckpt-every",
+        str(steps),
+        "--keep-checkpoints",
+        "1",
+        "--plot-every",
+        "0",
+        "--no-progress",
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--time-limit",
+        f"{max(train_limit_s, 1.0) / 60.0:.4f}",
     ]
     return cmd + run.flags
 
@@ -314,10 +435,17 @@ def log_tail(path: Path, lines: int = 25) -> str:
 def collect(job: Job, status: str) -> dict[str, Any]:
     parsed = read_metrics(job.run_dir / "metrics.jsonl")
     result: dict[str, Any] = {
-        "name": job.run.name, "why": job.run.why, "flags": job.run.flags, "steps": job.steps,
-        "vocab_size": vocab_of(job.run), "train_time_limit_s": round(job.train_limit_s, 1),
-        "cmd": shlex.join(job.cmd), "rc": job.rc, "status": status,
-        "wall_s": round(job.wall_s, 1) if job.wall_s is not None else None, "run_dir": str(job.run_dir),
+        "name": job.run.name,
+        "why": job.run.why,
+        "flags": job.run.flags,
+        "steps": job.steps,
+        "vocab_size": vocab_of(job.run),
+        "train_time_limit_s": round(job.train_limit_s, 1),
+        "cmd": shlex.join(job.cmd),
+        "rc": job.rc,
+        "status": status,
+        "wall_s": round(job.wall_s, 1) if job.wall_s is not None else None,
+        "run_dir": str(job.run_dir),
         **parsed,
     }
     if job.rc not in (0, None) or not parsed["evals"]:
@@ -363,8 +491,9 @@ def best_samples_png(results: list[dict[str, Any]], out: Path) -> str | None:
     return f"`best-run-samples.png`: run **{best['name']}**, 8 held-out originals over their reconstructions, {what}"
 
 
-def write_report(out: Path, args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[str, Any],
-                 final: bool) -> str:
+def write_report(
+    out: Path, args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[str, Any], final: bool
+) -> str:
     tab = table(results)
     flat = next((r.get("flat_psnr") for r in results if r.get("flat_psnr") is not None), None)
     variety = next((r.get("cell_variety") for r in results if r.get("cell_variety") is not None), None)
@@ -394,7 +523,14 @@ def write_report(out: Path, args: argparse.Namespace, results: list[dict[str, An
     md += [f"* **{r['name']}**: {r['why']}" for r in results]
     failed = [r for r in results if r.get("log_tail") and r.get("rc") not in (0, None)]
     for r in failed:
-        md += ["", f"### {r['name']}: exit {r['rc']} ({r['status']}), log tail", "", "```", r["log_tail"], "```"]
+        md += [
+            "",
+            f"### {r['name']}: exit {r['rc']} ({r['status']}), log tail",
+            "",
+            "```",
+            r["log_tail"],
+            "```",
+        ]
     (out / "letters-sweep.md").write_text("\n".join(md) + "\n")
     payload = {"meta": meta, "args": vars(args), "runs": results}
     tmp = out / "letters-sweep.json.tmp"
@@ -404,26 +540,50 @@ def write_report(out: Path, args: argparse.Namespace, results: list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, type=Path, help="report folder (letters-sweep.md/.json, one PNG)")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds the whole sweep may take (default 230; --smoke: 110)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds the whole sweep may take (default 230; --smoke: 110)",
+    )
     p.add_argument("--device", default=None, help="train-dvae --device (default cuda; --smoke: cpu)")
     p.add_argument("--parallel", type=int, default=None, help="runs at a time (default 8; --smoke: 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per run (default: cores // parallel, at least 1)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every run's step count (by batch size: "
-                        + ", ".join(f"b{b} {n}" for b, n in STEPS_BY_BATCH.items()) + ")")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (default: cores // parallel, at least 1)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every run's step count (by batch size: "
+        + ", ".join(f"b{b} {n}" for b, n in STEPS_BY_BATCH.items())
+        + ")",
+    )
     p.add_argument("--evals", type=int, default=None, help="evaluations per run's --steps (default 32)")
     p.add_argument("--only", default=None, help="comma-separated run names (default: all)")
-    p.add_argument("--runs-dir", type=Path, default=None, help="where the run directories go (default: a temp dir)")
-    p.add_argument("--startup-s", type=float, default=None,
-                   help="seconds a run needs outside its training loop: start-up and the final evaluation/export "
-                        "(default 35 on CUDA, 25 on the CPU)")
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="SIGTERM runs still alive this many seconds before the deadline, SIGKILL at it (default 10)")
+    p.add_argument(
+        "--runs-dir", type=Path, default=None, help="where the run directories go (default: a temp dir)"
+    )
+    p.add_argument(
+        "--startup-s",
+        type=float,
+        default=None,
+        help="seconds a run needs outside its training loop: start-up and the final evaluation/export "
+        "(default 35 on CUDA, 25 on the CPU)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="SIGTERM runs still alive this many seconds before the deadline, SIGKILL at it (default 10)",
+    )
     p.add_argument("--smoke", action="store_true", help=f"2-3 tiny CPU runs of {SMOKE_STEPS} updates")
     p.add_argument("--list", action="store_true", help="print the runs and their commands, run nothing")
     args = p.parse_args(argv)
@@ -435,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     args.parallel = max(1, args.parallel or (1 if smoke else 8))
     args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.parallel)
     evals = args.evals or (3 if smoke else 32)
-    startup = args.startup_s if args.startup_s is not None else (35.0 if args.device.startswith("cuda") else 25.0)
+    startup = (
+        args.startup_s if args.startup_s is not None else (35.0 if args.device.startswith("cuda") else 25.0)
+    )
     runs = SMOKE_RUNS if smoke else RUNS
     if args.only:
         want = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -458,9 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + args.time_limit - 3.0  # 3 s to write the report
     kill_at = deadline - args.grace
     slot = (kill_at - time.monotonic()) / waves
-    common = (f"--steps N --tau-steps 0.75N --eval-every N/{evals} --sample-every N/{evals} --eval-images 36 "
-              "--ckpt-every N --keep-checkpoints 1 --plot-every 0 --no-progress "
-              f"--device {args.device} --threads {args.threads} --time-limit T")
+    common = (
+        f"--steps N --tau-steps 0.75N --eval-every N/{evals} --sample-every N/{evals} --eval-images 36 "
+        "--ckpt-every N --keep-checkpoints 1 --plot-every 0 --no-progress "
+        f"--device {args.device} --threads {args.threads} --time-limit T"
+    )
 
     if args.list:
         for run in runs:
@@ -469,9 +633,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     meta: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "n_runs": len(runs), "waves": waves,
-        "slot_s": round(slot, 1), "common": common, "runs_dir": str(runs_dir), "smoke": smoke,
-        "cpu_count": os.cpu_count(), "steps_by_batch": STEPS_BY_BATCH, "scale": args.scale,
+        "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "n_runs": len(runs),
+        "waves": waves,
+        "slot_s": round(slot, 1),
+        "common": common,
+        "runs_dir": str(runs_dir),
+        "smoke": smoke,
+        "cpu_count": os.cpu_count(),
+        "steps_by_batch": STEPS_BY_BATCH,
+        "scale": args.scale,
     }
     try:  # cheap and informative; the children import torch anyway
         import torch
@@ -486,9 +657,12 @@ def main(argv: list[str] | None = None) -> int:
             meta["device_name"] = platform.processor() or platform.machine()
     except ImportError:
         meta["torch"] = None
-    print(f"letters_sweep: {len(runs)} runs, {args.parallel} at a time ({waves} waves of ~{slot:.0f} s), "
-          f"device {args.device}, threads {args.threads}, deadline in {deadline - time.monotonic():.0f} s; "
-          f"run directories in {runs_dir}", flush=True)
+    print(
+        f"letters_sweep: {len(runs)} runs, {args.parallel} at a time ({waves} waves of ~{slot:.0f} s), "
+        f"device {args.device}, threads {args.threads}, deadline in {deadline - time.monotonic():.0f} s; "
+        f"run directories in {runs_dir}",
+        flush=True,
+    )
 
     write_report(args.out, args, [], meta, final=False)  # something to read even if the sweep is cut short
     pending = list(runs)
@@ -502,14 +676,19 @@ def main(argv: list[str] | None = None) -> int:
         job.wall_s = time.monotonic() - job.t0
         results[job.run.name] = collect(job, status)
         r = results[job.run.name]
-        print(f"[{time.monotonic() - t_start:6.0f} s] {job.run.name}: {status}, rc {job.rc}, "
-              f"{r['updates']}/{job.steps} updates, best {fmt((r['best'] or {}).get('psnr'), '.2f')} dB, "
-              f"final {fmt((r['final'] or {}).get('psnr'), '.2f')} dB / {(r['final'] or {}).get('codes_used', '-')} "
-              f"codes; {r['verdict']}", flush=True)
+        print(
+            f"[{time.monotonic() - t_start:6.0f} s] {job.run.name}: {status}, rc {job.rc}, "
+            f"{r['updates']}/{job.steps} updates, best {fmt((r['best'] or {}).get('psnr'), '.2f')} dB, "
+            f"final {fmt((r['final'] or {}).get('psnr'), '.2f')} dB / {(r['final'] or {}).get('codes_used', '-')} "
+            f"codes; {r['verdict']}",
+            flush=True,
+        )
         ordered = [results[r.name] for r in runs if r.name in results]
         write_report(args.out, args, ordered, meta, final=False)
 
-    def on_term(signum: int, frame: Any) -> None:  # the sweep itself told to stop: stop the runs, still report
+    def on_term(
+        signum: int, frame: Any
+    ) -> None:  # the sweep itself told to stop: stop the runs, still report
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -525,9 +704,18 @@ def main(argv: list[str] | None = None) -> int:
                 run = pending.pop(0)
                 if train_limit < min_train:
                     skipped.append(run.name)
-                    results[run.name] = {"name": run.name, "why": run.why, "flags": run.flags, "status": "not started",
-                                         "steps": steps_of(run), "updates": 0, "evals": [],
-                                         "verdict": "not started (no time left)", "best": None, "final": None}
+                    results[run.name] = {
+                        "name": run.name,
+                        "why": run.why,
+                        "flags": run.flags,
+                        "status": "not started",
+                        "steps": steps_of(run),
+                        "updates": 0,
+                        "evals": [],
+                        "verdict": "not started (no time left)",
+                        "best": None,
+                        "final": None,
+                    }
                     continue
                 steps = steps_of(run)
                 run_dir = runs_dir / run.name
@@ -537,12 +725,22 @@ def main(argv: list[str] | None = None) -> int:
                 with open(log, "wb") as fh:
                     fh.write((shlex.join(cmd) + "\n").encode())
                     fh.flush()
-                    job.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+                    job.proc = subprocess.Popen(
+                        cmd,
+                        cwd=REPO,
+                        env=env,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 job.t0 = time.monotonic()
                 running.append(job)
-                print(f"[{job.t0 - t_start:6.0f} s] start {run.name}: {steps} steps, training limit "
-                      f"{train_limit:.0f} s", flush=True)
+                print(
+                    f"[{job.t0 - t_start:6.0f} s] start {run.name}: {steps} steps, training limit "
+                    f"{train_limit:.0f} s",
+                    flush=True,
+                )
             for job in list(running):
                 assert job.proc is not None
                 rc = job.proc.poll()

@@ -16,10 +16,18 @@ MiB = 2**20
 
 def test_bundled_files_fit_the_size_budget():
     total = 0
-    for name, path in REGISTRY.items():  # shapes (256 px, the default) and shapes-128 (the faster, weaker one)
+    for (
+        name,
+        path,
+    ) in REGISTRY.items():  # shapes (256 px, the default) and shapes-128 (the faster, weaker one)
         files = [f for f in path.iterdir() if f.is_file()]
-        assert {f.name for f in files} >= {"config.json", "transformer.safetensors", "encoder.safetensors",
-                                           "decoder.safetensors", "tokenizer.model"}
+        assert {f.name for f in files} >= {
+            "config.json",
+            "transformer.safetensors",
+            "encoder.safetensors",
+            "decoder.safetensors",
+            "tokenizer.model",
+        }
         assert all(f.stat().st_size <= 16 * MiB for f in files)
         total += sum(f.stat().st_size for f in files)
         config = json.loads((path / "config.json").read_text())
@@ -33,8 +41,13 @@ def test_bundled_files_fit_the_size_budget():
 @pytest.mark.parametrize("name", ["shapes", "shapes-128"])
 def test_bundled_model_generates_on_cpu(name):
     pipe = DALLE.from_pretrained(name, device="cpu")
-    out = pipe.generate(["a large red circle", "a blue square on the left"], num_images=1, seed=0,
-                        progress=False, return_tokens=True)
+    out = pipe.generate(
+        ["a large red circle", "a blue square on the left"],
+        num_images=1,
+        seed=0,
+        progress=False,
+        return_tokens=True,
+    )
     assert len(out.images) == 2
     assert all(isinstance(im, Image.Image) and im.size == (pipe.image_size,) * 2 for im in out.images)
     assert out.tokens.shape == (2, pipe.grid, pipe.grid)
@@ -92,7 +105,9 @@ def test_the_recipe_configs_are_valid_and_used_by_the_script() -> None:
     configs = sorted(recipe.glob("*.json"))
     assert len(configs) >= 2
     for path in configs:
-        command, cls = ("train-dvae", DVAETrainConfig) if path.stem == "dvae" else ("train", TransformerTrainConfig)
+        command, cls = (
+            ("train-dvae", DVAETrainConfig) if path.stem == "dvae" else ("train", TransformerTrainConfig)
+        )
         cfg = build_config(cls, build_parser().parse_args([command, "--config", str(path)]), command)
         cfg.validate()
         assert f"--config recipes/shapes/{path.name}" in script

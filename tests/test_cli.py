@@ -31,8 +31,24 @@ def model_dir(tmp_path_factory):
 def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
     grid = tmp_path / "grid.png"
     out_dir = tmp_path / "imgs"
-    r = run_cli("generate", "a red circle", "a blue square", "--model", str(model_dir), "-n", "2", "--seed", "7",
-                "--output", str(grid), "--output-dir", str(out_dir), "--temperature", "0.9", "--quiet")
+    r = run_cli(
+        "generate",
+        "a red circle",
+        "a blue square",
+        "--model",
+        str(model_dir),
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        "--output",
+        str(grid),
+        "--output-dir",
+        str(out_dir),
+        "--temperature",
+        "0.9",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     files = sorted(out_dir.glob("*.png"))
     assert len(files) == 4
@@ -48,8 +64,21 @@ def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
         assert im.size[0] > 32 * 2
     # same seed, same images
     again = tmp_path / "again"
-    r = run_cli("generate", "a blue square", "--model", str(model_dir), "-n", "1", "--seed", "7",
-                "--output-dir", str(again), "--temperature", "0.9", "--quiet")
+    r = run_cli(
+        "generate",
+        "a blue square",
+        "--model",
+        str(model_dir),
+        "-n",
+        "1",
+        "--seed",
+        "7",
+        "--output-dir",
+        str(again),
+        "--temperature",
+        "0.9",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     (single,) = list(again.glob("*.png"))
     with Image.open(single) as a, Image.open(files[2]) as b:
@@ -73,7 +102,11 @@ def test_generate_writes_grid_and_images_with_metadata(model_dir, tmp_path):
     ],
 )
 def test_bad_arguments_exit_2(args, model_dir):
-    r = run_cli(*args, "--model", str(model_dir)) if args[0] == "generate" and len(args) > 1 else run_cli(*args)
+    r = (
+        run_cli(*args, "--model", str(model_dir))
+        if args[0] == "generate" and len(args) > 1
+        else run_cli(*args)
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     if args[0] in ("generate", "train") and len(args) > 1:  # the subcommand's usage, not the top-level one
@@ -88,8 +121,17 @@ def test_unwritable_outputs_are_refused_before_sampling(model_dir, tmp_path):
         str(tmp_path / "file.png" / "grid.png"): "cannot create the folder",
     }
     for output, message in cases.items():
-        r = run_cli("generate", "a red circle", "--model", str(model_dir), "--output", output,
-                    "--output-dir", str(tmp_path / "each"), "--quiet")
+        r = run_cli(
+            "generate",
+            "a red circle",
+            "--model",
+            str(model_dir),
+            "--output",
+            output,
+            "--output-dir",
+            str(tmp_path / "each"),
+            "--quiet",
+        )
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not list((tmp_path / "each").glob("*.png"))  # nothing was sampled, nothing half-written
 
@@ -120,8 +162,22 @@ def test_complete_writes_images(model_dir, tmp_path):
     src = tmp_path / "src.png"
     Image.new("RGB", (32, 32), (40, 90, 220)).save(src)
     out = tmp_path / "done.png"
-    r = run_cli("complete", str(src), "a blue square", "--rows", "2", "--model", str(model_dir), "-n", "2",
-                "--seed", "1", "--output", str(out), "--quiet")
+    r = run_cli(
+        "complete",
+        str(src),
+        "a blue square",
+        "--rows",
+        "2",
+        "--model",
+        str(model_dir),
+        "-n",
+        "2",
+        "--seed",
+        "1",
+        "--output",
+        str(out),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert json.loads(im.text["settings"])["rows"] == 2
@@ -135,16 +191,46 @@ def test_complete_records_the_default_rows_and_reconstruct_warns_on_enlarging(mo
     src = tmp_path / "src.png"
     Image.new("RGB", (40, 32), (40, 90, 220)).save(src)
     out = tmp_path / "done.png"
-    assert main(["complete", str(src), "a blue square", "--model", str(model_dir), "--output", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "complete",
+                str(src),
+                "a blue square",
+                "--model",
+                str(model_dir),
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as im:
-        assert json.loads(im.text["settings"])["rows"] == 2  # the paper's 15 of 32 rows of a 4x4 grid, rounded
+        assert (
+            json.loads(im.text["settings"])["rows"] == 2
+        )  # the paper's 15 of 32 rows of a 4x4 grid, rounded
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (20, 20), (40, 90, 220)).save(tiny)
     with pytest.warns(UserWarning, match="20x20, smaller than 32 px: it is enlarged .*--no-upscale"):
-        assert main(["reconstruct", str(tiny), "--model", str(model_dir), "--output", str(tmp_path / "r.png")]) == 0
-    assert main(["reconstruct", str(tiny), "--model", str(model_dir), "--no-upscale",
-                 "--output", str(tmp_path / "r2.png")]) == 1
+        assert (
+            main(["reconstruct", str(tiny), "--model", str(model_dir), "--output", str(tmp_path / "r.png")])
+            == 0
+        )
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(tiny),
+                "--model",
+                str(model_dir),
+                "--no-upscale",
+                "--output",
+                str(tmp_path / "r2.png"),
+            ]
+        )
+        == 1
+    )
     assert "leave out --no-upscale to enlarge it" in capsys.readouterr().err
 
 
@@ -176,7 +262,9 @@ def test_demo_runs_offline(tmp_path):
         meta = dict(im.text)
     # the PNG and the console both say which model or weights produced it
     assert meta["model"] == "shapes" and meta["software"].startswith("dalle ")
-    assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == len(DEMO_PROMPTS)
+    assert json.loads(meta["settings"])["command"] == "demo" and len(meta["seed"].split(",")) == len(
+        DEMO_PROMPTS
+    )
     assert "wrote" in r.stdout
     # the console says which prompt is a combination the model never saw
     assert "5. a large green triangle  (never seen in training" in r.stdout
@@ -189,8 +277,24 @@ def test_threads_flag_sets_torchs_cpu_threads(model_dir, tmp_path):
 
     before = torch.get_num_threads()
     try:
-        assert main(["generate", "a red circle", "--model", str(model_dir), "-n", "1", "--threads", "1", "--quiet",
-                     "--output", str(tmp_path / "g.png")]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "a red circle",
+                    "--model",
+                    str(model_dir),
+                    "-n",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--quiet",
+                    "--output",
+                    str(tmp_path / "g.png"),
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

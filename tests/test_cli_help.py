@@ -7,7 +7,9 @@ import argparse
 from dalle.cli import build_parser
 
 
-def _subparsers(parser: argparse.ArgumentParser, prefix: str = "dalle") -> list[tuple[str, argparse.ArgumentParser]]:
+def _subparsers(
+    parser: argparse.ArgumentParser, prefix: str = "dalle"
+) -> list[tuple[str, argparse.ArgumentParser]]:
     found = [(prefix, parser)]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

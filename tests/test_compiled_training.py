@@ -21,12 +21,19 @@ def _losses(run) -> list[float]:
 
 def test_compiled_training_matches_eager(tmp_path) -> None:
     dvae = make_tiny_dvae_dir(tmp_path / "dvae")
-    base = {**TINY_TRANSFORMER, "dvae": str(dvae), "steps": 3, "ckpt_every": 100, "eval_samples": 0,
-            "grad_accum": 2}
+    base = {
+        **TINY_TRANSFORMER,
+        "dvae": str(dvae),
+        "steps": 3,
+        "ckpt_every": 100,
+        "eval_samples": 0,
+        "grad_accum": 2,
+    }
     eager = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "eager")}))
     eager.fit()
-    compiled = TransformerTrainer(TransformerTrainConfig(**{**base, "compile": True,
-                                                            "out_dir": str(tmp_path / "compiled")}))
+    compiled = TransformerTrainer(
+        TransformerTrainConfig(**{**base, "compile": True, "out_dir": str(tmp_path / "compiled")})
+    )
     assert compiled.net._compiled_call_impl is not None  # compiled in place
     compiled.fit()
     a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
@@ -39,4 +46,6 @@ def test_compiled_training_matches_eager(tmp_path) -> None:
 
 def test_compile_with_fsdp_is_refused() -> None:
     with pytest.raises(ConfigError, match="fsdp"):
-        TransformerTrainConfig(**{**TINY_TRANSFORMER, "compile": True, "fsdp": True, "out_dir": "x"}).validate()
+        TransformerTrainConfig(
+            **{**TINY_TRANSFORMER, "compile": True, "fsdp": True, "out_dir": "x"}
+        ).validate()

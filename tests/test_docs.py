@@ -64,7 +64,9 @@ def split_markdown(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, st
         fence, info = m.group("fence"), m.group("info").strip()
         start, body = i + 1, []
         i += 1
-        while i < len(lines) and not re.match(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[i]):
+        while i < len(lines) and not re.match(
+            rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[i]
+        ):
             body.append(lines[i])
             i += 1
         i += 1  # the closing fence (or the end of the file)
@@ -78,7 +80,9 @@ def parsed(path: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]
 
 
 def code_blocks(*langs: str) -> list[Block]:
-    return [Block(f, line, lang, code) for f in doc_files() for line, lang, code in parsed(f)[1] if lang in langs]
+    return [
+        Block(f, line, lang, code) for f in doc_files() for line, lang, code in parsed(f)[1] if lang in langs
+    ]
 
 
 INLINE_CODE = re.compile(r"(`+).*?\1")
@@ -125,7 +129,11 @@ def anchors(path: Path) -> frozenset[str]:
         n = seen.get(base, 0)
         seen[base] = n + 1
         result.add(base if n == 0 else f"{base}-{n}")
-    result |= {m.group(1) for _, line in parsed(path)[0] for m in re.finditer(r"""<a\s+(?:name|id)=["']([^"']+)""", line)}
+    result |= {
+        m.group(1)
+        for _, line in parsed(path)[0]
+        for m in re.finditer(r"""<a\s+(?:name|id)=["']([^"']+)""", line)
+    }
     return frozenset(result)
 
 
@@ -145,16 +153,28 @@ def link_problem(source: Path, target: str) -> str | None:
 # ------------------------------------------------------------------------------------------------ links
 def test_the_documents_exist() -> None:
     names = {rel(f) for f in doc_files()}
-    for name in ("README.md", "BENCHMARKS.md", "docs/api.md", "docs/cli.md", "docs/training.md",
-                 "docs/openai-dvae.md", "docs/models.md", "docs/gpu.md", "recipes/shapes/README.md"):
+    for name in (
+        "README.md",
+        "BENCHMARKS.md",
+        "docs/api.md",
+        "docs/cli.md",
+        "docs/training.md",
+        "docs/openai-dvae.md",
+        "docs/models.md",
+        "docs/gpu.md",
+        "recipes/shapes/README.md",
+    ):
         assert name in names
 
 
 @pytest.mark.parametrize("doc", doc_files(), ids=rel)
 def test_relative_links_resolve(doc: Path) -> None:
-    problems = [f"{rel(doc)}:{line}: {target}: {why}"
-                for line, target in links(doc) if not is_external(target)
-                if (why := link_problem(doc, target)) is not None]
+    problems = [
+        f"{rel(doc)}:{line}: {target}: {why}"
+        for line, target in links(doc)
+        if not is_external(target)
+        if (why := link_problem(doc, target)) is not None
+    ]
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
@@ -183,8 +203,11 @@ def test_the_link_checker_catches_broken_links(tmp_path: Path) -> None:
     assert link_problem(doc, "cli.md#no-such-heading") is not None
     assert link_problem(doc, "../../outside.md") is not None
     page = tmp_path / "page.md"
-    page.write_text("# A `code` heading: *yes*\n[x](#a-code-heading-yes) ![i](gone.png)\n"
-                    "```\n[not a link](nowhere.md)\n```\n<img src=\"also-gone.png\">\n", encoding="utf-8")
+    page.write_text(
+        "# A `code` heading: *yes*\n[x](#a-code-heading-yes) ![i](gone.png)\n"
+        '```\n[not a link](nowhere.md)\n```\n<img src="also-gone.png">\n',
+        encoding="utf-8",
+    )
     targets = [t for _, t in links(page)]
     assert targets == ["#a-code-heading-yes", "gone.png", "also-gone.png"]
     assert [t for t in targets if link_problem(page, t)] == ["gone.png", "also-gone.png"]
@@ -193,14 +216,20 @@ def test_the_link_checker_catches_broken_links(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ README
 def test_readme_is_short() -> None:
     size = README.stat().st_size
-    assert size <= README_MAX_BYTES, f"README.md is {size} bytes; keep it under {README_MAX_BYTES} (details go to docs/)"
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes; keep it under {README_MAX_BYTES} (details go to docs/)"
+    )
 
 
 def test_readme_shows_an_image_on_its_first_screen() -> None:
     head = "\n".join(README.read_text(encoding="utf-8").splitlines()[:README_IMAGE_WITHIN_LINES])
     images = [m.group(1) for m in re.finditer(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)", head)]
     images += HTML_SRC.findall(head)
-    local = [i for i in images if not is_external(i) and Path(i).suffix.lower() in {".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"}]
+    local = [
+        i
+        for i in images
+        if not is_external(i) and Path(i).suffix.lower() in {".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"}
+    ]
     assert local, f"no image in the first {README_IMAGE_WITHIN_LINES} lines of README.md"
     assert all((ROOT / i).is_file() for i in local), local
 
@@ -222,7 +251,9 @@ def block_id(block: Block) -> str:
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=block_id)
 def test_python_block_compiles_and_its_dalle_imports_resolve(block: Block) -> None:
-    code = "\n".join(line[4:] if line.startswith((">>> ", "... ")) else line for line in block.code.splitlines())
+    code = "\n".join(
+        line[4:] if line.startswith((">>> ", "... ")) else line for line in block.code.splitlines()
+    )
     tree = compile(code, block_id(block), "exec", flags=ast.PyCF_ONLY_AST)
     compile(tree, block_id(block), "exec")
     problems = []
@@ -330,7 +361,7 @@ def dalle_invocation(tokens: list[str]) -> list[str] | None:
     if re.match(r"^(python[0-9.]*|torchrun)$", Path(tokens[0]).name):
         for i, token in enumerate(tokens[:-1]):
             if token == "-m" and tokens[i + 1] == "dalle":
-                return tokens[i + 2:]
+                return tokens[i + 2 :]
     return None
 
 
@@ -344,7 +375,9 @@ def check_dalle_command(args: list[str]) -> list[str]:
         return [] if not args or args[0] in ("-h", "--help") else [f"dalle {args[0]}: expected a subcommand"]
     path = args[0]
     if path not in subs:
-        return [f"dalle {path}: no such subcommand (known: {', '.join(sorted(s for s in subs if ' ' not in s))})"]
+        return [
+            f"dalle {path}: no such subcommand (known: {', '.join(sorted(s for s in subs if ' ' not in s))})"
+        ]
     rest = args[1:]
     if rest and f"{path} {rest[0]}" in subs:
         path, rest = f"{path} {rest[0]}", rest[1:]
@@ -370,34 +403,49 @@ def check_dalle_command(args: list[str]) -> list[str]:
 @cache
 def make_targets() -> frozenset[str]:
     text = (ROOT / "Makefile").read_text(encoding="utf-8")
-    return frozenset(t for m in re.finditer(r"^([A-Za-z0-9_.\- ]+):(?!=)", text, re.MULTILINE) for t in m.group(1).split())
+    return frozenset(
+        t for m in re.finditer(r"^([A-Za-z0-9_.\- ]+):(?!=)", text, re.MULTILINE) for t in m.group(1).split()
+    )
 
 
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=block_id)
-def test_shell_block_uses_real_subcommands_and_flags(block: Block, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shell_block_uses_real_subcommands_and_flags(
+    block: Block, capsys: pytest.CaptureFixture[str]
+) -> None:
     problems = []
     for tokens in shell_commands(block.code):
         args = dalle_invocation(tokens)
         if args is not None:
             problems += check_dalle_command(args)
         elif tokens[0] == "make":
-            problems += [f"make {t}: no such target" for t in tokens[1:]
-                         if "=" not in t and not t.startswith("-") and t not in make_targets()]
+            problems += [
+                f"make {t}: no such target"
+                for t in tokens[1:]
+                if "=" not in t and not t.startswith("-") and t not in make_targets()
+            ]
     capsys.readouterr()  # argparse's usage messages
     assert not problems, f"{block_id(block)}:\n" + "\n".join(problems)
 
 
 def test_the_command_checker_catches_mistakes(capsys: pytest.CaptureFixture[str]) -> None:
     assert shell_commands("dalle generate 'a b' \\\n  -n 2  # note\nmake demo && make test") == [
-        ["dalle", "generate", "a b", "-n", "2"], ["make", "demo"], ["make", "test"]]
-    assert dalle_invocation(["torchrun", "--nproc_per_node=8", "-m", "dalle", "train", "--fsdp"]) == ["train", "--fsdp"]
+        ["dalle", "generate", "a b", "-n", "2"],
+        ["make", "demo"],
+        ["make", "test"],
+    ]
+    assert dalle_invocation(["torchrun", "--nproc_per_node=8", "-m", "dalle", "train", "--fsdp"]) == [
+        "train",
+        "--fsdp",
+    ]
     assert dalle_invocation([".venv/bin/python", "-m", "dalle", "info"]) == ["info"]
     assert dalle_invocation(["python", "-m", "dalle.train.remap", "a"]) is None
     assert check_dalle_command(["generate", "a red circle", "-n", "4", "--seed=0"]) == []
     assert check_dalle_command(["tokenizer", "encode", "--model", "t.model", "a red circle"]) == []
     assert check_dalle_command(["no-such-command"])
     assert check_dalle_command(["generate", "a red circle", "--no-such-flag"])
-    assert check_dalle_command(["tokenizer", "encode", "--vocab-size", "3", "x"])  # a flag of `tokenizer train`
+    assert check_dalle_command(
+        ["tokenizer", "encode", "--vocab-size", "3", "x"]
+    )  # a flag of `tokenizer train`
     assert check_dalle_command(["generate", "a red circle", "--sampler", "greedy"])  # not a choice
     capsys.readouterr()
     assert {"demo", "test"} <= make_targets()

@@ -341,10 +341,23 @@ def test_cuda_precision_modes(dtype, tol, monkeypatch) -> None:
     if full:
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    ref_enc = official("Encoder", n_hid=64, n_blk_per_group=1, vocab_size=512, device=torch.device("cuda"),
-                       use_mixed_precision=not full)
-    ref_dec = official("Decoder", n_init=16, n_hid=64, n_blk_per_group=1, vocab_size=512,
-                       device=torch.device("cuda"), use_mixed_precision=not full)
+    ref_enc = official(
+        "Encoder",
+        n_hid=64,
+        n_blk_per_group=1,
+        vocab_size=512,
+        device=torch.device("cuda"),
+        use_mixed_precision=not full,
+    )
+    ref_dec = official(
+        "Decoder",
+        n_init=16,
+        n_hid=64,
+        n_blk_per_group=1,
+        vocab_size=512,
+        device=torch.device("cuda"),
+        use_mixed_precision=not full,
+    )
     enc = copy_of(ref_enc, Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512, device="cuda", dtype=dtype))
     dec = copy_of(
         ref_dec, Decoder(n_init=16, n_hid=64, n_blk_per_group=1, vocab_size=512, device="cuda", dtype=dtype)

@@ -26,7 +26,11 @@ def test_script_runs(model_env, monkeypatch):
         monkeypatch.setenv(key, value)
     runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
     out = Path(model_env["DALLE_EXAMPLE_OUT"])
-    assert {p.name for p in out.glob("*.png")} == {"text_to_image.png", "completion.png", "reconstruction.png"}
+    assert {p.name for p in out.glob("*.png")} == {
+        "text_to_image.png",
+        "completion.png",
+        "reconstruction.png",
+    }
 
 
 @pytest.mark.integration
@@ -37,9 +41,13 @@ def test_notebook_executes(model_env, monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DALLE_EXAMPLE_OUT", str(tmp_path / "nb"))
     nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
     assert not errors
     assert (tmp_path / "nb" / "completion.png").is_file()
     assert os.environ["DALLE_MODEL"] == model_env["DALLE_MODEL"]

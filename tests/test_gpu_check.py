@@ -21,12 +21,28 @@ def test_gpu_check_cpu_smoke_writes_a_report_without_failures(tmp_path: Path) ->
         import gpu_check
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
-                           "--wheels", str(tmp_path / "no-wheels")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "gpu_check.py"),
+            "--cpu-smoke",
+            "--out",
+            str(out),
+            "--wheels",
+            str(tmp_path / "no-wheels"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert (out / "gpu-check.md").is_file() and (out / "gpu-check.json").is_file(), proc.stdout + proc.stderr
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["mode"] == "cpu-smoke"

@@ -280,7 +280,9 @@ def test_reconstruct_function() -> None:
             sample_image_path(), enc, Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32), 32
         )
     small = Image.new("RGB", (16, 16), (200, 30, 30))
-    with pytest.raises(ImageError, match="allow_upscale"):  # the same default as preprocess and DALLE.reconstruct
+    with pytest.raises(
+        ImageError, match="allow_upscale"
+    ):  # the same default as preprocess and DALLE.reconstruct
         reconstruct(small, enc, dec, size=32)
     assert reconstruct(small, enc, dec, size=32, allow_upscale=True)[1].size == (32, 32)
 

@@ -53,7 +53,10 @@ def test_letters_source_and_folder_give_the_same_images(tmp_path, monkeypatch) -
     assert isinstance(src, LettersSource) and len(src) == letters.COUNT == 360
     img, cap, name = src.get(7)
     assert (cap, name) == (letters.sample(7)[1], "letters:0:7")
-    assert open_source("letters:3", size=32).get(0)[0].tobytes() == letters.sample(0, seed=3, size=32)[0].tobytes()
+    assert (
+        open_source("letters:3", size=32).get(0)[0].tobytes()
+        == letters.sample(0, seed=3, size=32)[0].tobytes()
+    )
     with pytest.raises(ConfigError, match="integer"):
         open_source("letters:x")
     folder = letters.write_folder(tmp_path / "imgs", count=4, seed=2)
@@ -71,12 +74,18 @@ def test_letters_source_and_folder_give_the_same_images(tmp_path, monkeypatch) -
 # ------------------------------------------------------------------------------------------------ defaults
 def test_default_schedules_are_the_papers_lengths_capped_by_the_run() -> None:
     assert DVAETrainConfig(steps=3_000_000).resolved_steps() == {
-        "kl_steps": 5_000, "tau_steps": 150_000, "lr_steps": 1_200_000}  # exactly the paper's run
+        "kl_steps": 5_000,
+        "tau_steps": 150_000,
+        "lr_steps": 1_200_000,
+    }  # exactly the paper's run
     # a short run: the full KL weight almost at once (the paper's share: a longer warm-up saturates the encoder
     # on sparse images), tau over half and the step size over all of it (not 50 / 400 updates of 1000)
     assert DVAETrainConfig(steps=1000).resolved_steps() == {"kl_steps": 2, "tau_steps": 500, "lr_steps": 1000}
     assert DVAETrainConfig(steps=100_000).resolved_steps() == {
-        "kl_steps": 167, "tau_steps": 50_000, "lr_steps": 100_000}
+        "kl_steps": 167,
+        "tau_steps": 50_000,
+        "lr_steps": 100_000,
+    }
     assert DVAETrainConfig(steps=50).resolved_steps()["kl_steps"] == 1
     assert DVAETrainConfig(steps=1000, kl_steps=7).resolved_steps()["kl_steps"] == 7  # explicit values win
 
@@ -90,7 +99,9 @@ def test_flat_psnr_and_cell_variety() -> None:
     two[:, 0, :8, :8] = 0  # one cyan cell in four
     assert cell_variety(two) == 2
     assert flat_colour_psnr(two) < 20
-    imgs = torch.stack([torch.from_numpy(np.asarray(letters.sample(i)[0]).copy()).permute(2, 0, 1) for i in range(36)])
+    imgs = torch.stack(
+        [torch.from_numpy(np.asarray(letters.sample(i)[0]).copy()).permute(2, 0, 1) for i in range(36)]
+    )
     assert 5 <= cell_variety(imgs) <= 12  # white, five colours and some blends
     assert 15 < flat_colour_psnr(imgs) < 19
 
@@ -98,25 +109,49 @@ def test_flat_psnr_and_cell_variety() -> None:
 def test_verdict_flags_collapsed_runs_and_says_what_to_change() -> None:
     collapsed = {"psnr": 16.2, "codes_used": 3, "perplexity": 1.8, "flat_psnr": 17.3, "cell_variety": 7}
     usable, problems, advice = dvae_verdict(
-        collapsed, vocab_size=8192, steps=18, last_train={"kl": 0.05}, cfg=DVAETrainConfig(image_size=64))
+        collapsed, vocab_size=8192, steps=18, last_train={"kl": 0.05}, cfg=DVAETrainConfig(image_size=64)
+    )
     assert not usable and len(problems) == 3
     text = " ".join(advice)
     for flag in ("--kl-steps", "--steps", "--n-hid 32", "--vocab-size", "recipes/letters/dvae.json"):
         assert flag in text
     loud = format_verdict(usable, problems, advice, collapsed)
     assert "UNUSABLE" in loud and "psnr 16.2" in loud and loud.count("\n") >= 6
-    saturated = dvae_verdict({"psnr": 17.5, "codes_used": 1, "flat_psnr": 17.3, "cell_variety": 7},
-                             vocab_size=512, steps=400, last_train={"kl": math.log(512)})
-    assert not saturated[0] and "--kl-steps" in " ".join(saturated[2]) and "--kl-weight" in " ".join(saturated[2])
+    saturated = dvae_verdict(
+        {"psnr": 17.5, "codes_used": 1, "flat_psnr": 17.3, "cell_variety": 7},
+        vocab_size=512,
+        steps=400,
+        last_train={"kl": math.log(512)},
+    )
+    assert (
+        not saturated[0]
+        and "--kl-steps" in " ".join(saturated[2])
+        and "--kl-weight" in " ".join(saturated[2])
+    )
     good = {"psnr": 24.0, "codes_used": 40, "flat_psnr": 17.3, "cell_variety": 7}
     assert dvae_verdict(good, vocab_size=512, steps=900) == (True, [], [])
     assert "(usable)" in format_verdict(True, [], [], good)
 
 
 def test_a_collapsed_run_ends_with_a_loud_summary(tmp_path, capsys) -> None:
-    cfg = DVAETrainConfig(data="letters", image_size=32, batch_size=2, n_hid=8, n_blk_per_group=1, n_init=8,
-                          vocab_size=32, steps=2, eval_every=2, eval_images=8, sample_every=0, plot_every=0,
-                          ckpt_every=100, log_every=1, progress=False, out_dir=str(tmp_path / "run"))
+    cfg = DVAETrainConfig(
+        data="letters",
+        image_size=32,
+        batch_size=2,
+        n_hid=8,
+        n_blk_per_group=1,
+        n_init=8,
+        vocab_size=32,
+        steps=2,
+        eval_every=2,
+        eval_images=8,
+        sample_every=0,
+        plot_every=0,
+        ckpt_every=100,
+        log_every=1,
+        progress=False,
+        out_dir=str(tmp_path / "run"),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = DVAETrainer(cfg).fit()
@@ -132,9 +167,12 @@ def test_a_collapsed_run_ends_with_a_loud_summary(tmp_path, capsys) -> None:
 
 # ------------------------------------------------------------------------------------------------ the recipe
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 22: no setting measured so far reaches these figures in CPU minutes "
-                   "(best held-out: 18.3 dB with 15 codes mid-run, 17.5 dB with 3 codes at the end of the recipe); "
-                   "see recipes/letters/README.md and BENCHMARKS.md")
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 22: no setting measured so far reaches these figures in CPU minutes "
+    "(best held-out: 18.3 dB with 15 codes mid-run, 17.5 dB with 3 codes at the end of the recipe); "
+    "see recipes/letters/README.md and BENCHMARKS.md",
+)
 def test_letters_recipe_learns_the_letters_on_the_cpu(tmp_path) -> None:
     """The target (BENCHMARKS.md): codes_used >= 16 and PSNR >= 20 dB on the 36 held-out letters, in CPU minutes.
     The recipe's 2000 updates took 13.2 minutes with one thread on a shared, loaded 2-core machine."""

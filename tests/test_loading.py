@@ -241,12 +241,16 @@ def test_wrong_files(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
         load_model(tmp_path / "missing.pkl")
     # what the file is, when it is something else a user may pass by mistake
-    for name, data, what in [("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, "a PNG image file"),
-                             ("photo.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 50, "a JPEG image file"),
-                             ("page.pkl", b"<!DOCTYPE html><html>Not found</html>", "a HTML or XML file"),
-                             ("text.pkl", b"hello", "not a PyTorch file")]:
+    for name, data, what in [
+        ("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, "a PNG image file"),
+        ("photo.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 50, "a JPEG image file"),
+        ("page.pkl", b"<!DOCTYPE html><html>Not found</html>", "a HTML or XML file"),
+        ("text.pkl", b"hello", "not a PyTorch file"),
+    ]:
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ModelLoadError, match=f"{name}: {what}, not dVAE weights; give OpenAI's encoder.pkl"):
+        with pytest.raises(
+            ModelLoadError, match=f"{name}: {what}, not dVAE weights; give OpenAI's encoder.pkl"
+        ):
             load_model(tmp_path / name)
     with pytest.raises(ModelLoadError, match="is a directory; give the weight file in it"):
         load_model(tmp_path)
@@ -368,7 +372,9 @@ def test_url_unreachable(isolated_cache) -> None:
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DownloadError, match=f"could not download .*: cannot connect to 127.0.0.1:{port} .*pass its path"):
+    with pytest.raises(
+        DownloadError, match=f"could not download .*: cannot connect to 127.0.0.1:{port} .*pass its path"
+    ):
         download(f"http://127.0.0.1:{port}/x.pkl", timeout=5)
     assert _cache_files(isolated_cache) == []
 

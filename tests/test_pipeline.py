@@ -153,8 +153,9 @@ def test_rerank_keeps_the_best_by_score(pipe):
     candidates = pipe.generate("a red circle", num_images=6, seed=2, progress=False, return_tokens=True)
     scores = brightness("a red circle", candidates.images)
     best = torch.argsort(scores, descending=True, stable=True)[:2]
-    out = pipe.generate("a red circle", num_images=2, seed=2, rerank=6, scorer=brightness, progress=False,
-                        return_tokens=True)
+    out = pipe.generate(
+        "a red circle", num_images=2, seed=2, rerank=6, scorer=brightness, progress=False, return_tokens=True
+    )
     assert torch.equal(out.tokens, candidates.tokens[best])
     assert out.seeds == [candidates.seeds[int(i)] for i in best]
     assert torch.allclose(out.scores, scores[best])
@@ -174,7 +175,9 @@ def test_completion_keeps_primed_rows(pipe):
     source = Image.new("RGB", (40, 48), (200, 30, 30))
     source.paste((20, 20, 220), (0, 24, 40, 48))
     original = pipe.encode_image(source)
-    out = pipe.complete(source, "a red circle", rows=2, num_images=3, seed=0, progress=False, return_tokens=True)
+    out = pipe.complete(
+        source, "a red circle", rows=2, num_images=3, seed=0, progress=False, return_tokens=True
+    )
     assert out.tokens.shape == (3, 4, 4)
     for grid in out.tokens:
         assert torch.equal(grid[:2], original[0, :2].cpu())
@@ -239,8 +242,10 @@ def test_out_of_memory_is_reported_with_batch_size(pipe, monkeypatch):
 
 def test_cpu_allocator_failures_are_out_of_memory_errors(pipe, monkeypatch):
     def no_memory(*args, **kwargs):  # how the CPU allocator reports it: no "out of memory" in the message
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
-                           "you tried to allocate 40000000000 bytes.")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+            "you tried to allocate 40000000000 bytes."
+        )
 
     monkeypatch.setattr(pipe.transformer, "prefill", no_memory)
     with pytest.raises(OutOfMemoryError, match="sampling a batch of 3 .*batch_size"):
@@ -268,7 +273,9 @@ def test_decoding_goes_in_batches_and_the_cache_is_freed(pipe, monkeypatch):
         return decode(tokens, *args, **kwargs)
 
     monkeypatch.setattr(pipe.decoder, "decode", counting)
-    out = pipe.generate("a red circle", num_images=5, batch_size=2, seed=3, progress=False, return_tokens=True)
+    out = pipe.generate(
+        "a red circle", num_images=5, batch_size=2, seed=3, progress=False, return_tokens=True
+    )
     assert sizes == [2, 2, 1] and len(out.images) == 5
     assert pipe.transformer.cache is None  # the KV cache does not outlive the call
     monkeypatch.undo()

@@ -18,7 +18,11 @@ def test_without_a_terminal_updates_do_not_each_print(capsys) -> None:
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sampling: 1000/1000 tok (100%)") and "loss 0.1234" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("sampling: 1000/1000 tok (100%)")
+        and "loss 0.1234" in lines[0]
+    )
 
 
 def test_a_line_every_interval() -> None:

@@ -37,9 +37,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRID, TEXT_LEN, CODES = 4, 8, 32
 #: RuDalleConfig fields replacing the Malevich preset's, as `dalle convert --set` takes them
-TINY = {"depth": 2, "heads": 2, "head_dim": 16, "text_len": TEXT_LEN, "image_grid": GRID, "image_vocab_size": CODES}
-VQGAN = dict(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], z_channels=32, embed_dim=32,
-             n_embed=CODES, quantizer="gumbel")
+TINY = {
+    "depth": 2,
+    "heads": 2,
+    "head_dim": 16,
+    "text_len": TEXT_LEN,
+    "image_grid": GRID,
+    "image_vocab_size": CODES,
+}
+VQGAN = dict(
+    ch=32,
+    ch_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    z_channels=32,
+    embed_dim=32,
+    n_embed=CODES,
+    quantizer="gumbel",
+)
 
 
 def _jitter(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -55,20 +70,34 @@ def released(tmp_path_factory) -> dict[str, Path]:
     yttm = pytest.importorskip("youtokentome")
     folder = tmp_path_factory.mktemp("released")
     corpus = folder / "corpus.txt"
-    lines = ["котик сидит на окне и смотрит на улицу", "красная машина едет по дороге", "a red bird on a tree"] * 20
+    lines = [
+        "котик сидит на окне и смотрит на улицу",
+        "красная машина едет по дороге",
+        "a red bird on a tree",
+    ] * 20
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     yttm.BPE.train(data=str(corpus), vocab_size=60, model=str(folder / RUDALLE_BPE_FILE), n_threads=1)
     torch.manual_seed(0)
     config = RuDalleConfig.preset("malevich", **TINY, text_vocab_size=60 + TEXT_LEN)
     model = _jitter(RuDalleTransformer(config))
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
-               folder / "pytorch_model_v3.bin")
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        folder / "pytorch_model_v3.bin",
+    )
     encoder, decoder = _jitter(VQGANEncoder(**VQGAN), 0.05), _jitter(VQGANDecoder(**VQGAN), 0.05)
     state = {**encoder.state_dict(), **decoder.state_dict(), "loss.logvar": torch.zeros(())}
-    ckpt = {"epoch": 3, "global_step": 1200, "state_dict": collections.OrderedDict(state), "optimizer_states": []}
+    ckpt = {
+        "epoch": 3,
+        "global_step": 1200,
+        "state_dict": collections.OrderedDict(state),
+        "optimizer_states": [],
+    }
     torch.save(ckpt, folder / RUDALLE_VQGAN_FILE)
-    return {"transformer": folder / "pytorch_model_v3.bin", "vqgan": folder / RUDALLE_VQGAN_FILE,
-            "bpe": folder / RUDALLE_BPE_FILE}
+    return {
+        "transformer": folder / "pytorch_model_v3.bin",
+        "vqgan": folder / RUDALLE_VQGAN_FILE,
+        "bpe": folder / RUDALLE_BPE_FILE,
+    }
 
 
 def _overrides() -> dict:
@@ -125,7 +154,9 @@ def hub(released, tmp_path, monkeypatch) -> Iterator[_Hub]:
     organisation name: the old one answers 404), with DALLE_HF_ENDPOINT and an empty cache pointing at it."""
     server = _Hub(("127.0.0.1", 0), _Handler)
     server.files = {
-        "/ai-forever/rudalle-Malevich/resolve/main/pytorch_model_v3.bin": released["transformer"].read_bytes(),
+        "/ai-forever/rudalle-Malevich/resolve/main/pytorch_model_v3.bin": released[
+            "transformer"
+        ].read_bytes(),
         f"/shonenkov/rudalle-utils/resolve/main/{RUDALLE_VQGAN_FILE}": released["vqgan"].read_bytes(),
         f"/shonenkov/rudalle-utils/resolve/main/{RUDALLE_BPE_FILE}": released["bpe"].read_bytes(),
     }
@@ -135,7 +166,9 @@ def hub(released, tmp_path, monkeypatch) -> Iterator[_Hub]:
     monkeypatch.setenv("DALLE_HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("DALLE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DALLE_OFFLINE", raising=False)
-    monkeypatch.setitem(RUDALLE_HUB, "rudalle-malevich", {**RUDALLE_HUB["rudalle-malevich"], "overrides": _overrides()})
+    monkeypatch.setitem(
+        RUDALLE_HUB, "rudalle-malevich", {**RUDALLE_HUB["rudalle-malevich"], "overrides": _overrides()}
+    )
     try:
         yield server
     finally:
@@ -152,13 +185,23 @@ def test_download_falls_back_to_the_renamed_repo_and_resumes(hub, released, monk
     with pytest.raises(DownloadError, match="resume"):
         download_hf_file(repos, "pytorch_model_v3.bin", progress=False)
     half = len(hub.files[path]) // 2
-    part = Path(os.environ["DALLE_CACHE"]) / "huggingface" / "sberbank-ai--rudalle-Malevich" / "pytorch_model_v3.bin.part"
+    part = (
+        Path(os.environ["DALLE_CACHE"])
+        / "huggingface"
+        / "sberbank-ai--rudalle-Malevich"
+        / "pytorch_model_v3.bin.part"
+    )
     have = part.stat().st_size  # what arrived, in whole chunks
     assert 0 < have <= half
     got = download_hf_file(repos, "pytorch_model_v3.bin", progress=False)
     assert got.read_bytes() == released["transformer"].read_bytes() and not part.exists()
     old = "/sberbank-ai/rudalle-Malevich/resolve/main/pytorch_model_v3.bin"
-    assert hub.log == [(old, None, 404), (path, None, 200), (old, f"bytes={have}-", 404), (path, f"bytes={have}-", 206)]
+    assert hub.log == [
+        (old, None, 404),
+        (path, None, 200),
+        (old, f"bytes={have}-", 404),
+        (path, f"bytes={have}-", 206),
+    ]
     n = len(hub.log)
     assert download_hf_file(repos, "pytorch_model_v3.bin") == got and len(hub.log) == n  # cached: no request
     with pytest.raises(DownloadError, match="not found.*renamed"):
@@ -194,8 +237,22 @@ def test_from_pretrained_downloads_converts_and_generates(hub) -> None:
 def _convert(tmp_path: Path, released: dict[str, Path], *extra: str) -> tuple[int, Path]:
     out = tmp_path / "malevich-tiny"
     sets = [a for k, v in _overrides().items() for a in ("--set", f"{k}={v}")]
-    rc = main(["convert", str(out), "--transformer", str(released["transformer"]), "--preset", "malevich",
-               "--vqgan", str(released["vqgan"]), "--bpe", str(released["bpe"]), *sets, *extra])
+    rc = main(
+        [
+            "convert",
+            str(out),
+            "--transformer",
+            str(released["transformer"]),
+            "--preset",
+            "malevich",
+            "--vqgan",
+            str(released["vqgan"]),
+            "--bpe",
+            str(released["bpe"]),
+            *sets,
+            *extra,
+        ]
+    )
     return rc, out
 
 
@@ -210,16 +267,58 @@ def test_convert_and_generate_cli(tmp_path, released, capsys) -> None:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     prompt = "Красная машина едет по дороге"
     grid, folder = tmp_path / "grid.png", tmp_path / "images"
-    rc = main(["generate", "--model", str(out), prompt, "-n", "2", "--seed", "5", "--output", str(grid),
-               "--output-dir", str(folder), "--quiet", "--device", "cpu", "--rerank", "3"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(out),
+            prompt,
+            "-n",
+            "2",
+            "--seed",
+            "5",
+            "--output",
+            str(grid),
+            "--output-dir",
+            str(folder),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--rerank",
+            "3",
+        ]
+    )
     assert rc == 0
     files = sorted(folder.iterdir())
     assert len(files) == 2 and files[0].name.startswith("000-красная-машина")
     meta = read_png_metadata(files[0])
     assert meta["prompt"] == prompt and json.loads(meta["settings"])["rerank"] == 3
     assert read_png_metadata(grid)["prompt"] == prompt
-    rc = main(["generate", "--model", str(out), "котик", "-n", "1", "--seed", "5", "--output", str(grid), "--quiet",
-               "--device", "cpu", "--top-k", "0", "--top-p", "1", "--sampler", "race", "--filter", "dalle"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(out),
+            "котик",
+            "-n",
+            "1",
+            "--seed",
+            "5",
+            "--output",
+            str(grid),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--sampler",
+            "race",
+            "--filter",
+            "dalle",
+        ]
+    )
     assert rc == 0
 
 
@@ -228,7 +327,10 @@ def test_convert_usage_errors(tmp_path, released, capsys) -> None:
         (["convert", str(tmp_path / "x")], "--transformer, --vqgan, --bpe missing"),
         (["convert", "rudalle-nothing", str(tmp_path / "x")], "unknown SOURCE"),
         (["convert", "rudalle-malevich", str(tmp_path / "x"), "--bpe", str(released["bpe"])], "not both"),
-        (["convert", str(tmp_path / "x"), "--transformer", "nofile", "--vqgan", "a", "--bpe", "b"], "not a file"),
+        (
+            ["convert", str(tmp_path / "x"), "--transformer", "nofile", "--vqgan", "a", "--bpe", "b"],
+            "not a file",
+        ),
         (["convert", str(tmp_path / "x"), "--transformer", "t", "--set", "depth"], "FIELD=VALUE"),
     ):
         with pytest.raises(SystemExit) as exc:
@@ -237,8 +339,20 @@ def test_convert_usage_errors(tmp_path, released, capsys) -> None:
         assert exc.value.code == 2 and message in err and "usage: dalle convert" in err
     # the wrong preset is a load error naming what differs
     out = tmp_path / "y"
-    rc = main(["convert", str(out), "--transformer", str(released["transformer"]), "--vqgan", str(released["vqgan"]),
-               "--bpe", str(released["bpe"]), "--set", "depth=2"])
+    rc = main(
+        [
+            "convert",
+            str(out),
+            "--transformer",
+            str(released["transformer"]),
+            "--vqgan",
+            str(released["vqgan"]),
+            "--bpe",
+            str(released["bpe"]),
+            "--set",
+            "depth=2",
+        ]
+    )
     assert rc == 1 and "does not hold a 'malevich' ruDALL-E transformer" in capsys.readouterr().err
     assert not (out / "config.json").exists()
     with pytest.raises(SystemExit):
@@ -253,8 +367,14 @@ def test_convert_usage_errors(tmp_path, released, capsys) -> None:
 def converted(tmp_path_factory, released) -> Path:
     from dalle.pipeline import convert_rudalle
 
-    return convert_rudalle(tmp_path_factory.mktemp("model") / "m", released["transformer"], released["vqgan"],
-                           released["bpe"], "malevich", overrides=_overrides())
+    return convert_rudalle(
+        tmp_path_factory.mktemp("model") / "m",
+        released["transformer"],
+        released["vqgan"],
+        released["bpe"],
+        "malevich",
+        overrides=_overrides(),
+    )
 
 
 def test_converted_model_equals_the_released_files(converted, released) -> None:
@@ -263,14 +383,16 @@ def test_converted_model_equals_the_released_files(converted, released) -> None:
     from dalle.vqgan import load_vqgan
 
     pipe = DALLE.from_pretrained(converted, device="cpu")
-    reference = RuDalleTransformer.from_rudalle_checkpoint(released["transformer"], RuDalleConfig.preset(
-        "malevich", **_overrides()))
+    reference = RuDalleTransformer.from_rudalle_checkpoint(
+        released["transformer"], RuDalleConfig.preset("malevich", **_overrides())
+    )
     text = pipe.encode_text(["котик на окне"])
     image = torch.randint(0, CODES, (1, GRID * GRID), generator=torch.Generator().manual_seed(0))
     ours, theirs = pipe.transformer.state_dict(), reference.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    torch.testing.assert_close(pipe.transformer.joint_logits(text, image), reference.joint_logits(text, image),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pipe.transformer.joint_logits(text, image), reference.joint_logits(text, image), atol=1e-5, rtol=1e-5
+    )
     encoder, decoder = load_vqgan(released["vqgan"])
     x = preprocess(torch.rand(3, GRID * 8, GRID * 8), size=GRID * 8)
     assert torch.equal(pipe.encoder.encode(x), encoder.encode(x))
@@ -289,12 +411,18 @@ def test_generation_draws_like_rudalle(converted) -> None:
     from dalle.pipeline import DALLE
 
     pipe = DALLE.from_pretrained(converted, device="cpu")
-    out = pipe.generate("котик", num_images=2, seed=11, top_k=5, top_p=0.9, progress=False, return_tokens=True)
+    out = pipe.generate(
+        "котик", num_images=2, seed=11, top_k=5, top_p=0.9, progress=False, return_tokens=True
+    )
     text = pipe.encode_text(["котик"])
     for k in range(2):
-        codes = generate_codes(pipe.transformer, text, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(11 + k))
+        codes = generate_codes(
+            pipe.transformer, text, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(11 + k)
+        )
         assert torch.equal(out.tokens[k].reshape(-1), codes[0])
-    ranked = pipe.generate("котик", num_images=1, rerank=3, seed=11, top_k=5, progress=False, return_tokens=True)
+    ranked = pipe.generate(
+        "котик", num_images=1, rerank=3, seed=11, top_k=5, progress=False, return_tokens=True
+    )
     all3 = pipe.generate("котик", num_images=3, seed=11, top_k=5, progress=False, return_tokens=True)
     scores = pipe.score(["котик"] * 3, all3.tokens)
     assert not pipe.higher_score_is_better and bool((scores > 1).all())  # perplexities
@@ -325,7 +453,9 @@ def test_save_pretrained_keeps_float16_and_memory_is_checked(converted, tmp_path
     again = P.DALLE.from_pretrained(tmp_path / "torch.float16", device="cpu")
     text = pipe.encode_text(["a"])
     image = torch.zeros(1, GRID * GRID, dtype=torch.long)
-    assert torch.equal(again.transformer.joint_logits(text, image), pipe.transformer.joint_logits(text, image))
+    assert torch.equal(
+        again.transformer.joint_logits(text, image), pipe.transformer.joint_logits(text, image)
+    )
     monkeypatch.setattr(P, "_available_memory", lambda device: 1000)
     with pytest.raises(OutOfMemoryError, match="float32.*CUDA GPU"):
         P.DALLE.from_pretrained(converted, device="cpu")
@@ -342,7 +472,9 @@ def test_bad_model_directories(converted, tmp_path) -> None:
     (bad / "config.json").write_text(json.dumps({**config, "architecture": "gpt"}))
     with pytest.raises(ModelLoadError, match="architecture 'gpt'"):
         DALLE.from_pretrained(bad, device="cpu")
-    (bad / "config.json").write_text(json.dumps({**config, "transformer": {**config["transformer"], "depth": 3}}))
+    (bad / "config.json").write_text(
+        json.dumps({**config, "transformer": {**config["transformer"], "depth": 3}})
+    )
     with pytest.raises(ModelLoadError, match="do not fit config.json"):
         DALLE.from_pretrained(bad, device="cpu")
 
@@ -380,11 +512,18 @@ def test_sample_equals_rudalles_loop_with_image_prompts() -> None:
                 logits = logits[:, -1, vocab:] / 1.0
                 probs = torch.softmax(top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p), dim=-1)
                 out = torch.cat((out, torch.multinomial(probs, 1)), dim=-1)
-    expected = out[:, -c.image_len:]
+    expected = out[:, -c.image_len :]
 
     torch.manual_seed(123)
     got = sample(ours, text, top_k=top_k, top_p=top_p, prompt_tokens=image[:1], prompt_mask=keep)
     assert torch.equal(got.reshape(2, -1), expected)
-    codes = generate_codes(ours, text, top_k=top_k, top_p=top_p, prompt=image[:1], prompt_mask=keep,
-                           generator=torch.Generator().manual_seed(123))
+    codes = generate_codes(
+        ours,
+        text,
+        top_k=top_k,
+        top_p=top_p,
+        prompt=image[:1],
+        prompt_mask=keep,
+        generator=torch.Generator().manual_seed(123),
+    )
     assert torch.equal(codes, expected)

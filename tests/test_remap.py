@@ -47,7 +47,9 @@ def test_a_renumbered_dvae_is_matched_code_for_code(tmp_path, capsys) -> None:
     unused = torch.tensor([j for j in range(32) if j not in summary["map"]])
     assert torch.equal(new.image_emb.weight[used], old.image_emb.weight[perm[used]])
     assert torch.equal(new.image_head.weight[used], old.image_head.weight[perm[used]])
-    assert torch.equal(new.image_head.weight[unused], old.image_head.weight[unused])  # unused codes keep their rows
+    assert torch.equal(
+        new.image_head.weight[unused], old.image_head.weight[unused]
+    )  # unused codes keep their rows
     assert torch.equal(new.image_emb.weight[32], old.image_emb.weight[32])  # the image start token
     assert torch.equal(new.text_emb.weight, old.text_emb.weight)
     # the new model's dVAE is the new one: its codes of an image are the old codes renumbered
@@ -57,8 +59,21 @@ def test_a_renumbered_dvae_is_matched_code_for_code(tmp_path, capsys) -> None:
 
     assert main([str(tmp_path / "model"), str(tmp_path / "new"), str(tmp_path / "cli"), "--scenes", "8"]) == 0
     assert "8 images of shapes:7: " in capsys.readouterr().out  # python -m dalle.train.remap is `dalle remap`
-    assert cli_main(["remap", str(tmp_path / "model"), str(tmp_path / "new"), str(tmp_path / "cli2"),
-                     "--scenes", "8", "--seed", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "remap",
+                str(tmp_path / "model"),
+                str(tmp_path / "new"),
+                str(tmp_path / "cli2"),
+                "--scenes",
+                "8",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "the match holds on 100.0% of cells" in capsys.readouterr().out
 
 
@@ -92,13 +107,18 @@ def test_codes_can_be_matched_on_a_folder_of_images(tmp_path) -> None:
         small = (torch.rand(3, 4, 5, generator=g) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(small).resize((40 + 8 * i, 48), Image.NEAREST).save(photos / f"{i}.png")
     (photos / "broken.png").write_bytes(b"not a png")
-    summary = remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "out", scenes=5,
-                                data=str(photos))
+    summary = remap_image_codes(
+        tmp_path / "model", tmp_path / "new", tmp_path / "out", scenes=5, data=str(photos)
+    )
     assert summary["data"] == str(photos) and summary["scenes"] == 5
     assert summary["agreement"] == 1.0 and summary["map"] == {j: int(perm[j]) for j in summary["map"]}
     # the broken file is skipped: asking for all 7 reads the 6 good ones
-    assert remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "all", scenes=7,
-                             data=str(photos))["scenes"] == 6
+    assert (
+        remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "all", scenes=7, data=str(photos))[
+            "scenes"
+        ]
+        == 6
+    )
 
 
 def test_image_sources_without_images_are_refused(tmp_path, capsys) -> None:
@@ -116,8 +136,19 @@ def test_image_sources_without_images_are_refused(tmp_path, capsys) -> None:
     writer.close()
     with pytest.raises(ConfigError, match="encoded tokens, not images"):
         remap_image_codes(tmp_path / "model", tmp_path / "new", tmp_path / "out", data=str(shards))
-    assert cli_main(["remap", str(tmp_path / "model"), str(tmp_path / "new"), str(tmp_path / "out"),
-                     "--data", str(tmp_path / "nope")]) == 1
+    assert (
+        cli_main(
+            [
+                "remap",
+                str(tmp_path / "model"),
+                str(tmp_path / "new"),
+                str(tmp_path / "out"),
+                "--data",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: --data") and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -126,11 +157,27 @@ def test_image_sources_without_images_are_refused(tmp_path, capsys) -> None:
 def test_a_training_run_directory_is_taken_for_its_dvae_and_out_must_be_new(tmp_path, capsys) -> None:
     pipe = build_tiny()
     pipe.save_pretrained(tmp_path / "model")
-    _permuted_dvae(pipe, torch.arange(32), tmp_path / "run" / "dvae")  # as `dalle train-dvae --out run` writes it
-    assert remap_image_codes(tmp_path / "model", tmp_path / "run", tmp_path / "out", scenes=4)["agreement"] == 1.0
+    _permuted_dvae(
+        pipe, torch.arange(32), tmp_path / "run" / "dvae"
+    )  # as `dalle train-dvae --out run` writes it
+    assert (
+        remap_image_codes(tmp_path / "model", tmp_path / "run", tmp_path / "out", scenes=4)["agreement"]
+        == 1.0
+    )
     before = (tmp_path / "out" / "transformer.safetensors").read_bytes()
     for out in ("out", "model"):  # an existing model (or the input itself) is never overwritten
-        assert cli_main(["remap", str(tmp_path / "model"), str(tmp_path / "run"), str(tmp_path / out),
-                         "--scenes", "4"]) == 1
+        assert (
+            cli_main(
+                [
+                    "remap",
+                    str(tmp_path / "model"),
+                    str(tmp_path / "run"),
+                    str(tmp_path / out),
+                    "--scenes",
+                    "4",
+                ]
+            )
+            == 1
+        )
         assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "transformer.safetensors").read_bytes() == before

@@ -33,9 +33,18 @@ from dalle.rudalle import (
 )
 
 TINY = dict(
-    num_layers=4, hidden_size=64, num_attention_heads=4, embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
-    output_dropout_prob=0.0, text_seq_length=8, image_tokens_per_dim=14, vocab_size=40 + 8, image_vocab_size=24,
-    cogview_sandwich_layernorm=True, cogview_pb_relax=True,
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    embedding_dropout_prob=0.0,
+    attention_dropout_prob=0.0,
+    output_dropout_prob=0.0,
+    text_seq_length=8,
+    image_tokens_per_dim=14,
+    vocab_size=40 + 8,
+    image_vocab_size=24,
+    cogview_sandwich_layernorm=True,
+    cogview_pb_relax=True,
 )
 ATOL = 1e-5
 
@@ -137,7 +146,14 @@ def test_masks_equal_reference(ref, version: str, text_len: int, grid: int) -> N
 
 
 def test_layer_schedule() -> None:
-    assert RuDalleConfig.preset("malevich").layer_types[:6] == ["row", "column", "row", "row", "row", "column"]
+    assert RuDalleConfig.preset("malevich").layer_types[:6] == [
+        "row",
+        "column",
+        "row",
+        "row",
+        "row",
+        "column",
+    ]
     assert RuDalleConfig.preset("malevich").layer_types[-1] == "conv"
     # as in the reference: a last layer with (l - 1) % 4 == 0 stays a column layer
     assert RuDalleConfig(depth=6).layer_types == ["row", "column", "row", "row", "row", "column"]
@@ -186,16 +202,21 @@ def test_loss_and_gradients_equal_reference(ref, version: str) -> None:
     ours.train()
     text, image = _inputs(ours.config)
     length = theirs.total_seq_length
-    loss_ref, parts_ref = theirs(torch.cat([text, image], 1), torch.tril(torch.ones(2, 1, length, length)),
-                                 return_loss=True)
+    loss_ref, parts_ref = theirs(
+        torch.cat([text, image], 1), torch.tril(torch.ones(2, 1, length, length)), return_loss=True
+    )
     loss, parts = ours.loss(text, image)
     torch.testing.assert_close(loss, loss_ref, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(parts["image"], parts_ref["image"], atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(parts["text"], parts_ref["text"], atol=ATOL, rtol=ATOL)
     loss_ref.backward()
     loss.backward()
-    for name in ("text_embeddings.weight", "image_row_embeddings.weight", "transformer.layers.1.mlp.dense_h_to_4h.weight",
-                 "to_logits.1.bias"):
+    for name in (
+        "text_embeddings.weight",
+        "image_row_embeddings.weight",
+        "transformer.layers.1.mlp.dense_h_to_4h.weight",
+        "to_logits.1.bias",
+    ):
         got, expected = ours.get_parameter(name).grad, theirs.get_parameter(name).grad
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4, msg=name)
 
@@ -227,10 +248,14 @@ def test_sampling_drives_model_cached_and_uncached() -> None:
     from dalle.sampling import sample
 
     torch.manual_seed(0)
-    model = RuDalleTransformer(RuDalleConfig.from_rudalle_params(hf_version="v2", **{**TINY, "image_tokens_per_dim": 4}))
+    model = RuDalleTransformer(
+        RuDalleConfig.from_rudalle_params(hf_version="v2", **{**TINY, "image_tokens_per_dim": 4})
+    )
     text, _ = _inputs(model.config)
     runs = [
-        sample(model, text, top_k=5, generator=[torch.Generator().manual_seed(i) for i in range(2)], use_cache=c)
+        sample(
+            model, text, top_k=5, generator=[torch.Generator().manual_seed(i) for i in range(2)], use_cache=c
+        )
         for c in (True, False)
     ]
     assert runs[0].shape == (2, 4, 4)
@@ -247,8 +272,15 @@ def test_generate_codes_keeps_prompt_cells() -> None:
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[:1] = True  # first row kept (a prefix) ...
     mask[:, -1] = True  # ... and the right column (not a prefix)
-    out = generate_codes(model, text, top_k=4, top_p=0.9, prompt=image[:1], prompt_mask=mask,
-                         generator=torch.Generator().manual_seed(0))
+    out = generate_codes(
+        model,
+        text,
+        top_k=4,
+        top_p=0.9,
+        prompt=image[:1],
+        prompt_mask=mask,
+        generator=torch.Generator().manual_seed(0),
+    )
     flat = mask.reshape(-1)
     assert torch.equal(out[:, flat], image[:1].expand(2, -1)[:, flat])
     assert out.shape == (2, 16) and int(out.max()) < config.image_vocab_size
@@ -273,7 +305,13 @@ def test_full_size_state_dict_matches_reference(ref, monkeypatch, name: str) -> 
     assert got == expected
     assert ours.num_parameters() == sum(p.numel() for p in theirs.parameters())
     c = ours.config
-    assert (c.text_len, c.image_grid, c.image_len, c.seq_len, c.text_vocab_size) == (128, 32, 1024, 1152, 16512)
+    assert (c.text_len, c.image_grid, c.image_len, c.seq_len, c.text_vocab_size) == (
+        128,
+        32,
+        1024,
+        1152,
+        16512,
+    )
 
 
 def test_checkpoint_loading_ignores_masks(ref, tmp_path: Path) -> None:
@@ -284,7 +322,9 @@ def test_checkpoint_loading_ignores_masks(ref, tmp_path: Path) -> None:
     loaded = RuDalleTransformer.from_rudalle_checkpoint(path, ours.config)
     text, image = _inputs(ours.config)
     assert loaded.text_embeddings.weight.dtype == torch.float32
-    torch.testing.assert_close(loaded.joint_logits(text, image), ours.half().float().joint_logits(text, image))
+    torch.testing.assert_close(
+        loaded.joint_logits(text, image), ours.half().float().joint_logits(text, image)
+    )
     # masks in a state dict never replace the model's own (the reference rebuilds its masks too)
     bad = dict(theirs.state_dict(), **{"transformer.row_mask": torch.zeros_like(theirs.transformer.row_mask)})
     ours.load_state_dict(bad, strict=True)
@@ -295,8 +335,17 @@ def test_checkpoint_loading_ignores_masks(ref, tmp_path: Path) -> None:
 
 
 CAPTIONS = [
-    "Котик сидит на окне", "a red bird on a branch", "КРАСНАЯ Машина", "", "   ", "  padded  words\tand\ttabs\n",
-    "слово " * 40, "emoji 😀 and ▁marker", "ab", "abc abc abc", "Ёлка и ЁЖИК",
+    "Котик сидит на окне",
+    "a red bird on a branch",
+    "КРАСНАЯ Машина",
+    "",
+    "   ",
+    "  padded  words\tand\ttabs\n",
+    "слово " * 40,
+    "emoji 😀 and ▁marker",
+    "ab",
+    "abc abc abc",
+    "Ёлка и ЁЖИК",
     "nbsp\xa0a\u3000b\x85c\x1cd\u2028e\x0bf\x0cg\rh",
 ]
 
@@ -306,8 +355,14 @@ def bpe_model(tmp_path_factory) -> Path:
     yttm = pytest.importorskip("youtokentome")
     folder = tmp_path_factory.mktemp("bpe")
     corpus = folder / "corpus.txt"
-    lines = ["котик сидит на окне и смотрит на улицу", "a red bird on a branch of a tree", "красная машина едет",
-             "ёлка и ёжик в лесу", "abc abd abe", "маленький котик"] * 20
+    lines = [
+        "котик сидит на окне и смотрит на улицу",
+        "a red bird on a branch of a tree",
+        "красная машина едет",
+        "ёлка и ёжик в лесу",
+        "abc abd abe",
+        "маленький котик",
+    ] * 20
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     model = folder / "bpe.model"
     yttm.BPE.train(data=str(corpus), vocab_size=90, model=str(model), n_threads=1)
@@ -323,7 +378,9 @@ def test_tokenizer_matches_reference(ref, bpe_model: Path) -> None:
 
     wrapper = ref.tokenizer.YTTMTokenizerWrapper(yttm.BPE(model=str(bpe_model)))
     ours = RuDalleTokenizer.load(bpe_model)
-    pure = RuDalleTokenizer(types.SimpleNamespace(_bpe=PyBPE(bpe_model.read_bytes()), vocab_size=ours.vocab_size))
+    pure = RuDalleTokenizer(
+        types.SimpleNamespace(_bpe=PyBPE(bpe_model.read_bytes()), vocab_size=ours.vocab_size)
+    )
     assert ours.vocab_size == wrapper.vocab_size() == len(ours.vocab())
     for text_len in (16, 128):
         expected = torch.stack([wrapper.encode_text(t.lower().strip(), text_len) for t in CAPTIONS])
@@ -375,7 +432,9 @@ def test_top_k_top_p_filtering_matches_loop() -> None:
     for top_k, top_p in ((0, 1.0), (5, 1.0), (1, 1.0), (0, 0.5), (7, 0.8), (0, 0.0), (100, 0.95)):
         got = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
         assert torch.equal(got, _filter_loop(logits, top_k, top_p)), (top_k, top_p)
-    assert torch.equal(rudalle_filter_logits(logits, 2.0, 5, 0.9), top_k_top_p_filtering(logits / 2.0, 5, 0.9))
+    assert torch.equal(
+        rudalle_filter_logits(logits, 2.0, 5, 0.9), top_k_top_p_filtering(logits / 2.0, 5, 0.9)
+    )
     kept = top_k_top_p_filtering(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), top_k=2)
     assert torch.equal(kept.isfinite(), torch.tensor([[False, True, True, False]]))
     with pytest.raises(ConfigError):
@@ -391,7 +450,9 @@ def test_rerank_scores_match_reference(ref, version: str) -> None:
     text, image = _inputs(c)
     n, v = c.image_len, c.text_vocab_size
     joint = _ref_logits(theirs, text, image)  # generate_images: slots -n .. -2 scored against cells 1 .. n-1
-    ce = torch.nn.functional.cross_entropy(joint[:, -n:-1, v:].transpose(1, 2), image[:, 1:], reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        joint[:, -n:-1, v:].transpose(1, 2), image[:, 1:], reduction="none"
+    )
     expected = ce.exp().mean(1)
     _, image_logits = ours(text, image)
     torch.testing.assert_close(rerank_scores(image_logits, image, version), expected, atol=1e-5, rtol=1e-5)

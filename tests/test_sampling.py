@@ -101,7 +101,9 @@ def test_prime_is_kept(model: DALLETransformer) -> None:
     # the no-cache path agrees, whole rows given as [B, rows, grid] work, a full prime is returned as is
     assert torch.equal(out, sample(model, text, prime=prime, generator=gens(1, 2), use_cache=False))
     rows = prime[:, : 2 * G].view(2, 2, G)
-    assert torch.equal(sample(model, text, prime=rows, generator=gens(1, 2)).view(2, -1)[:, : 2 * G], rows.view(2, -1))
+    assert torch.equal(
+        sample(model, text, prime=rows, generator=gens(1, 2)).view(2, -1)[:, : 2 * G], rows.view(2, -1)
+    )
     full = torch.randint(0, VI, (2, G * G))
     assert torch.equal(sample(model, text, prime=full).view(2, -1), full)
     with pytest.raises(ConfigError, match="prime"):
@@ -121,15 +123,26 @@ def test_guidance(model: DALLETransformer) -> None:
 def test_callback_progress_and_mode(model: DALLETransformer) -> None:
     calls: list[tuple[int, tuple[int, ...]]] = []
     model.train()
-    out = sample(model,
-        texts(2), generator=gens(1, 2), callback=lambda s, t: calls.append((s, tuple(t.shape))),
-        callback_every=10, progress=True, prime=torch.zeros(2, 3, dtype=torch.long),
+    out = sample(
+        model,
+        texts(2),
+        generator=gens(1, 2),
+        callback=lambda s, t: calls.append((s, tuple(t.shape))),
+        callback_every=10,
+        progress=True,
+        prime=torch.zeros(2, 3, dtype=torch.long),
     )
     assert model.training  # restored
     model.eval()
     assert [s for s, _ in calls] == [13, 23, 33, 36] and all(shape == (2, G, G) for _, shape in calls)
     last: list[torch.Tensor] = []
-    sample(model, texts(2), generator=gens(1, 2), callback=lambda s, t: last.append(t), prime=torch.zeros(2, 3, dtype=torch.long))
+    sample(
+        model,
+        texts(2),
+        generator=gens(1, 2),
+        callback=lambda s, t: last.append(t),
+        prime=torch.zeros(2, 3, dtype=torch.long),
+    )
     assert len(last) == G * G - 3 and torch.equal(last[-1], out)
 
 
@@ -159,10 +172,20 @@ def test_rudalle_filter_differs_from_dalle_filter_at_the_threshold() -> None:
 def test_multinomial_sampler_draws_like_torch_multinomial() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     probs = apply_filter(logits, top_k=7, top_p=0.9, filter="rudalle").softmax(-1)
-    one = sample_logits(logits, top_k=7, top_p=0.9, generator=torch.Generator().manual_seed(5),
-                        sampler="multinomial", filter="rudalle")
-    assert torch.equal(one, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1))
-    rows = sample_logits(logits, top_k=7, top_p=0.9, generator=gens(1, 2, 3), sampler="multinomial", filter="rudalle")
+    one = sample_logits(
+        logits,
+        top_k=7,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(5),
+        sampler="multinomial",
+        filter="rudalle",
+    )
+    assert torch.equal(
+        one, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    )
+    rows = sample_logits(
+        logits, top_k=7, top_p=0.9, generator=gens(1, 2, 3), sampler="multinomial", filter="rudalle"
+    )
     expected = [int(torch.multinomial(probs[i : i + 1], 1, generator=g)) for i, g in enumerate(gens(1, 2, 3))]
     assert rows.tolist() == expected
     with pytest.raises(ConfigError, match="sampler must be one of"):
@@ -187,14 +210,26 @@ def test_forced_cells_are_kept_and_the_rest_sampled(model: DALLETransformer, sam
     assert torch.equal(flat[:, keep], given.expand(2, -1)[:, keep])
     assert not torch.equal(flat[:, ~keep], given.expand(2, -1)[:, ~keep])
     # the cache-free path agrees, and each row is independent of its batch
-    assert torch.equal(out, sample(model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=mask,
-                                   sampler=sampler, use_cache=False))
+    assert torch.equal(
+        out,
+        sample(
+            model,
+            text,
+            generator=gens(1, 2),
+            prompt_tokens=given,
+            prompt_mask=mask,
+            sampler=sampler,
+            use_cache=False,
+        ),
+    )
     alone = sample(model, text[1:], generator=gens(2), prompt_tokens=given, prompt_mask=mask, sampler=sampler)
     assert torch.equal(alone[0], out[1])
     # a raster prefix given as a mask is the same as prime
     prefix = torch.zeros(G * G, dtype=torch.bool)
     prefix[: 2 * G + 1] = True
-    via_mask = sample(model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=prefix, sampler=sampler)
+    via_mask = sample(
+        model, text, generator=gens(1, 2), prompt_tokens=given, prompt_mask=prefix, sampler=sampler
+    )
     via_prime = sample(model, text, generator=gens(1, 2), prime=given[:, : 2 * G + 1], sampler=sampler)
     assert torch.equal(via_mask, via_prime)
 
@@ -206,11 +241,18 @@ def test_forced_cells_per_row(model: DALLETransformer) -> None:
     masks[1, 2:4, 1:5] = True  # a block inside the second image
     out = sample(model, text, generator=gens(7, 8), prompt_tokens=given, prompt_mask=masks, callback_every=5)
     assert torch.equal(out[masks], given[masks])
-    assert torch.equal(out, sample(model, text, generator=gens(7, 8), prompt_tokens=given, prompt_mask=masks,
-                                   use_cache=False))
+    assert torch.equal(
+        out,
+        sample(model, text, generator=gens(7, 8), prompt_tokens=given, prompt_mask=masks, use_cache=False),
+    )
     for i in range(2):  # forced cells draw no randomness: a row alone samples the same cells
-        alone = sample(model, text[i : i + 1], generator=gens(7 + i), prompt_tokens=given[i : i + 1],
-                       prompt_mask=masks[i])
+        alone = sample(
+            model,
+            text[i : i + 1],
+            generator=gens(7 + i),
+            prompt_tokens=given[i : i + 1],
+            prompt_mask=masks[i],
+        )
         assert torch.equal(alone[0], out[i])
     everything = torch.ones(G * G, dtype=torch.bool)
     assert torch.equal(sample(model, text, prompt_tokens=given, prompt_mask=everything), given)

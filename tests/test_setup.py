@@ -31,6 +31,7 @@ def test_demo_installs_no_development_tools() -> None:
 
 def test_torch_index_is_one_variable() -> None:
     assert "install torch torchvision --index-url https://example.org/cpu" in _plan(
-        "TORCH_INDEX=https://example.org/cpu", "demo")
+        "TORCH_INDEX=https://example.org/cpu", "demo"
+    )
     plan = _plan("TORCH_INDEX=", "demo")
     assert "install torch torchvision\n" in plan or "install torch torchvision \n" in plan

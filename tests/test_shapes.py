@@ -275,7 +275,9 @@ def test_dense_scenes_hold_many_separate_seen_objects_and_no_held_out_pair():
         img, caption = S.dense_sample(i, seed=5, size=128)
         assert caption == "" and np.array_equal(np.asarray(img), np.asarray(S.render(scene, size=128)))
         found = S.parse(img)
-        assert sorted((o.colour, o.shape) for o in found) == sorted((o.colour, o.shape) for o in scene.objects)
+        assert sorted((o.colour, o.shape) for o in found) == sorted(
+            (o.colour, o.shape) for o in scene.objects
+        )
         assert not any(S.is_held_out(o.colour, o.shape) for o in found)
     with pytest.raises(ConfigError):
         S.dense_scene(-1)

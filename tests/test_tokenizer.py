@@ -106,7 +106,9 @@ def test_seeded_bpe_dropout_is_reproducible(tok: BPETokenizer, captions: list[st
     first = tok.encode_ids(texts, dropout=0.3, seeds=list(range(40)))
     assert tok.encode_ids(texts, dropout=0.3, seeds=list(range(40))) == first  # same seeds, same ids
     assert tok.encode_ids(texts, dropout=0.3, seeds=list(range(40, 80))) != first
-    assert first != plain and all(len(a) >= len(b) for a, b in zip(first, plain))  # skipped merges: more pieces
+    assert first != plain and all(
+        len(a) >= len(b) for a, b in zip(first, plain)
+    )  # skipped merges: more pieces
     assert tok.decode(tok.encode(texts, text_len=64, dropout=0.3, seeds=list(range(40)))) == tok.decode(
         tok.encode(texts, text_len=64)
     )  # any segmentation spells the same caption
@@ -137,18 +139,26 @@ def test_pure_python_reader_matches_youtokentome_on_random_text(alphabet: str) -
     from dalle._pybpe import OutputType, PyBPE
 
     rng = random.Random(len(alphabet))
+
     def words(k: int) -> str:
         return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(k))
 
     tok = BPETokenizer.train([words(rng.randint(1, 6)) for _ in range(1500)], vocab_size=80)
     ref, py = tok._bpe, PyBPE(tok._model)
     assert py.vocab() == list(ref.vocab())
-    texts = [normalize("".join(rng.choice(alphabet + "xy ☃") for _ in range(rng.randint(0, 40)))) for _ in range(1500)]
+    texts = [
+        normalize("".join(rng.choice(alphabet + "xy ☃") for _ in range(rng.randint(0, 40))))
+        for _ in range(1500)
+    ]
     assert py.encode(texts) == ref.encode(texts)
-    assert py.encode(texts, output_type=OutputType.SUBWORD) == ref.encode(texts, output_type=yttm.OutputType.SUBWORD)
+    assert py.encode(texts, output_type=OutputType.SUBWORD) == ref.encode(
+        texts, output_type=yttm.OutputType.SUBWORD
+    )
     rows = [[rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 12))] for _ in range(1000)]
     assert py.decode(rows, ignore_ids=[0, 2, 3]) == ref.decode(rows, ignore_ids=[0, 2, 3])
-    assert [py.subword_to_id(p) for p in [*py.vocab(), "zz"]] == [ref.subword_to_id(p) for p in [*py.vocab(), "zz"]]
+    assert [py.subword_to_id(p) for p in [*py.vocab(), "zz"]] == [
+        ref.subword_to_id(p) for p in [*py.vocab(), "zz"]
+    ]
 
 
 # ---------------------------------------------------------------------------------------- normalize
@@ -350,13 +360,29 @@ def test_dropout_changes_segmentation_only_when_asked(tok: BPETokenizer, caption
     # and it never leaks into later plain calls
     assert torch.equal(tok.encode(captions[:50], text_len=64), plain)
     chars = tok.encode_ids("a red circle", dropout=1.0)[0]  # every merge dropped: one id per character
-    assert [tok.id_to_token(i) for i in chars] == ["▁", "a", "▁", "r", "e", "d", "▁", "c", "i", "r", "c", "l", "e"]
+    assert [tok.id_to_token(i) for i in chars] == [
+        "▁",
+        "a",
+        "▁",
+        "r",
+        "e",
+        "d",
+        "▁",
+        "c",
+        "i",
+        "r",
+        "c",
+        "l",
+        "e",
+    ]
     with pytest.raises(TokenizerError, match="dropout"):
         tok.encode("a red circle", dropout=1.5)
 
 
 # ---------------------------------------------------------------------------------------- training
-def test_train_from_path_equals_train_from_list(tmp_path: Path, captions: list[str], tok: BPETokenizer) -> None:
+def test_train_from_path_equals_train_from_list(
+    tmp_path: Path, captions: list[str], tok: BPETokenizer
+) -> None:
     path = tmp_path / "captions.txt"
     path.write_text("\n".join(captions) + "\n", encoding="utf-8")
     assert BPETokenizer.train(path, vocab_size=120) == tok
@@ -529,13 +555,17 @@ def test_mutated_models_never_crash(tok: BPETokenizer, data: st.DataObject) -> N
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def test_cli_train_encode_decode(tmp_path: Path, captions: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_encode_decode(
+    tmp_path: Path, captions: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     from dalle.cli import main
 
     data = tmp_path / "captions.txt"
     data.write_text("\n".join(captions) + "\n", encoding="utf-8")
     model = tmp_path / "tokenizer.model"
-    assert main(["tokenizer", "train", "--input", str(data), "--vocab-size", "120", "--output", str(model)]) == 0
+    assert (
+        main(["tokenizer", "train", "--input", str(data), "--vocab-size", "120", "--output", str(model)]) == 0
+    )
     assert "120" in capsys.readouterr().out
     tok = BPETokenizer.load(model)
     assert tok == BPETokenizer.train(captions, vocab_size=120)
@@ -544,8 +574,13 @@ def test_cli_train_encode_decode(tmp_path: Path, captions: list[str], capsys: py
     lines = capsys.readouterr().out.splitlines()
     assert [list(map(int, line.split())) for line in lines] == tok.encode_ids(["a red circle", "a blue star"])
 
-    assert main(["tokenizer", "encode", "--model", str(model), "--padded", "--text-len", "8", "a red circle"]) == 0
-    assert list(map(int, capsys.readouterr().out.split())) == tok.encode("a red circle", text_len=8)[0].tolist()
+    assert (
+        main(["tokenizer", "encode", "--model", str(model), "--padded", "--text-len", "8", "a red circle"])
+        == 0
+    )
+    assert (
+        list(map(int, capsys.readouterr().out.split())) == tok.encode("a red circle", text_len=8)[0].tolist()
+    )
 
     assert main(["tokenizer", "encode", "--model", str(model), "--pieces", "a red circle"]) == 0
     assert capsys.readouterr().out.split() == tok.tokenize("a red circle")  # all known: same pieces
@@ -560,16 +595,36 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["tokenizer", "encode", "--model", str(tmp_path / "missing.model"), "a red circle"]) == 1
     assert "not found" in capsys.readouterr().err
-    assert main(["tokenizer", "train", "--input", str(tmp_path / "none.txt"), "--vocab-size", "50",
-                 "--output", str(tmp_path / "t.model")]) == 1
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(tmp_path / "none.txt"),
+                "--vocab-size",
+                "50",
+                "--output",
+                str(tmp_path / "t.model"),
+            ]
+        )
+        == 1
+    )
     assert "not found" in capsys.readouterr().err
 
 
 def test_cli_as_a_process(tmp_path: Path, tok: BPETokenizer) -> None:
     model = tok.save(tmp_path / "tokenizer.model")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "dalle", "tokenizer", "encode", "--model", str(model), "A red circle"],
-                          check=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dalle", "tokenizer", "encode", "--model", str(model), "A red circle"],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert list(map(int, proc.stdout.split())) == tok.encode_ids("a red circle")[0]
 
 
@@ -579,9 +634,20 @@ def test_only_letters_merge_as_in_the_paper():
         tok = BPETokenizer.train(caps, vocab_size=200)
     for piece in tok.vocab()[4:]:
         word = piece.removeprefix("\u2581")
-        assert len(word) <= 1 or word.isascii() and word.isalpha(), piece  # digits, punctuation, é stay single
+        assert len(word) <= 1 or word.isascii() and word.isalpha(), (
+            piece
+        )  # digits, punctuation, é stay single
     ids = tok.encode(["the cat's 42 toys"], text_len=16)[0].tolist()
-    assert [tok.vocab()[i] for i in ids if i] == ["\u2581the", "\u2581cat", "'", "s", "\u2581", "4", "2", "\u2581toys"]
+    assert [tok.vocab()[i] for i in ids if i] == [
+        "\u2581the",
+        "\u2581cat",
+        "'",
+        "s",
+        "\u2581",
+        "4",
+        "2",
+        "\u2581toys",
+    ]
     assert tok.decode(ids) == "the cat's 42 toys"
     with pytest.warns(UserWarning, match="supports only"):
         merged = BPETokenizer.train(caps, vocab_size=200, split_non_letters=False)

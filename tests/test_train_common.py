@@ -38,7 +38,11 @@ def test_dvae_schedules_follow_the_paper_scaled_to_the_run() -> None:
     assert schedules(75_000, cfg)["tau"] == pytest.approx((1 + 1 / 16) / 2)
     assert (end["beta"], end["tau"], end["lr"]) == (6.6, 1 / 16, 1.25e-6)
     short = DVAETrainConfig(steps=3000, kl_steps=100)
-    assert short.resolved_steps() == {"kl_steps": 100, "tau_steps": 1500, "lr_steps": 3000}  # capped shares (issue 22)
+    assert short.resolved_steps() == {
+        "kl_steps": 100,
+        "tau_steps": 1500,
+        "lr_steps": 3000,
+    }  # capped shares (issue 22)
     b = schedules(30, short)["beta"]
     assert b == pytest.approx(6.6 * 0.5 * (1 - math.cos(math.pi * 30 / 100)))
 
@@ -148,7 +152,9 @@ def test_failed_disk_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(CheckpointError, match=r"step 8.*No space left.*step-00000004 is intact; \d+ MiB are free on its disk"):
+    with pytest.raises(
+        CheckpointError, match=r"step 8.*No space left.*step-00000004 is intact; \d+ MiB are free on its disk"
+    ):
         mgr.save(8, _weights(8.0), {"step": 8})
     monkeypatch.setattr(torch, "save", real_save)
     assert mgr.latest() == good
@@ -255,23 +261,35 @@ def test_config_file_and_flags(tmp_path) -> None:
         build_config(DVAETrainConfig, args, "train-dvae")
     # top-level settings are shared; a command's table overrides them
     shared = tmp_path / "shared.toml"
-    shared.write_text('seed = 3\nsteps = 5\n\n[train]\nsteps = 9\n')
-    cfg = build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(shared)]), "train")
+    shared.write_text("seed = 3\nsteps = 5\n\n[train]\nsteps = 9\n")
+    cfg = build_config(
+        TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(shared)]), "train"
+    )
     assert (cfg.seed, cfg.steps) == (3, 9)
-    cfg = build_config(DVAETrainConfig, build_parser().parse_args(["train-dvae", "--config", str(shared)]),
-                       "train-dvae")
+    cfg = build_config(
+        DVAETrainConfig, build_parser().parse_args(["train-dvae", "--config", str(shared)]), "train-dvae"
+    )
     assert (cfg.seed, cfg.steps) == (3, 5)
     # values of the wrong type are refused, naming the setting (not coerced or failing deep inside)
-    for setting, why in [({"steps": 4.7}, "'steps' must be a whole number"), ({"steps": "four"}, "'steps' must be a whole number"),
-                         ({"progress": "false"}, "'progress' must be true or false"),
-                         ({"sample_prompts": "a red circle"}, "'sample_prompts' must be a list"),
-                         ({"sample_prompts": ["a", 3]}, "'sample_prompts' must be a list of str"), ({"lr": "0.1"}, "'lr' must be a number"),
-                         ({"tokenizer": 5}, "'tokenizer' must be a string"), ({"steps": None}, "'steps' must not be null")]:
+    for setting, why in [
+        ({"steps": 4.7}, "'steps' must be a whole number"),
+        ({"steps": "four"}, "'steps' must be a whole number"),
+        ({"progress": "false"}, "'progress' must be true or false"),
+        ({"sample_prompts": "a red circle"}, "'sample_prompts' must be a list"),
+        ({"sample_prompts": ["a", 3]}, "'sample_prompts' must be a list of str"),
+        ({"lr": "0.1"}, "'lr' must be a number"),
+        ({"tokenizer": 5}, "'tokenizer' must be a string"),
+        ({"steps": None}, "'steps' must not be null"),
+    ]:
         bad.write_text(json.dumps(setting))
         with pytest.raises(ConfigError, match=f"bad.json: setting {why}"):
-            build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train")
+            build_config(
+                TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train"
+            )
     bad.write_text(json.dumps({"lr": 1, "sample_prompts": ["a"], "tokenizer": None}))  # an int is a number
-    cfg = build_config(TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train")
+    cfg = build_config(
+        TransformerTrainConfig, build_parser().parse_args(["train", "--config", str(bad)]), "train"
+    )
     assert cfg.lr == 1 and cfg.sample_prompts == ["a"]
 
 
@@ -332,16 +350,23 @@ def test_settings_that_init_decides_are_said_to_be_ignored(tmp_path) -> None:
 
     init = tmp_path / "init"
     init.mkdir()
-    (init / "config.json").write_text(json.dumps({"transformer": {"text_len": 16},
-                                                  "decoder": {"vocab_size": 32, "n_hid": 8, "n_blk_per_group": 1,
-                                                              "n_init": 8}}))
+    (init / "config.json").write_text(
+        json.dumps(
+            {
+                "transformer": {"text_len": 16},
+                "decoder": {"vocab_size": 32, "n_hid": 8, "n_blk_per_group": 1, "n_init": 8},
+            }
+        )
+    )
 
     def build(*argv):
         args = build_parser().parse_args(list(argv))
         cls = TransformerTrainConfig if argv[0] == "train" else DVAETrainConfig
         return build_config(cls, args, argv[0])
 
-    with pytest.warns(UserWarning, match=r"--preset tiny, --text-len 32 ignored: --init .*init brings its own"):
+    with pytest.warns(
+        UserWarning, match=r"--preset tiny, --text-len 32 ignored: --init .*init brings its own"
+    ):
         build("train", "--init", str(init), "--text-len", "32", "--preset", "tiny")
     with pytest.warns(UserWarning, match=r"--n-hid 16, --vocab-size 64 ignored"):
         build("train-dvae", "--init", str(init), "--vocab-size", "64", "--n-hid", "16")

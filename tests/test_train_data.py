@@ -68,17 +68,30 @@ def test_batches_depend_only_on_the_step_and_shard_across_ranks() -> None:
 
 def test_epoch_permutation_covers_every_training_item(tmp_path) -> None:
     src = ImageTextFolder(make_image_folder(tmp_path / "f", n=10))
-    batches = _take(make_batches(src, batch_size=4, seed=5, exclude_last=2, transform=lambda im, r: center_crop(im, 8)), 4)
+    batches = _take(
+        make_batches(src, batch_size=4, seed=5, exclude_last=2, transform=lambda im, r: center_crop(im, 8)), 4
+    )
     caps = [c for b in batches for c in b.captions]
     assert sorted(caps[:8]) == sorted(f"caption number {i}" for i in range(8))  # epoch 1: a permutation
     assert sorted(caps[8:16]) == sorted(caps[:8]) and caps[8:16] != caps[:8]  # epoch 2: reshuffled
-    workers = _take(make_batches(src, batch_size=4, seed=5, exclude_last=2, num_workers=2,
-                                 transform=lambda im, r: center_crop(im, 8)), 4)
+    workers = _take(
+        make_batches(
+            src,
+            batch_size=4,
+            seed=5,
+            exclude_last=2,
+            num_workers=2,
+            transform=lambda im, r: center_crop(im, 8),
+        ),
+        4,
+    )
     assert [c for b in workers for c in b.captions] == caps
 
 
 @pytest.mark.parametrize("kind", ["folder", "tar"])
-def test_upscale_warning_is_shown_once_however_many_workers_see_small_images(tmp_path, kind, monkeypatch) -> None:
+def test_upscale_warning_is_shown_once_however_many_workers_see_small_images(
+    tmp_path, kind, monkeypatch
+) -> None:
     import warnings
 
     import dalle.data.datasets as ds
@@ -92,8 +105,12 @@ def test_upscale_warning_is_shown_once_however_many_workers_see_small_images(tmp
     monkeypatch.setattr(ds, "_upscale_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = _take(make_batches(src, batch_size=2, seed=0, num_workers=2,
-                                     transform=lambda im, r: center_crop(im, 96)), 6)  # every image is smaller
+        batches = _take(
+            make_batches(
+                src, batch_size=2, seed=0, num_workers=2, transform=lambda im, r: center_crop(im, 96)
+            ),
+            6,
+        )  # every image is smaller
     upscaled = [w for w in caught if "upscaled" in str(w.message)]
     assert len(upscaled) == 1, [str(w.message) for w in caught]  # one, not one per worker
     assert all(b.images.shape[-1] == 96 for b in batches)
@@ -113,7 +130,10 @@ def test_tar_shards_stream_skip_corrupt_and_resume(tmp_path) -> None:
     assert all(len(b) == 4 and b.images.shape[1:] == (3, 16, 16) for b in batches)
     resumed = _take(make_batches(src, batch_size=4, seed=0, start_step=3, transform=crop), 1)[0]
     assert resumed.captions == batches[3].captions and torch.equal(resumed.images, batches[3].images)
-    ranks = [_take(make_batches(src, batch_size=2, rank=r, world_size=2, seed=0, transform=crop), 2) for r in (0, 1)]
+    ranks = [
+        _take(make_batches(src, batch_size=2, rank=r, world_size=2, seed=0, transform=crop), 2)
+        for r in (0, 1)
+    ]
     caps0 = {c for b in ranks[0] for c in b.captions}
     caps1 = {c for b in ranks[1] for c in b.captions}
     assert caps0 and caps1 and not caps0 & caps1  # one shard per rank
@@ -147,7 +167,10 @@ def test_open_source_errors(tmp_path) -> None:
 def test_shapes_sources_and_dense_scenes() -> None:
     from dalle.data import shapes
 
-    plain, dense = open_source("shapes:3", size=64), open_source("shapes-dense:3", require_captions=False, size=64)
+    plain, dense = (
+        open_source("shapes:3", size=64),
+        open_source("shapes-dense:3", require_captions=False, size=64),
+    )
     img, caption, key = plain.get(5)
     assert key == "shapes:3:5" and caption == shapes.sample(5, seed=3)[1] and img.size == (64, 64)
     img, caption, key = dense.get(5)
@@ -164,8 +187,22 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     dvae = make_tiny_dvae_dir(tmp_path / "dvae", image_size=32)
     make_image_folder(tmp_path / "imgs", n=7, corrupt=(4,))
     out = tmp_path / "tokens"
-    rc = main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--dvae", str(dvae), "--out", str(out),
-               "--batch-size", "3", "--shard-size", "4", "--no-progress"])
+    rc = main(
+        [
+            "encode-dataset",
+            "--data",
+            str(tmp_path / "imgs"),
+            "--dvae",
+            str(dvae),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--shard-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     shards = TokenShards(out)
     assert len(shards) == 6 and len(shards.meta["shards"]) == 2 and shards.meta["skipped_images"] == 1
@@ -184,9 +221,19 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
         direct = encode_images(encoder, to_uint8_tensor(center_crop(img, 32))[None])[0].numpy()
         assert np.array_equal(by_caption[caption], direct)
     # the transformer trainer's on-the-fly path (no augmentation) gives the same tokens as the shards
-    cfg = TransformerTrainConfig(out_dir=str(tmp_path / "run"), data=str(tmp_path / "imgs"), dvae=str(dvae),
-                                 tokenizer_vocab=40, text_len=8, preset="tiny", batch_size=3, augment=False,
-                                 eval_samples=0, bpe_dropout=0.0, progress=False)
+    cfg = TransformerTrainConfig(
+        out_dir=str(tmp_path / "run"),
+        data=str(tmp_path / "imgs"),
+        dvae=str(dvae),
+        tokenizer_vocab=40,
+        text_len=8,
+        preset="tiny",
+        batch_size=3,
+        augment=False,
+        eval_samples=0,
+        bpe_dropout=0.0,
+        progress=False,
+    )
     trainer = TransformerTrainer(cfg)
     batch = next(trainer.batches(0))
     live = encode_images(trainer.encoder, batch.images)
@@ -196,8 +243,21 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     make_image_folder(tmp_path / "quiet", n=3)
     (tmp_path / "quiet" / "img_001.txt").write_text("  \n")
     with pytest.warns(UserWarning, match="1 of 3 samples have an empty caption"):
-        assert main(["encode-dataset", "--data", str(tmp_path / "quiet"), "--dvae", str(dvae), "--out",
-                     str(tmp_path / "t3"), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "encode-dataset",
+                    "--data",
+                    str(tmp_path / "quiet"),
+                    "--dvae",
+                    str(dvae),
+                    "--out",
+                    str(tmp_path / "t3"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     from dalle.train.transformer import _collect_captions
 
     with pytest.warns(UserWarning, match="1 of the first 3 images have an empty caption file"):
@@ -208,14 +268,31 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
     for name in ("a", "b"):
         (bad / f"{name}.png").write_bytes(b"not an image")
         (bad / f"{name}.txt").write_text("a red circle")
-    assert main(["encode-dataset", "--data", str(bad), "--dvae", str(dvae), "--out", str(tmp_path / "t2"),
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "encode-dataset",
+                "--data",
+                str(bad),
+                "--dvae",
+                str(dvae),
+                "--out",
+                str(tmp_path / "t2"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "t2" / "meta.json").exists()
     assert "error: no readable image with a caption in" in capsys.readouterr().err
     # the shards record their encoder: training them under another dVAE of the same shape is refused
     other = make_tiny_dvae_dir(tmp_path / "other", image_size=32, seed=1)
-    with pytest.raises(ConfigError, match=r"encoded by another dVAE than --dvae .*other \(its weights differ\)"):
-        TransformerTrainer(dataclasses.replace(cfg, data=str(out), dvae=str(other), out_dir=str(tmp_path / "r2")))
+    with pytest.raises(
+        ConfigError, match=r"encoded by another dVAE than --dvae .*other \(its weights differ\)"
+    ):
+        TransformerTrainer(
+            dataclasses.replace(cfg, data=str(out), dvae=str(other), out_dir=str(tmp_path / "r2"))
+        )
     with pytest.raises(ConfigError, match="already holds token shards"):
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
     (meta := out / "meta.json").unlink()  # as an interrupted encode leaves it: shards, no meta.json
@@ -223,8 +300,12 @@ def test_encode_dataset_equals_encoding_on_the_fly(tmp_path, capsys) -> None:
         TokenShardWriter(out, grid=4, image_size=32, vocab_size=32)
     assert not meta.exists() and any(out.iterdir())  # nothing was touched
     with pytest.raises(ConfigError, match="is a file"):
-        TokenShardWriter(tmp_path / "imgs" / sorted(p.name for p in (tmp_path / "imgs").iterdir())[0], grid=4,
-                         image_size=32, vocab_size=32)
+        TokenShardWriter(
+            tmp_path / "imgs" / sorted(p.name for p in (tmp_path / "imgs").iterdir())[0],
+            grid=4,
+            image_size=32,
+            vocab_size=32,
+        )
 
 
 def test_encode_dataset_upscale_warning_is_shown_once_with_workers(tmp_path, monkeypatch) -> None:
@@ -239,9 +320,27 @@ def test_encode_dataset_upscale_warning_is_shown_once_with_workers(tmp_path, mon
         monkeypatch.setattr(ds, "_upscale_warned", False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert main(["encode-dataset", "--data", str(tmp_path / "imgs"), "--dvae", str(dvae), "--out",
-                         str(tmp_path / f"out{workers}"), "--image-size", "96", "--batch-size", "2",
-                         "--workers", workers, "--no-progress"]) == 0
+            assert (
+                main(
+                    [
+                        "encode-dataset",
+                        "--data",
+                        str(tmp_path / "imgs"),
+                        "--dvae",
+                        str(dvae),
+                        "--out",
+                        str(tmp_path / f"out{workers}"),
+                        "--image-size",
+                        "96",
+                        "--batch-size",
+                        "2",
+                        "--workers",
+                        workers,
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
         upscaled = [w for w in caught if "upscaled" in str(w.message)]
         assert len(upscaled) == 1, (workers, [str(w.message) for w in caught])  # one, not one per worker
         assert len(TokenShards(tmp_path / f"out{workers}")) == 8
@@ -258,13 +357,31 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     make_image_folder(tmp_path / "imgs", n=7, corrupt=(4,))
     make_tar_shards(tmp_path / "tars", n_shards=2, per_shard=4, corrupt=(2,))
     base = ["--dvae", str(dvae), "--batch-size", "3", "--no-progress"]
-    for data, limit, count in ((tmp_path / "imgs", [], 6), (tmp_path / "imgs", ["--limit", "5"], 4),
-                               ("shapes:4", ["--limit", "7"], 7), (tmp_path / "tars", [], 7)):
+    for data, limit, count in (
+        (tmp_path / "imgs", [], 6),
+        (tmp_path / "imgs", ["--limit", "5"], 4),
+        ("shapes:4", ["--limit", "7"], 7),
+        (tmp_path / "tars", [], 7),
+    ):
         runs = []
         for workers in ("0", "2"):  # tar shards are a stream and ignore the workers
             out = tmp_path / f"{len(runs)}-{count}-{str(data)[-4:]}"
-            assert main(["encode-dataset", "--data", str(data), "--out", str(out), *base, *limit,
-                         "--workers", workers]) == 0
+            assert (
+                main(
+                    [
+                        "encode-dataset",
+                        "--data",
+                        str(data),
+                        "--out",
+                        str(out),
+                        *base,
+                        *limit,
+                        "--workers",
+                        workers,
+                    ]
+                )
+                == 0
+            )
             runs.append(TokenShards(out))
         serial, parallel = runs
         assert len(serial) == len(parallel) == count
@@ -278,8 +395,25 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
 
     # a larger side than the dVAE's own: a larger grid, equal to encoding the larger render directly
     out = tmp_path / "big"
-    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(out), "--image-size", "48",
-                 "--workers", "2", *base]) == 0
+    assert (
+        main(
+            [
+                "encode-dataset",
+                "--data",
+                "shapes:2",
+                "--limit",
+                "5",
+                "--out",
+                str(out),
+                "--image-size",
+                "48",
+                "--workers",
+                "2",
+                *base,
+            ]
+        )
+        == 0
+    )
     shards = TokenShards(out)
     assert shards.grid == 6 and shards.meta["image_size"] == 48
     encoder, _, _ = load_dvae(dvae)
@@ -287,16 +421,57 @@ def test_encode_dataset_workers_and_image_size(tmp_path, capsys) -> None:
     tokens, stored_caption, _ = shards.get(3)
     assert stored_caption == caption
     assert np.array_equal(tokens, encode_images(encoder, to_uint8_tensor(img)[None])[0].numpy())
-    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(tmp_path / "bad"),
-                 "--image-size", "50", *base]) != 0
+    assert (
+        main(
+            [
+                "encode-dataset",
+                "--data",
+                "shapes:2",
+                "--limit",
+                "5",
+                "--out",
+                str(tmp_path / "bad"),
+                "--image-size",
+                "50",
+                *base,
+            ]
+        )
+        != 0
+    )
     assert "multiple of 8" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["encode-dataset", "--data", "shapes:2", "--limit", "5", "--out", str(tmp_path / "zero"),
-                 *base, "--batch-size", "0"]) != 0
+    assert (
+        main(
+            [
+                "encode-dataset",
+                "--data",
+                "shapes:2",
+                "--limit",
+                "5",
+                "--out",
+                str(tmp_path / "zero"),
+                *base,
+                "--batch-size",
+                "0",
+            ]
+        )
+        != 0
+    )
     assert "--batch-size" in capsys.readouterr().err and not (tmp_path / "zero").exists()
     # the transformer trainer works at that side when told, and refuses shards of another grid otherwise
-    settings = dict(data=str(out), dvae=str(dvae), tokenizer_vocab=40, text_len=8, preset="tiny", batch_size=2,
-                    eval_samples=0, bpe_dropout=0.0, progress=False)
-    trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run"), image_size=48, **settings))
+    settings = dict(
+        data=str(out),
+        dvae=str(dvae),
+        tokenizer_vocab=40,
+        text_len=8,
+        preset="tiny",
+        batch_size=2,
+        eval_samples=0,
+        bpe_dropout=0.0,
+        progress=False,
+    )
+    trainer = TransformerTrainer(
+        TransformerTrainConfig(out_dir=str(tmp_path / "run"), image_size=48, **settings)
+    )
     assert trainer.image_size == 48 and trainer.net.transformer.config.image_grid == 6
     # without --image-size the shards' own side is used; another side is refused
     trainer = TransformerTrainer(TransformerTrainConfig(out_dir=str(tmp_path / "run2"), **settings))
@@ -313,7 +488,9 @@ def test_training_images_are_decoded_as_inference_decodes_them(tmp_path) -> None
     from dalle.data.datasets import ImageTextFolder
     from dalle.images import load_image
 
-    ramp = (np.arange(48 * 40, dtype=np.uint32).reshape(40, 48) * 30).astype(np.uint16)  # up to 57570 of 65535
+    ramp = (np.arange(48 * 40, dtype=np.uint32).reshape(40, 48) * 30).astype(
+        np.uint16
+    )  # up to 57570 of 65535
     Image.fromarray(ramp).save(tmp_path / "a16.png")
     rotated = Image.new("RGB", (48, 32), (200, 30, 30))
     rotated.paste((30, 30, 200), (0, 0, 24, 32))

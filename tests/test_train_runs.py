@@ -97,8 +97,19 @@ def _config_file(tmp_path: Path, section: str, values: dict) -> Path:
 
 # ---------------------------------------------------------------------------------------------- learning
 def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
-    cfg = DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "run"), "steps": 40, "ckpt_every": 20,
-                             "eval_every": 40, "sample_every": 40, "plot_every": 40, "kl_steps": 10, "tau_steps": 20})
+    cfg = DVAETrainConfig(
+        **{
+            **TINY_DVAE,
+            "out_dir": str(tmp_path / "run"),
+            "steps": 40,
+            "ckpt_every": 20,
+            "eval_every": 40,
+            "sample_every": 40,
+            "plot_every": 40,
+            "kl_steps": 10,
+            "tau_steps": 20,
+        }
+    )
     out = DVAETrainer(cfg).fit()
     losses = list(_losses(tmp_path / "run").values())
     assert len(losses) == 40
@@ -114,7 +125,10 @@ def test_dvae_run_lowers_the_loss_and_exports(tmp_path) -> None:
     os.umask(mask)
     checkpoint_files = list((tmp_path / "run" / "checkpoints").glob("step-*/*"))
     assert any(f.suffix == ".safetensors" for f in checkpoint_files)
-    for f in [*out.iterdir(), *checkpoint_files]:  # ordinary permissions, not the 0600 safetensors gives its files
+    for f in [
+        *out.iterdir(),
+        *checkpoint_files,
+    ]:  # ordinary permissions, not the 0600 safetensors gives its files
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f.name, oct(f.stat().st_mode))
     assert (tmp_path / "run" / "samples" / "step-00000040.png").is_file()
     if pytest.importorskip("matplotlib"):
@@ -137,8 +151,18 @@ def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir
     from dalle.images import preprocess
     from dalle.train.exports import load_dvae
 
-    settings = {**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True, "new_decoder": True, "n_hid": 12,
-                "n_blk_per_group": 2, "n_init": 16, "steps": 30, "ckpt_every": 30, "lr": 1e-2}
+    settings = {
+        **TINY_DVAE,
+        "init": str(dvae_dir),
+        "freeze_encoder": True,
+        "new_decoder": True,
+        "n_hid": 12,
+        "n_blk_per_group": 2,
+        "n_init": 16,
+        "steps": 30,
+        "ckpt_every": 30,
+        "lr": 1e-2,
+    }
     out = DVAETrainer(DVAETrainConfig(**{**settings, "out_dir": str(tmp_path / "run")})).fit()
     losses = list(_losses(tmp_path / "run").values())
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.05
@@ -150,8 +174,11 @@ def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir
     x = torch.cat([preprocess(sample(i, size=32)[0], 32) for i in range(4)])
     assert torch.equal(enc0.encode(x), enc.encode(x))
     # the decoder learned from one-hot codes: the gumbel temperature does not change a run
-    other = DVAETrainer(DVAETrainConfig(**{**settings, "steps": 3, "tau_start": 0.5, "tau_end": 0.5,
-                                           "out_dir": str(tmp_path / "tau")})).fit()
+    other = DVAETrainer(
+        DVAETrainConfig(
+            **{**settings, "steps": 3, "tau_start": 0.5, "tau_end": 0.5, "out_dir": str(tmp_path / "tau")}
+        )
+    ).fit()
     again = DVAETrainer(DVAETrainConfig(**{**settings, "steps": 3, "out_dir": str(tmp_path / "again")})).fit()
     assert _losses(tmp_path / "tau") == _losses(tmp_path / "again")
     assert other is not None and again is not None
@@ -160,9 +187,20 @@ def test_decoder_training_on_a_frozen_encoder_keeps_the_codes(tmp_path, dvae_dir
 
 
 def test_transformer_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path, dvae_dir) -> None:
-    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
-                                    "steps": 24, "grad_accum": 2, "caption_dropout": 0.2, "eval_every": 24,
-                                    "sample_every": 24, "sample_count": 2, "name": "tiny-test"})
+    cfg = TransformerTrainConfig(
+        **{
+            **TINY_TRANSFORMER,
+            "out_dir": str(tmp_path / "run"),
+            "dvae": str(dvae_dir),
+            "steps": 24,
+            "grad_accum": 2,
+            "caption_dropout": 0.2,
+            "eval_every": 24,
+            "sample_every": 24,
+            "sample_count": 2,
+            "name": "tiny-test",
+        }
+    )
     trainer = TransformerTrainer(cfg)
     out = trainer.fit()
     losses = list(_losses(tmp_path / "run").values())
@@ -191,9 +229,18 @@ def test_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path, dv
     from dalle.model_dir import load_transformer
     from dalle.pipeline import DALLE
 
-    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
-                                    "steps": 2, "eval_every": 0, "sample_every": 0, "plot_every": 0,
-                                    "weights_dtype": "float16"})
+    cfg = TransformerTrainConfig(
+        **{
+            **TINY_TRANSFORMER,
+            "out_dir": str(tmp_path / "run"),
+            "dvae": str(dvae_dir),
+            "steps": 2,
+            "eval_every": 0,
+            "sample_every": 0,
+            "plot_every": 0,
+            "weights_dtype": "float16",
+        }
+    )
     trainer = TransformerTrainer(cfg)
     out = trainer.fit()
     exported = {k: v.cpu() for k, v in trainer.export_transformer().state_dict().items()}
@@ -219,9 +266,19 @@ def test_cpu_bf16_trains_in_bfloat16_with_float32_weights(tmp_path, dvae_dir) ->
     losses: dict[bool, list[float]] = {}
     for cpu_bf16 in (False, True):
         run = tmp_path / f"run-{cpu_bf16}"
-        cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(run), "dvae": str(dvae_dir),
-                                        "steps": 16, "eval_every": 0, "sample_every": 0, "plot_every": 0,
-                                        "cpu_bf16": cpu_bf16, "device": "cpu"})
+        cfg = TransformerTrainConfig(
+            **{
+                **TINY_TRANSFORMER,
+                "out_dir": str(run),
+                "dvae": str(dvae_dir),
+                "steps": 16,
+                "eval_every": 0,
+                "sample_every": 0,
+                "plot_every": 0,
+                "cpu_bf16": cpu_bf16,
+                "device": "cpu",
+            }
+        )
         trainer = TransformerTrainer(cfg)
         seen: set[torch.dtype] = set()
         first = next(m for m in trainer.net.modules() if isinstance(m, torch.nn.Linear))
@@ -242,8 +299,14 @@ def test_caption_dropout_gives_the_empty_caption(tmp_path, dvae_dir) -> None:
     drops = [caption_dropped(0, p, 0.25) for p in range(4000)]
     assert 0.22 < sum(drops) / len(drops) < 0.28
     assert not any(caption_dropped(0, p, 0.0) for p in range(100))
-    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
-                                    "caption_dropout": 0.999})
+    cfg = TransformerTrainConfig(
+        **{
+            **TINY_TRANSFORMER,
+            "out_dir": str(tmp_path / "run"),
+            "dvae": str(dvae_dir),
+            "caption_dropout": 0.999,
+        }
+    )
     trainer = TransformerTrainer(cfg)
     text = trainer.encode_text(["a red circle", "a blue square"], [0, 1])
     assert torch.all(text == trainer.tokenizer.pad_id)  # dropped caption = all pads = the unconditional input
@@ -251,8 +314,9 @@ def test_caption_dropout_gives_the_empty_caption(tmp_path, dvae_dir) -> None:
 
 # ---------------------------------------------------------------------------------------------- robustness
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
-    cfg = DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(tmp_path / "run"), "steps": 12, "ckpt_every": 2,
-                             "max_nonfinite": 3})
+    cfg = DVAETrainConfig(
+        **{**TINY_DVAE, "out_dir": str(tmp_path / "run"), "steps": 12, "ckpt_every": 2, "max_nonfinite": 3}
+    )
     trainer = DVAETrainer(cfg)
     real = trainer.forward
 
@@ -275,8 +339,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path) -> None:
 @pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_dir) -> None:
     # BPE dropout 0.5: its draws are seeded per sample position too, so resumption stays exact
-    base = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 8, "ckpt_every": 100, "caption_dropout": 0.3,
-            "bpe_dropout": 0.5}
+    base = {
+        **TINY_TRANSFORMER,
+        "dvae": str(dvae_dir),
+        "steps": 8,
+        "ckpt_every": 100,
+        "caption_dropout": 0.3,
+        "bpe_dropout": 0.5,
+    }
     ref = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "ref")}))
     ref.fit()
     run = tmp_path / "run"
@@ -295,16 +365,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, dvae_
     # a resume under another dVAE (same shape, other weights) or another tokenizer is refused
     other = make_tiny_dvae_dir(tmp_path / "other", seed=5)
     with pytest.raises(CheckpointError, match="cannot resume .*dvae_sha256 differ"):
-        TransformerTrainer(TransformerTrainConfig(**{**base, "dvae": str(other), "out_dir": str(run)}),
-                           resume=True).fit(resume=True)
+        TransformerTrainer(
+            TransformerTrainConfig(**{**base, "dvae": str(other), "out_dir": str(run)}), resume=True
+        ).fit(resume=True)
     from dalle.data import shapes
     from dalle.tokenizer import BPETokenizer
 
     captions = [shapes.sample(i, seed=9, size=32)[1] for i in range(200)]
     BPETokenizer.train(captions, vocab_size=48).save(tmp_path / "other.model")
     with pytest.raises(CheckpointError, match="cannot resume .*tokenizer_sha256 differ"):
-        TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run), "tokenizer": str(tmp_path / "other.model")}),
-                           resume=True).fit(resume=True)
+        TransformerTrainer(
+            TransformerTrainConfig(
+                **{**base, "out_dir": str(run), "tokenizer": str(tmp_path / "other.model")}
+            ),
+            resume=True,
+        ).fit(resume=True)
     resumed = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(run)}), resume=True)
     resumed.fit(resume=True)
     assert _losses(run) == _losses(tmp_path / "ref")
@@ -319,8 +394,12 @@ def test_kill_9_then_resume_gives_the_same_losses(tmp_path) -> None:
     slow = tmp_path / "slow.py"
     slow.write_text(_SLOW_STEPS + "import sys\nfrom dalle.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     run = tmp_path / "run"
-    victim = subprocess.Popen([sys.executable, str(slow), *cmd[3:], "--out", str(run)], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(
+        [sys.executable, str(slow), *cmd[3:], "--out", str(run)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # the uninterrupted reference runs in this process meanwhile (same code, one thread: same floats)
     DVAETrainer(DVAETrainConfig(**{**settings, "out_dir": str(tmp_path / "ref")})).fit()
     deadline = time.time() + 180
@@ -380,32 +459,53 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside this Python")
     dcfg = _config_file(tmp_path, "train-dvae", {**TINY_DVAE, "steps": 3, "ckpt_every": 3})
-    tcfg = _config_file(tmp_path, "train", {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3,
-                                            "eval_samples": 0})
+    tcfg = _config_file(
+        tmp_path,
+        "train",
+        {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0},
+    )
     script = tmp_path / "both.py"
     script.write_text(_RANK_DIGESTS + _TORCHRUN_SCRIPT)
     # one launch, two ranks: the dVAE under DDP (2 x 2 samples), then the transformer under FSDP2 (2 x 4)
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(dcfg), str(tcfg), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(dcfg),
+        str(tcfg),
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # the one-process references (global batches 4 and 8) run here meanwhile
-    DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "steps": 3, "ckpt_every": 3, "out_dir": str(tmp_path / "one")})).fit()
+    DVAETrainer(
+        DVAETrainConfig(**{**TINY_DVAE, "steps": 3, "ckpt_every": 3, "out_dir": str(tmp_path / "one")})
+    ).fit()
     out, err = proc.communicate(timeout=500)
     if proc.returncode != 0 and b"terminate called without an active exception" in err:
         # A rank very occasionally dies with SIGABRT inside the C++ runtime (twice in about 15 runs of a day, never
         # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
         for name in ("ddp", "fsdp", "timed"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
-        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path,
-                              capture_output=True, timeout=500)
+        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=500)
         out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err.decode()[-3000:]
     refused = [line for line in out.decode().splitlines() if " refused: " in line]
     assert sorted(line.split(" refused")[0] for line in refused) == ["rank 0", "rank 1"], out.decode()[-2000:]
     assert all("already holds checkpoints" in line for line in refused)
-    TransformerTrainer(TransformerTrainConfig(**{
-        **TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 3, "ckpt_every": 3, "eval_samples": 0,
-        "out_dir": str(tmp_path / "one_t"), "tokenizer": str(tmp_path / "fsdp" / "tokenizer.model")})).fit()
+    TransformerTrainer(
+        TransformerTrainConfig(
+            **{
+                **TINY_TRANSFORMER,
+                "dvae": str(dvae_dir),
+                "steps": 3,
+                "ckpt_every": 3,
+                "eval_samples": 0,
+                "out_dir": str(tmp_path / "one_t"),
+                "tokenizer": str(tmp_path / "fsdp" / "tokenizer.model"),
+            }
+        )
+    ).fit()
     for name in ("ddp", "fsdp", "timed"):
         digests = {(tmp_path / name / f"rank-{r}.sha256").read_text() for r in (0, 1)}
         assert len(digests) == 1, f"{name}: ranks hold different weights"
@@ -436,8 +536,9 @@ def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) ->
     import math
     import warnings
 
-    cfg = DVAETrainConfig(**{**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True,
-                             "out_dir": str(tmp_path / "run")})
+    cfg = DVAETrainConfig(
+        **{**TINY_DVAE, "init": str(dvae_dir), "freeze_encoder": True, "out_dir": str(tmp_path / "run")}
+    )
     trainer = DVAETrainer(cfg)
     trainer._bar = None
     with warnings.catch_warnings():
@@ -452,8 +553,18 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     from dalle.train import loop
     from dalle.train.checkpoints import CheckpointManager
 
-    settings = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 100_000, "time_limit": 0.03, "log_every": 1,
-                "warmup_steps": 2, "ckpt_every": 0, "eval_every": 0, "sample_every": 0, "plot_every": 0}
+    settings = {
+        **TINY_TRANSFORMER,
+        "dvae": str(dvae_dir),
+        "steps": 100_000,
+        "time_limit": 0.03,
+        "log_every": 1,
+        "warmup_steps": 2,
+        "ckpt_every": 0,
+        "eval_every": 0,
+        "sample_every": 0,
+        "plot_every": 0,
+    }
     run = tmp_path / "run"
     trainer = TransformerTrainer(TransformerTrainConfig(**{**settings, "out_dir": str(run)}))
     tick = 0.25  # a deterministic clock: every step takes 0.25 s, so the 1.8 s limit is up after step 8
@@ -474,7 +585,9 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     trainer.step = last_step
     lrs = [r["lr"] for r in records[1:]]
     assert all(b < a for a, b in zip(lrs, lrs[1:]))  # the decay ran on the clock ...
-    assert lrs[-1] < lr_end + 0.01 * (lr - lr_end)  # ... to its end (97% of the time was spent when step 8 began)
+    assert lrs[-1] < lr_end + 0.01 * (
+        lr - lr_end
+    )  # ... to its end (97% of the time was spent when step 8 began)
     step, _, state = CheckpointManager.load(CheckpointManager(run / "checkpoints").latest())
     assert step == last_step and state["train_seconds"] == pytest.approx(last_step * tick)
     # resuming a run whose time is spent only finishes it: no further step
@@ -482,20 +595,31 @@ def test_time_limit_ends_the_run_with_completed_schedules_and_resume_keeps_the_c
     assert again.fit(resume=True) is not None and again.step == last_step
     assert again.schedule_position() == 100_000
     # resumed without the time limit, the schedules would count steps again: said, not silently done
-    plain = TransformerTrainer(TransformerTrainConfig(**{**settings, "time_limit": None, "out_dir": str(run)}),
-                               resume=True)
+    plain = TransformerTrainer(
+        TransformerTrainConfig(**{**settings, "time_limit": None, "out_dir": str(run)}), resume=True
+    )
     with pytest.warns(UserWarning, match="resumed without one"):
         plain.resume()
     with pytest.raises(ConfigError, match="time_limit"):
         TransformerTrainConfig(**{**settings, "time_limit": 0, "out_dir": str(tmp_path / "x")}).validate()
 
 
-def test_default_warmup_follows_the_clock_under_a_time_limit_an_explicit_one_counts_steps(tmp_path, dvae_dir) -> None:
+def test_default_warmup_follows_the_clock_under_a_time_limit_an_explicit_one_counts_steps(
+    tmp_path, dvae_dir
+) -> None:
     lr = TINY_TRANSFORMER["lr"]
     lrs = {}
     for warmup in (None, 12):
-        cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 1000, "time_limit": 1.0,
-                                        "warmup_steps": warmup, "out_dir": str(tmp_path / f"run-{warmup}")})
+        cfg = TransformerTrainConfig(
+            **{
+                **TINY_TRANSFORMER,
+                "dvae": str(dvae_dir),
+                "steps": 1000,
+                "time_limit": 1.0,
+                "warmup_steps": warmup,
+                "out_dir": str(tmp_path / f"run-{warmup}"),
+            }
+        )
         trainer = TransformerTrainer(cfg)
         assert cfg.resolved()["warmup_steps"] == 12  # the default: the paper's 5k of 430k, of 1000 steps
         trainer.step, trainer.train_seconds = 1, 30.0  # slow steps: half the time spent after one step
@@ -515,9 +639,18 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     base = {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 2, "ckpt_every": 2}
     model = TransformerTrainer(TransformerTrainConfig(**{**base, "out_dir": str(tmp_path / "a")})).fit()
     # 32 px (4x4 grid) -> 48 px (6x6): every weight carries over, the row/column embeddings are resampled
-    tuned = TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "image_size": 48,
-                                                         "data": "shapes", "out_dir": str(tmp_path / "b"),
-                                                         "bf16": False}))
+    tuned = TransformerTrainer(
+        TransformerTrainConfig(
+            **{
+                **base,
+                "init": str(model),
+                "image_size": 48,
+                "data": "shapes",
+                "out_dir": str(tmp_path / "b"),
+                "bf16": False,
+            }
+        )
+    )
     assert tuned.tcfg.cuda_autocast is False  # --no-bf16 wins over the init model's setting
     start = tuned.net.transformer.state_dict()
     old = load_file(str(model / "transformer.safetensors"))
@@ -532,17 +665,31 @@ def test_fine_tuning_at_another_image_side_resizes_the_position_embeddings(tmp_p
     assert pipe.generate("a red circle", seed=0, progress=False)[0].size == (48, 48)
     # the init model's shapes cannot change; said plainly, before any weight is loaded
     with pytest.raises(ConfigError, match=r"has depth 4, heads 4; --depth 2, --heads 2 cannot change it"):
-        TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "depth": 2, "heads": 2,
-                                                     "out_dir": str(tmp_path / "c")}))
+        TransformerTrainer(
+            TransformerTrainConfig(
+                **{**base, "init": str(model), "depth": 2, "heads": 2, "out_dir": str(tmp_path / "c")}
+            )
+        )
     from dalle.data import shapes
     from dalle.tokenizer import BPETokenizer
 
     big = BPETokenizer.train([shapes.sample(i, seed=3, size=32)[1] for i in range(2000)], vocab_size=80)
     big.save(tmp_path / "big.model")
-    with pytest.raises(ConfigError, match=rf"tokenizer has {big.vocab_size} tokens but the model's text vocabulary "
-                                          r"64 \(from --init"):
-        TransformerTrainer(TransformerTrainConfig(**{**base, "init": str(model), "tokenizer": str(tmp_path / "big.model"),
-                                                     "out_dir": str(tmp_path / "d")}))
+    with pytest.raises(
+        ConfigError,
+        match=rf"tokenizer has {big.vocab_size} tokens but the model's text vocabulary "
+        r"64 \(from --init",
+    ):
+        TransformerTrainer(
+            TransformerTrainConfig(
+                **{
+                    **base,
+                    "init": str(model),
+                    "tokenizer": str(tmp_path / "big.model"),
+                    "out_dir": str(tmp_path / "d"),
+                }
+            )
+        )
     # linear resampling keeps a ramp a ramp: cell centres map to cell centres
     ramp = {"row_emb.weight": torch.arange(4.0)[:, None].repeat(1, 3), "col_emb.weight": torch.zeros(4, 3)}
     rows = resize_grid_embeddings(ramp, 8)["row_emb.weight"][:, 0]
@@ -559,8 +706,11 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path) -
     DVAETrainer(DVAETrainConfig(**{**base, "steps": 12})).fit()
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000012"]
-    with pytest.warns(UserWarning, match=r"resuming from step 4: the later checkpoints \(step-00000008, "
-                                         r"step-00000012\) .*moved to"):
+    with pytest.warns(
+        UserWarning,
+        match=r"resuming from step 4: the later checkpoints \(step-00000008, "
+        r"step-00000012\) .*moved to",
+    ):
         DVAETrainer(DVAETrainConfig(**{**base, "steps": 6})).fit(resume=str(ckpts / "step-00000004"))
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
     assert len(list((ckpts / "abandoned").iterdir())) == 2  # kept, out of the way of a plain --resume
@@ -580,9 +730,15 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
         DVAETrainer(cfg).fit()
     assert not (run / "checkpoints").exists()
     held.close()
-    assert DVAETrainer(cfg).fit() is not None  # the lock went with its holder; a run releases its own at the end
-    assert DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(run), "steps": 4, "ckpt_every": 2})).fit(
-        resume=True) is not None
+    assert (
+        DVAETrainer(cfg).fit() is not None
+    )  # the lock went with its holder; a run releases its own at the end
+    assert (
+        DVAETrainer(DVAETrainConfig(**{**TINY_DVAE, "out_dir": str(run), "steps": 4, "ckpt_every": 2})).fit(
+            resume=True
+        )
+        is not None
+    )
 
 
 _TORCHRUN_EVAL_SCRIPT = """
@@ -611,8 +767,20 @@ def test_torchrun_evaluates_and_samples_at_one_step(tmp_path, dvae_dir) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside this Python")
-    tcfg = _config_file(tmp_path, "train", {**TINY_TRANSFORMER, "dvae": str(dvae_dir), "steps": 4, "ckpt_every": 4,
-                                            "eval_samples": 8, "eval_every": 2, "sample_every": 2, "sample_count": 2})
+    tcfg = _config_file(
+        tmp_path,
+        "train",
+        {
+            **TINY_TRANSFORMER,
+            "dvae": str(dvae_dir),
+            "steps": 4,
+            "ckpt_every": 4,
+            "eval_samples": 8,
+            "eval_every": 2,
+            "sample_every": 2,
+            "sample_count": 2,
+        },
+    )
     script = tmp_path / "eval.py"
     script.write_text(_TORCHRUN_EVAL_SCRIPT)
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tcfg), str(tmp_path)]
@@ -626,7 +794,10 @@ def test_torchrun_evaluates_and_samples_at_one_step(tmp_path, dvae_dir) -> None:
         evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
         assert [r["step"] for r in evals] == [2, 4], evals
         assert all(math.isfinite(r["eval_loss"]) for r in evals)
-        assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+        assert sorted(p.name for p in (run / "samples").iterdir()) == [
+            "step-00000002.png",
+            "step-00000004.png",
+        ]
         assert (run / "model" / "transformer.safetensors").is_file()
 
 
@@ -636,8 +807,16 @@ def test_a_training_step_reads_the_device_once(tmp_path, dvae_dir, monkeypatch) 
     every read waits for the device). Counted: tensor reads made by the training code itself (the model's own
     checks are covered by test_forward_and_loss_read_no_value_back_from_the_device)."""
     import traceback
-    cfg = TransformerTrainConfig(**{**TINY_TRANSFORMER, "out_dir": str(tmp_path / "run"), "dvae": str(dvae_dir),
-                                    "steps": 2, "grad_accum": 2})
+
+    cfg = TransformerTrainConfig(
+        **{
+            **TINY_TRANSFORMER,
+            "out_dir": str(tmp_path / "run"),
+            "dvae": str(dvae_dir),
+            "steps": 2,
+            "grad_accum": 2,
+        }
+    )
     trainer = TransformerTrainer(cfg)
     batch = next(iter(trainer.batches(0)))
     reads = []

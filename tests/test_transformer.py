@@ -53,7 +53,10 @@ def test_config_json_round_trip() -> None:
     data = json.loads(json.dumps(cfg.to_dict()))
     assert TransformerConfig.from_dict(data) == cfg
     assert TransformerConfig.from_dict(TransformerConfig.preset("tiny").to_dict()).layer_types == [
-        "row", "column", "row", "conv"
+        "row",
+        "column",
+        "row",
+        "conv",
     ]
 
 

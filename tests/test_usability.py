@@ -30,14 +30,21 @@ def test_words_the_tokenizer_spells_out_are_named(shapes: DALLE) -> None:
 
 def test_a_long_prompt_warning_says_what_to_do(shapes: DALLE) -> None:
     prompt = " ".join(["a red circle"] * 100)
-    with pytest.warns(TruncationWarning, match=rf"longer than the {shapes.text_len} tokens.*shorten the prompt"):
+    with pytest.warns(
+        TruncationWarning, match=rf"longer than the {shapes.text_len} tokens.*shorten the prompt"
+    ):
         ids = shapes.encode_text([prompt])
     assert ids.shape == (1, shapes.text_len)
 
 
 def test_repr_describes_the_model(shapes: DALLE) -> None:
     text = repr(shapes)
-    assert text.startswith("DALLE(name='shapes'") and "256px" in text and "layers" in text and "device='cpu'" in text
+    assert (
+        text.startswith("DALLE(name='shapes'")
+        and "256px" in text
+        and "layers" in text
+        and "device='cpu'" in text
+    )
 
 
 def test_save_pretrained_does_not_overwrite_unless_told(tmp_path) -> None:

@@ -80,12 +80,28 @@ class AttrDict(dict):
 
 
 TINY_GUMBEL = {
-    "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16], "z_channels": 32,
-    "double_z": False, "in_channels": 3, "out_ch": 3, "resolution": 32, "dropout": 0.0,
+    "ch": 32,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [16],
+    "z_channels": 32,
+    "double_z": False,
+    "in_channels": 3,
+    "out_ch": 3,
+    "resolution": 32,
+    "dropout": 0.0,
 }
 TINY_VQ = {
-    "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "z_channels": 16,
-    "double_z": False, "in_channels": 3, "out_ch": 3, "resolution": 32, "dropout": 0.0,
+    "ch": 32,
+    "ch_mult": [1, 1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [8],
+    "z_channels": 16,
+    "double_z": False,
+    "in_channels": 3,
+    "out_ch": 3,
+    "resolution": 32,
+    "dropout": 0.0,
 }
 
 
@@ -98,9 +114,16 @@ def jitter_(module: nn.Module, scale: float = 0.05) -> nn.Module:
 
 
 def rudalle_vae(dwt: bool = False, ddconfig: dict | None = None, n_embed: int = 64, embed_dim: int = 32):
-    cfg = AttrDict(model=AttrDict(params=AttrDict(
-        ddconfig=AttrDict(ddconfig or TINY_GUMBEL), n_embed=n_embed, embed_dim=embed_dim, kl_weight=1e-8,
-    )))
+    cfg = AttrDict(
+        model=AttrDict(
+            params=AttrDict(
+                ddconfig=AttrDict(ddconfig or TINY_GUMBEL),
+                n_embed=n_embed,
+                embed_dim=embed_dim,
+                kl_weight=1e-8,
+            )
+        )
+    )
     return rudalle_model.VQGanGumbelVAE(cfg, dwt=dwt)
 
 
@@ -181,7 +204,9 @@ def test_gumbel_non_square_and_inferred_config() -> None:
 
 def test_vq_matches_taming() -> None:
     ref = tiny_taming_vq()
-    enc, dec = vqgan_from_state_dict(ref.state_dict(), {**TINY_VQ, "n_embed": 32, "embed_dim": 8, "quantizer": "vq"})
+    enc, dec = vqgan_from_state_dict(
+        ref.state_dict(), {**TINY_VQ, "n_embed": 32, "embed_dim": 8, "quantizer": "vq"}
+    )
     assert "quantize.embedding.weight" in enc.state_dict() and "quantize.embedding.weight" in dec.state_dict()
     x = map_pixels(torch.rand(2, 3, 32, 32))
     with torch.no_grad():
@@ -204,15 +229,23 @@ def test_full_size_sber_keys_and_shapes(dwt: bool) -> None:
     cfg = PRESETS["sber-gumbel-f8"]
     dd = {k: v for k, v in cfg.items() if k not in ("n_embed", "embed_dim", "quantizer")}
     with torch.device("meta"):
-        ref = rudalle_model.GumbelVQ(AttrDict(dd), n_embed=cfg["n_embed"], embed_dim=cfg["embed_dim"], dwt=dwt)
+        ref = rudalle_model.GumbelVQ(
+            AttrDict(dd), n_embed=cfg["n_embed"], embed_dim=cfg["embed_dim"], dwt=dwt
+        )
     enc = VQGANEncoder.from_preset("sber-gumbel-f8", device="meta")
     dec = VQGANDecoder.from_preset("sber-gumbel-f8", dwt=dwt, device="meta")
     ref_enc, ref_dec = split_state_dict(ref.state_dict())
     assert shapes(enc.state_dict()) == shapes(ref_enc)
     assert shapes(dec.state_dict()) == shapes(ref_dec)
-    if not dwt:  # the halves cover the reference exactly (the DWT model's top-level post_quant_conv is unused)
+    if (
+        not dwt
+    ):  # the halves cover the reference exactly (the DWT model's top-level post_quant_conv is unused)
         assert set(ref.state_dict()) == set(enc.state_dict()) | set(dec.state_dict())
-    assert enc.vocab_size == dec.vocab_size == 8192 and enc.factor == 8 and dec.output_factor == (16 if dwt else 8)
+    assert (
+        enc.vocab_size == dec.vocab_size == 8192
+        and enc.factor == 8
+        and dec.output_factor == (16 if dwt else 8)
+    )
 
 
 @pytest.mark.parametrize("preset", ["taming-f16-1024", "taming-f16-16384"])
@@ -241,7 +274,9 @@ def test_config_round_trip_and_contract() -> None:
         assert model.device.type == "meta" and model.vocab_size == 64
     assert VQGANEncoder.kind == "vqgan-encoder" and VQGANDecoder.kind == "vqgan-decoder"
     enc = VQGANEncoder(**TINY_GUMBEL, n_embed=64, embed_dim=32)
-    assert enc.set_dtype("bf16") is enc and enc.dtype == torch.bfloat16 and enc.config()["dtype"] == "bfloat16"
+    assert (
+        enc.set_dtype("bf16") is enc and enc.dtype == torch.bfloat16 and enc.config()["dtype"] == "bfloat16"
+    )
     assert enc.compute_dtype() == torch.float32  # CPU always computes in float32
     with pytest.raises(ConfigError):
         enc.set_dtype("int8")
@@ -272,8 +307,10 @@ def test_unknown_preset() -> None:
 @pytest.fixture(scope="module")
 def tiny() -> tuple[VQGANEncoder, VQGANDecoder]:
     torch.manual_seed(0)
-    return (jitter_(VQGANEncoder(**TINY_GUMBEL, n_embed=64, embed_dim=32)),
-            jitter_(VQGANDecoder(**TINY_GUMBEL, n_embed=64, embed_dim=32)))
+    return (
+        jitter_(VQGANEncoder(**TINY_GUMBEL, n_embed=64, embed_dim=32)),
+        jitter_(VQGANDecoder(**TINY_GUMBEL, n_embed=64, embed_dim=32)),
+    )
 
 
 def test_float32_inside_a_callers_autocast(tiny) -> None:
@@ -351,8 +388,15 @@ def fake_packages(monkeypatch):
 def _omegaconf_like(c: dict) -> object:
     """An object whose pickle matches an OmegaConf DictConfig's (metadata, typing.Any, nodes)."""
     meta = c["ContainerMetadata"]()
-    meta.__dict__.update(ref_type=typing.Any, object_type=dict, optional=True, key=None, flags={},
-                         key_type=typing.Any, element_type=typing.Any)
+    meta.__dict__.update(
+        ref_type=typing.Any,
+        object_type=dict,
+        optional=True,
+        key=None,
+        flags={},
+        key_type=typing.Any,
+        element_type=typing.Any,
+    )
     node = c["AnyNode"]()
     node.__dict__.update(_val=256, _metadata=c["Metadata"](), _parent=None)
     ints = c["IntegerNode"]()
@@ -372,8 +416,14 @@ def write_lightning_ckpt(path: Path, state_dict: dict, classes: dict, zip_format
         "global_step": np.int64(1200),
         "pytorch-lightning_version": "1.0.8",
         "state_dict": collections.OrderedDict(state_dict),
-        "callbacks": {ckpt_cb: {"best_model_score": torch.tensor(0.25), "monitor": "val/rec_loss",
-                                "score": np.float64(0.5), "arr": np.arange(3)}},
+        "callbacks": {
+            ckpt_cb: {
+                "best_model_score": torch.tensor(0.25),
+                "monitor": "val/rec_loss",
+                "score": np.float64(0.5),
+                "arr": np.arange(3),
+            }
+        },
         "callback_instance": ckpt_cb(),
         "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 1e-4}]}],
         "lr_schedulers": [collections.defaultdict(list, last_epoch=[3])],
@@ -388,8 +438,12 @@ def write_lightning_ckpt(path: Path, state_dict: dict, classes: dict, zip_format
 
 
 def with_loss_keys(sd: dict) -> dict:
-    return {**sd, "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4),
-            "loss.perceptual_loss.net.slice1.0.bias": torch.randn(4), "loss.logvar": torch.zeros(())}
+    return {
+        **sd,
+        "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4),
+        "loss.perceptual_loss.net.slice1.0.bias": torch.randn(4),
+        "loss.logvar": torch.zeros(()),
+    }
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])

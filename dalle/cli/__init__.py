@@ -23,10 +23,15 @@ class UsageError(Exception):
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads for the command (applied by :func:`main` before it runs)."""
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's, one per core). On a machine that other programs keep "
-                        "busy, one thread per core runs several times slower than fewer threads: then pass the "
-                        "number of idle cores (e.g. --threads 1 on 2 cores with one other busy program)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's, one per core). On a machine that other programs keep "
+        "busy, one thread per core runs several times slower than fewer threads: then pass the "
+        "number of idle cores (e.g. --threads 1 on 2 cores with one other busy program)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

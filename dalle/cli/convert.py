@@ -21,24 +21,53 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Write a dalle model directory (safetensors weights in their own dtype, float16 kept; the tokenizer; "
             "config.json) from ruDALL-E's files: either SOURCE, a registered name "
             f"({', '.join(RUDALLE_HUB)}), whose files are downloaded from the Hugging Face Hub into the cache, "
-            "or local files given with --transformer, --vqgan and --bpe. Then: dalle generate --model OUT \"...\""
+            'or local files given with --transformer, --vqgan and --bpe. Then: dalle generate --model OUT "..."'
         ),
     )
-    p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
-                   help="registered ruDALL-E name to download (omit it when giving --transformer/--vqgan/--bpe)")
+    p.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        metavar="SOURCE",
+        help="registered ruDALL-E name to download (omit it when giving --transformer/--vqgan/--bpe)",
+    )
     p.add_argument("out", metavar="OUT", help="model directory to write (created; files in it are replaced)")
-    p.add_argument("--transformer", default=None, metavar="FILE",
-                   help="rudalle transformer checkpoint, e.g. pytorch_model_v3.bin (default: none; local mode)")
-    p.add_argument("--preset", default=None, choices=PRESET_NAMES,
-                   help="configuration of --transformer (default: malevich; with SOURCE, the model's own)")
-    p.add_argument("--vqgan", default=None, metavar="FILE",
-                   help="VQGAN checkpoint, e.g. vqgan.gumbelf8-sber.model.ckpt (default: none; local mode)")
-    p.add_argument("--bpe", default=None, metavar="FILE", help="youtokentome bpe.model (default: none; local mode)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="replace a field of the preset's RuDalleConfig, e.g. --set depth=2 (repeatable; values are "
-                        "JSON, else strings; default: none) -- for custom or test checkpoints")
-    p.add_argument("--name", default=None, help="model name stored in config.json (default: OUT's folder name)")
-    p.add_argument("--quiet", action="store_true", help="no download progress bar (default: shown on a terminal)")
+    p.add_argument(
+        "--transformer",
+        default=None,
+        metavar="FILE",
+        help="rudalle transformer checkpoint, e.g. pytorch_model_v3.bin (default: none; local mode)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESET_NAMES,
+        help="configuration of --transformer (default: malevich; with SOURCE, the model's own)",
+    )
+    p.add_argument(
+        "--vqgan",
+        default=None,
+        metavar="FILE",
+        help="VQGAN checkpoint, e.g. vqgan.gumbelf8-sber.model.ckpt (default: none; local mode)",
+    )
+    p.add_argument(
+        "--bpe", default=None, metavar="FILE", help="youtokentome bpe.model (default: none; local mode)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="replace a field of the preset's RuDalleConfig, e.g. --set depth=2 (repeatable; values are "
+        "JSON, else strings; default: none) -- for custom or test checkpoints",
+    )
+    p.add_argument(
+        "--name", default=None, help="model name stored in config.json (default: OUT's folder name)"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no download progress bar (default: shown on a terminal)"
+    )
     p.set_defaults(func=run)
 
 
@@ -67,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = _overrides(args.overrides)
     if args.source is not None:
         if args.source not in RUDALLE_HUB:
-            raise UsageError(f"unknown SOURCE {args.source!r}: choose one of {', '.join(RUDALLE_HUB)}, or give local "
-                             "files with --transformer, --vqgan and --bpe instead")
+            raise UsageError(
+                f"unknown SOURCE {args.source!r}: choose one of {', '.join(RUDALLE_HUB)}, or give local "
+                "files with --transformer, --vqgan and --bpe instead"
+            )
         if any(local.values()):
             raise UsageError("give either SOURCE or --transformer/--vqgan/--bpe, not both")
         entry = RUDALLE_HUB[args.source]
@@ -89,7 +120,15 @@ def run(args: argparse.Namespace) -> int:
         preset = args.preset or "malevich"
         source = {"preset": preset, "transformer": Path(args.transformer).name}
         name = args.name
-    path = convert_rudalle(args.out, files["transformer"], files["vqgan"], files["bpe"], preset, name=name,
-                           overrides=overrides or None, source=source)
+    path = convert_rudalle(
+        args.out,
+        files["transformer"],
+        files["vqgan"],
+        files["bpe"],
+        preset,
+        name=name,
+        overrides=overrides or None,
+        source=source,
+    )
     print(f"wrote {path}")
     return 0

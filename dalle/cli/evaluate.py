@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "reconstruction PSNR, print a table and write results.json and examples.png."
         ),
     )
-    p.add_argument("--model", default=None,
-                   help="model directory or registered name (default: the bundled shapes model)")
+    p.add_argument(
+        "--model", default=None, help="model directory or registered name (default: the bundled shapes model)"
+    )
     p.add_argument("--out", default="outputs/evaluate", help="output directory (default: outputs/evaluate)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="classifier-free guidance scale")
     p.add_argument("--rerank", type=int, default=None, metavar="N", help="draw N candidates, keep the best")

@@ -85,34 +85,64 @@ def _probability(text: str) -> float:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="model directory or registered name: shapes, shapes-128, or rudalle-malevich, "
-                        "rudalle-malevich-v2, rudalle-emojich, rudalle-surrealist-xl, rudalle-kandinsky (downloaded "
-                        "and converted on first use) (default: the bundled shapes model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory or registered name: shapes, shapes-128, or rudalle-malevich, "
+        "rudalle-malevich-v2, rudalle-emojich, rudalle-surrealist-xl, rudalle-kandinsky (downloaded "
+        "and converted on first use) (default: the bundled shapes model)",
+    )
     p.add_argument("-n", "--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--seed", type=parse_seed, default=None, help="base seed; image k uses seed+k (default: random)")
-    p.add_argument("--temperature", type=_nonnegative_float, default=1.0,
-                   help="sampling temperature (default 1, the paper's); 0 is greedy decoding (the most likely token "
-                        "at every cell, the same image for every seed)")
-    p.add_argument("--top-k", type=_non_negative_int, default=None,
-                   help="sample among the k likeliest tokens; 0 turns it off (default: the model's, e.g. 1024 for "
-                        "ruDALL-E models, none for dalle models)")
-    p.add_argument("--top-p", type=_probability, default=None,
-                   help="nucleus sampling probability mass; 1 turns it off (default: the model's, e.g. 0.99 for "
-                        "ruDALL-E models, none for dalle models)")
-    p.add_argument("--sampler", choices=("race", "multinomial"), default=None,
-                   help="how a token is drawn: race (exponential race) or multinomial (torch.multinomial, as "
-                        "rudalle) (default: the model's; race for dalle models, multinomial for ruDALL-E models)")
-    p.add_argument("--filter", choices=("dalle", "rudalle"), default=None,
-                   help="top-k/top-p rule: dalle's or rudalle's (transformers' top_k_top_p_filtering) (default: "
-                        "the model's; dalle for dalle models, rudalle for ruDALL-E models)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decode step with torch.compile (CUDA graphs on CUDA); the first "
-                        "image pays the compilation (default: off)")
+    p.add_argument(
+        "--seed", type=parse_seed, default=None, help="base seed; image k uses seed+k (default: random)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=_nonnegative_float,
+        default=1.0,
+        help="sampling temperature (default 1, the paper's); 0 is greedy decoding (the most likely token "
+        "at every cell, the same image for every seed)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_non_negative_int,
+        default=None,
+        help="sample among the k likeliest tokens; 0 turns it off (default: the model's, e.g. 1024 for "
+        "ruDALL-E models, none for dalle models)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_probability,
+        default=None,
+        help="nucleus sampling probability mass; 1 turns it off (default: the model's, e.g. 0.99 for "
+        "ruDALL-E models, none for dalle models)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("race", "multinomial"),
+        default=None,
+        help="how a token is drawn: race (exponential race) or multinomial (torch.multinomial, as "
+        "rudalle) (default: the model's; race for dalle models, multinomial for ruDALL-E models)",
+    )
+    p.add_argument(
+        "--filter",
+        choices=("dalle", "rudalle"),
+        default=None,
+        help="top-k/top-p rule: dalle's or rudalle's (transformers' top_k_top_p_filtering) (default: "
+        "the model's; dalle for dalle models, rudalle for ruDALL-E models)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the one-token decode step with torch.compile (CUDA graphs on CUDA); the first "
+        "image pays the compilation (default: off)",
+    )
     p.add_argument("--guidance", type=_positive_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
     add_threads_flag(p)
-    p.add_argument("--output", default=None, help="grid PNG to write (default: generated.png if no --output-dir)")
+    p.add_argument(
+        "--output", default=None, help="grid PNG to write (default: generated.png if no --output-dir)"
+    )
     p.add_argument("--output-dir", default=None, help="also write one PNG per image into this directory")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar, print only the written paths")
@@ -123,23 +153,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt")
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     _add_sampling_args(p)
-    p.add_argument("--rerank", type=_positive_int, default=None,
-                   help="draw N candidates, keep the best -n by the model's own score (for ruDALL-E models "
-                        "rudalle's perplexity, lowest kept) (default: no reranking)")
+    p.add_argument(
+        "--rerank",
+        type=_positive_int,
+        default=None,
+        help="draw N candidates, keep the best -n by the model's own score (for ruDALL-E models "
+        "rudalle's perplexity, lowest kept) (default: no reranking)",
+    )
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser("complete", help="complete the bottom of an image from a prompt (image priming)")
     c.add_argument("image", help="image file whose top rows are kept")
     c.add_argument("prompt", help="caption for the completed image")
-    c.add_argument("--rows", type=_non_negative_int, default=None, help="token rows kept (default: 15/32 of grid)")
+    c.add_argument(
+        "--rows", type=_non_negative_int, default=None, help="token rows kept (default: 15/32 of grid)"
+    )
     c.add_argument("--allow-upscale", action="store_true", help="accept images smaller than the model's size")
     _add_sampling_args(c)
     c.set_defaults(func=run_complete)
 
     d = sub.add_parser("demo", help="generate a grid for a few prompts with the bundled model")
     d.add_argument("--output-dir", default="outputs", help="where to write demo.png (default: outputs)")
-    d.add_argument("--model", default=None,
-                   help="model directory or registered name (default: the bundled shapes model)")
+    d.add_argument(
+        "--model", default=None, help="model directory or registered name (default: the bundled shapes model)"
+    )
     d.add_argument("--seed", type=parse_seed, default=0, help="base seed (default 0)")
     d.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     add_threads_flag(d)
@@ -158,7 +195,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return out
 
 
-def _write(args: argparse.Namespace, pipe: Any, result: Any, prompts: list[str], extra: dict[str, Any]) -> None:
+def _write(
+    args: argparse.Namespace, pipe: Any, result: Any, prompts: list[str], extra: dict[str, Any]
+) -> None:
     import dalle
     from dalle.images import make_grid, save_png
 
@@ -193,10 +232,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.output is not None or args.output_dir is None:
         path = Path(args.output or "generated.png")
         if path.is_dir():
-            raise UsageError(f"--output {str(path)!r} is a directory; give a file name such as {str(path / 'grid.png')!r}")
+            raise UsageError(
+                f"--output {str(path)!r} is a directory; give a file name such as {str(path / 'grid.png')!r}"
+            )
         if path.suffix.lower() != ".png":
-            raise UsageError(f"--output {str(path)!r} must end in .png (the images carry their prompt, seed and "
-                             "settings as PNG metadata)")
+            raise UsageError(
+                f"--output {str(path)!r} must end in .png (the images carry their prompt, seed and "
+                "settings as PNG metadata)"
+            )
         targets.append(("--output", path.parent))
     if args.output_dir is not None:
         targets.append(("--output-dir", Path(args.output_dir)))
@@ -204,7 +247,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create the folder {str(folder)!r} for {flag}: {exc.strerror or exc}") from None
+            raise UsageError(
+                f"cannot create the folder {str(folder)!r} for {flag}: {exc.strerror or exc}"
+            ) from None
         if not os.access(folder, os.W_OK):
             raise UsageError(f"cannot write into {str(folder)!r} ({flag}): permission denied")
 
@@ -274,19 +319,29 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = DALLE.from_pretrained(args.model, device=args.device)
     loaded = time.perf_counter()
-    result = cast("GenerationOutput", pipe.generate(  # return_tokens=True: a GenerationOutput
-        list(DEMO_PROMPTS), num_images=1, seed=args.seed, progress=True, return_tokens=True
-    ))
+    result = cast(
+        "GenerationOutput",
+        pipe.generate(  # return_tokens=True: a GenerationOutput
+            list(DEMO_PROMPTS), num_images=1, seed=args.seed, progress=True, return_tokens=True
+        ),
+    )
     done = time.perf_counter()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = make_grid(result.images, ncols=len(DEMO_PROMPTS), captions=list(DEMO_PROMPTS))
     path = out_dir / "demo.png"
     settings = {"command": "demo", "num_images": 1, "temperature": 1.0, "device": str(pipe.device)}
-    save_png(grid, path, {
-        "model": pipe.name, "prompt": " | ".join(DEMO_PROMPTS), "seed": ",".join(str(s) for s in result.seeds),
-        "settings": json.dumps(settings, sort_keys=True), "software": f"dalle {dalle.__version__}",
-    })
+    save_png(
+        grid,
+        path,
+        {
+            "model": pipe.name,
+            "prompt": " | ".join(DEMO_PROMPTS),
+            "seed": ",".join(str(s) for s in result.seeds),
+            "settings": json.dumps(settings, sort_keys=True),
+            "software": f"dalle {dalle.__version__}",
+        },
+    )
     print(
         f"model {pipe.name!r} on {pipe.device}: loaded in {loaded - start:.1f} s, "
         f"{len(result.images)} images in {done - loaded:.1f} s"

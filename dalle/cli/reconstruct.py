@@ -110,10 +110,16 @@ def run(args: argparse.Namespace) -> int:
     source = load_image(image)
     if min(source.size) < size:
         if args.no_upscale:
-            raise ImageError(f"the image is {source.width}x{source.height}, smaller than {size} px; leave out "
-                             "--no-upscale to enlarge it")
-        warnings.warn(f"the image is {source.width}x{source.height}, smaller than {size} px: it is enlarged before "
-                      "encoding (pass --no-upscale to refuse such images)", UserWarning, stacklevel=1)
+            raise ImageError(
+                f"the image is {source.width}x{source.height}, smaller than {size} px; leave out "
+                "--no-upscale to enlarge it"
+            )
+        warnings.warn(
+            f"the image is {source.width}x{source.height}, smaller than {size} px: it is enlarged before "
+            "encoding (pass --no-upscale to refuse such images)",
+            UserWarning,
+            stacklevel=1,
+        )
     original, rec = reconstruct(source, encoder, decoder, size=size, allow_upscale=not args.no_upscale)
     done = time.perf_counter()
     grid = make_grid([original, rec], ncols=2, captions=["original", "reconstruction"])

@@ -1,8 +1,8 @@
 """``dalle tokenizer``: train a BPE tokenizer on a caption file; encode and decode with one.
 
-    dalle tokenizer train --input captions.txt --vocab-size 16384 --output tokenizer.model
-    dalle tokenizer encode --model tokenizer.model "a red circle" ["another caption" ...]
-    dalle tokenizer decode --model tokenizer.model 25 50 4 17
+dalle tokenizer train --input captions.txt --vocab-size 16384 --output tokenizer.model
+dalle tokenizer encode --model tokenizer.model "a red circle" ["another caption" ...]
+dalle tokenizer decode --model tokenizer.model 25 50 4 17
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ ORDER = 60
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``tokenizer`` command and its ``train`` / ``encode`` / ``decode`` actions."""
-    p = sub.add_parser("tokenizer", help="train a BPE caption tokenizer, or encode / decode captions with one")
+    p = sub.add_parser(
+        "tokenizer", help="train a BPE caption tokenizer, or encode / decode captions with one"
+    )
     actions = p.add_subparsers(dest="tokenizer_action", metavar="ACTION")
     actions.required = True
 
@@ -26,14 +28,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, default=16384, help="ids in the vocabulary, 4 specials included")
     t.add_argument("--output", required=True, help="where to write the model file")
     t.add_argument("--coverage", type=float, default=1.0, help="fraction of characters to keep (default 1)")
-    t.add_argument("--strict", action="store_true",
-                   help="fail, instead of warning, when the text supports fewer tokens than --vocab-size")
-    t.add_argument("--fast", action="store_true",
-                   help="use youtokentome's multi-threaded trainer: faster on large corpora, not reproducible")
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail, instead of warning, when the text supports fewer tokens than --vocab-size",
+    )
+    t.add_argument(
+        "--fast",
+        action="store_true",
+        help="use youtokentome's multi-threaded trainer: faster on large corpora, not reproducible",
+    )
     t.add_argument("--verbose", action="store_true", help="show youtokentome's training log (with --fast)")
-    t.add_argument("--merge-non-letters", action="store_true",
-                   help="let digits and punctuation merge too (by default only the letters a-z merge, as in the "
-                   "paper; --fast always merges everything)")
+    t.add_argument(
+        "--merge-non-letters",
+        action="store_true",
+        help="let digits and punctuation merge too (by default only the letters a-z merge, as in the "
+        "paper; --fast always merges everything)",
+    )
     t.set_defaults(func=run)
 
     e = actions.add_parser("encode", help="print the token ids of captions (one line each)")
@@ -41,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("captions", nargs="+", metavar="CAPTION", help="captions to encode (quote each one)")
     e.add_argument("--text-len", type=int, default=256, help="text positions (default 256; used by --padded)")
     e.add_argument("--padded", action="store_true", help="print all --text-len ids, pads included")
-    e.add_argument("--pieces", action="store_true", help="print subword pieces instead of ids (unknown runs as <UNK>)")
+    e.add_argument(
+        "--pieces", action="store_true", help="print subword pieces instead of ids (unknown runs as <UNK>)"
+    )
     e.add_argument("--dropout", type=float, default=0.0, help="BPE dropout probability (default 0)")
     e.add_argument("--json", action="store_true", help="print one JSON object a caption")
     e.set_defaults(func=run)
@@ -68,9 +81,15 @@ def _train(args: argparse.Namespace) -> int:
     source = sys.stdin if args.input == "-" else args.input
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tok = BPETokenizer.train(source, vocab_size=args.vocab_size, coverage=args.coverage,
-                                 strict=args.strict, deterministic=not args.fast, verbose=args.verbose,
-                                 split_non_letters=not args.merge_non_letters)
+        tok = BPETokenizer.train(
+            source,
+            vocab_size=args.vocab_size,
+            coverage=args.coverage,
+            strict=args.strict,
+            deterministic=not args.fast,
+            verbose=args.verbose,
+            split_non_letters=not args.merge_non_letters,
+        )
     _print_warnings(caught)
     path = tok.save(args.output)
     print(f"wrote {path}: vocab_size={tok.vocab_size} (pad 0, unk 1, bos 2, eos 3)")

@@ -119,11 +119,19 @@ def _add_config_flags(p: argparse.ArgumentParser, config_cls: type) -> None:
 
 
 def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file with any of the settings (flags override it)")
+    p.add_argument(
+        "--config", metavar="FILE", help="JSON or TOML file with any of the settings (flags override it)"
+    )
     add_threads_flag(p)
     if resumable:
-        p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                       help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
+        p.add_argument(
+            "--resume",
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="CHECKPOINT",
+            help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)",
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 
     p = sub.add_parser(
-        "train-dvae", help="train a discrete VAE (stage 1)",
+        "train-dvae",
+        help="train a discrete VAE (stage 1)",
         description="Train the dVAE with the paper's objective (relaxed ELB, cosine beta/tau/lr schedules).",
     )
     _common_flags(p)
@@ -140,7 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train_dvae, _command="train-dvae")
 
     p = sub.add_parser(
-        "encode-dataset", help="turn an image dataset into dVAE token shards for transformer training",
+        "encode-dataset",
+        help="turn an image dataset into dVAE token shards for transformer training",
         description="Run the dVAE encoder once over a dataset (centre crop, argmax tokens) and write "
         "memory-mapped token shards with the captions.",
     )
@@ -151,20 +161,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="encode at most this many samples")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per encoder batch (32)")
     p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help="samples per shard (50000)")
-    p.add_argument("--image-size", type=int, default=argparse.SUPPRESS,
-                   help="image side to encode at, a multiple of 8 (default: the dVAE's own; the dVAE is fully "
-                   "convolutional, so a larger side gives a larger token grid)")
-    p.add_argument("--workers", type=int, default=argparse.SUPPRESS,
-                   help="processes that read, render and crop batches of images while the encoder runs (0: in this "
-                   "process); the output is the same for any number. Tar shards are a stream and are always read "
-                   "in this process")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="image side to encode at, a multiple of 8 (default: the dVAE's own; the dVAE is fully "
+        "convolutional, so a larger side gives a larger token grid)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="processes that read, render and crop batches of images while the encoder runs (0: in this "
+        "process); the output is the same for any number. Tar shards are a stream and are always read "
+        "in this process",
+    )
     p.add_argument("--device", default=argparse.SUPPRESS, help=_HELP["device"])
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                   help="no progress output (default: a bar on a terminal, a line every 10 s elsewhere)")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no progress output (default: a bar on a terminal, a line every 10 s elsewhere)",
+    )
     p.set_defaults(func=run_encode_dataset, _command="encode-dataset")
 
     p = sub.add_parser(
-        "train", help="train the transformer (stage 2) and write a model directory",
+        "train",
+        help="train the transformer (stage 2) and write a model directory",
         description="Train the DALL-E transformer on captions + dVAE tokens; the result in OUT/model loads "
         "with DALLE.from_pretrained and `dalle generate --model OUT/model`.",
     )
@@ -173,7 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train, _command="train")
 
     p = sub.add_parser(
-        "remap", help="put a new dVAE under a trained transformer (its codes matched to the old ones)",
+        "remap",
+        help="put a new dVAE under a trained transformer (its codes matched to the old ones)",
         description="Encode images with the model's dVAE and NEW_DVAE, start each new code's image embedding and "
         "output row from the old code it most often replaces at the same cell, and write the model with the new "
         "dVAE to OUT (with code_map.json), ready for `dalle train --init OUT --dvae OUT`.",
@@ -181,9 +206,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", metavar="MODEL", help="the trained model directory (or a registered name)")
     p.add_argument("new_dvae", metavar="NEW_DVAE", help="the new dVAE (a directory written by train-dvae)")
     p.add_argument("out_dir", metavar="OUT", help="the model directory to write")
-    p.add_argument("--data", default=None, metavar="SPEC",
-                   help="images to match the codes on: a folder, .tar shards or 'shapes[:SEED]' (default: the "
-                   "shapes world with --seed)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SPEC",
+        help="images to match the codes on: a folder, .tar shards or 'shapes[:SEED]' (default: the "
+        "shapes world with --seed)",
+    )
     p.add_argument("--scenes", type=int, default=500, metavar="N", help="how many images (default 500)")
     p.add_argument("--seed", type=int, default=7, help="the shapes stream's seed without --data (default 7)")
     add_threads_flag(p)
@@ -228,8 +257,11 @@ def load_config_file(path: str | os.PathLike[str], command: str) -> dict[str, An
         raise ConfigError(f"config file {p} must hold a table / object of settings")
     sections = {n for names in _SECTIONS.values() for n in names}
     # top-level settings are shared by every command; the command's own table (if any) overrides them
-    values = {k.replace("-", "_"): v for k, v in data.items() if not (k in sections and isinstance(v, dict))
-              and not k.startswith("_")}
+    values = {
+        k.replace("-", "_"): v
+        for k, v in data.items()
+        if not (k in sections and isinstance(v, dict)) and not k.startswith("_")
+    }
     for name in _SECTIONS[command]:
         if isinstance(data.get(name), dict):
             values.update({k.replace("-", "_"): v for k, v in data[name].items()})
@@ -283,7 +315,9 @@ def build_config(config_cls: type, args: argparse.Namespace, command: str) -> An
             file_values["out_dir"] = file_values.pop("out")
         unknown = sorted(set(file_values) - names)
         if unknown:
-            raise ConfigError(f"unknown settings in {args.config}: {', '.join(unknown)}; see `dalle {command} --help`")
+            raise ConfigError(
+                f"unknown settings in {args.config}: {', '.join(unknown)}; see `dalle {command} --help`"
+            )
         _check_file_types(config_cls, file_values, str(args.config))
         values.update(file_values)
     values.update({k: v for k, v in vars(args).items() if k in names})  # flags left out are not in args
@@ -325,8 +359,11 @@ def _warn_ignored_with_init(cfg: Any, given: set[str]) -> None:
         import warnings
 
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ignored)
-        warnings.warn(f"{flags} ignored: --init {cfg.init} brings its own architecture, which is fine-tuned as it "
-                      "is", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{flags} ignored: --init {cfg.init} brings its own architecture, which is fine-tuned as it is",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: str) -> int:
@@ -339,9 +376,13 @@ def _run_trainer(make_and_fit: Any, cfg: Any, args: argparse.Namespace, what: st
             out = make_and_fit(cfg, args.resume, info)
         except TrainingInterrupted as exc:
             if info.is_main:
-                again = "the same command" if args.resume is True else "the same command with --resume (no path)"
-                print(f"interrupted after step {exc.step}; checkpoint {exc.checkpoint}; continue with {again}",
-                      file=sys.stderr)
+                again = (
+                    "the same command" if args.resume is True else "the same command with --resume (no path)"
+                )
+                print(
+                    f"interrupted after step {exc.step}; checkpoint {exc.checkpoint}; continue with {again}",
+                    file=sys.stderr,
+                )
             return 128 + int(exc.signum)
         if info.is_main:
             print(f"{what} written to {out}")
@@ -371,8 +412,10 @@ def run_remap(args: argparse.Namespace) -> int:
     from dalle.train.remap import remap_image_codes
 
     s = remap_image_codes(args.model_dir, args.new_dvae, args.out_dir, args.scenes, args.seed, args.data)
-    print(f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} "
-          f"old ones; the match holds on {100 * s['agreement']:.1f}% of cells; wrote {args.out_dir}")
+    print(
+        f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} "
+        f"old ones; the match holds on {100 * s['agreement']:.1f}% of cells; wrote {args.out_dir}"
+    )
     return 0
 
 
@@ -380,5 +423,7 @@ def run_encode_dataset(args: argparse.Namespace) -> int:
     """``dalle encode-dataset``."""
     cfg = build_config(EncodeConfig, args, "encode-dataset")
     out, count, skipped = encode_dataset(cfg)
-    print(f"encoded {count} samples into {out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+    print(
+        f"encoded {count} samples into {out}" + (f"; skipped {skipped} unreadable images" if skipped else "")
+    )
     return 0

@@ -104,7 +104,9 @@ class ImageTextFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"dataset folder {str(self.root)!r} does not exist or is not a directory")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if require_captions:
             kept = [p for p in files if p.with_suffix(".txt").is_file()]
             if len(kept) < len(files):
@@ -129,7 +131,9 @@ class ImageTextFolder:
         txt = path.with_suffix(".txt")
         caption = ""
         if txt.is_file():
-            caption = _pick_caption(txt.read_text(encoding="utf-8", errors="replace"), rng or random.Random(0))
+            caption = _pick_caption(
+                txt.read_text(encoding="utf-8", errors="replace"), rng or random.Random(0)
+            )
         return _open_image(path), caption, str(path)
 
 
@@ -186,7 +190,9 @@ class TokenShards:
         self.root = Path(root)
         meta_file = self.root / "meta.json"
         if not meta_file.is_file():
-            raise ConfigError(f"{self.root} is not a token-shard directory (no meta.json); run `dalle encode-dataset`")
+            raise ConfigError(
+                f"{self.root} is not a token-shard directory (no meta.json); run `dalle encode-dataset`"
+            )
         try:
             self.meta = json.loads(meta_file.read_text())
             if self.meta.get("kind") != "dalle-token-shards":
@@ -203,7 +209,9 @@ class TokenShards:
         sizes = [len(t) for t in self.tokens]
         for t, c in zip(self.tokens, self.captions):
             if len(t) != len(c) or t.shape[1:] != (self.grid * self.grid,):
-                raise ConfigError(f"token shards in {self.root} are inconsistent (tokens vs captions); re-encode")
+                raise ConfigError(
+                    f"token shards in {self.root} are inconsistent (tokens vs captions); re-encode"
+                )
         self.offsets = np.cumsum([0] + sizes)
 
     def __len__(self) -> int:
@@ -280,7 +288,9 @@ class TarShards:
                 if current is not None:
                     yield image, text, f"{fname}:{current}"
             except (tarfile.TarError, OSError) as exc:
-                warnings.warn(f"tar shard {fname} is truncated or corrupt ({exc}); using what was read", stacklevel=2)
+                warnings.warn(
+                    f"tar shard {fname} is truncated or corrupt ({exc}); using what was read", stacklevel=2
+                )
             finally:
                 tf.close()
 
@@ -320,7 +330,9 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
         except ValueError:
             raise ConfigError(f"{text!r}: the seed after 'letters:' must be an integer") from None
     if text == "letters" or text.startswith("letters:"):
-        warnings.warn(f"--data {text!r}: using the folder {text!r}, not the built-in letters dataset", stacklevel=2)
+        warnings.warn(
+            f"--data {text!r}: using the folder {text!r}, not the built-in letters dataset", stacklevel=2
+        )
     parts = [s for s in text.split(",") if s]
     if len(parts) > 1 or text.endswith(".tar") or any(ch in text for ch in "*?["):
         return TarShards(parts)
@@ -385,7 +397,8 @@ def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
         if not _upscale_warned:  # the message is built once, not for every small image
             _warn_upscale(
                 f"an image ({img.width}x{img.height} after its square crop) is smaller than the training size "
-                f"({w}x{h}) and is upscaled (bicubic); more may follow, this is said once", 3
+                f"({w}x{h}) and is upscaled (bicubic); more may follow, this is said once",
+                3,
             )
         return img.resize((w, h), Image.Resampling.BICUBIC)
     return img.resize((w, h), Image.Resampling.BOX)  # area averaging, as the paper's AREA resize
@@ -466,7 +479,9 @@ class Batch:
     images: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # warnings from a DataLoader worker, shown by the main process
+    notes: list[str] = field(
+        default_factory=list
+    )  # warnings from a DataLoader worker, shown by the main process
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -509,8 +524,9 @@ def _collate(items: list[tuple[Any, str, int, list[str]]]) -> Batch:
 class _PositionDataset(torch.utils.data.Dataset):
     """Map-style view: global position -> processed sample (index chosen by the seeded epoch permutation)."""
 
-    def __init__(self, source: Any, transform: Transform | None, seed: int, shuffle: bool,
-                 exclude: int = 0) -> None:
+    def __init__(
+        self, source: Any, transform: Transform | None, seed: int, shuffle: bool, exclude: int = 0
+    ) -> None:
         self.source = source
         self.transform = transform
         self.seed = seed
@@ -518,7 +534,9 @@ class _PositionDataset(torch.utils.data.Dataset):
         self.endless = is_endless(source)
         self.n = None if self.endless else len(source) - exclude  # the last `exclude` are held out
         if self.n is not None and self.n <= 0:
-            raise ConfigError("the dataset has no training samples left after holding out the evaluation images")
+            raise ConfigError(
+                "the dataset has no training samples left after holding out the evaluation images"
+            )
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
 
@@ -556,9 +574,13 @@ class _PositionDataset(torch.utils.data.Dataset):
                 payload = to_uint8_tensor(payload)
             return payload, caption, position, skipped
         if self.n is not None and tries == self.n:
-            raise ImageError(f"none of the {self.n} training images is readable (e.g. {skipped[0]}); is the "
-                             "dataset corrupt?")
-        raise ImageError(f"{tries} images in a row were unreadable, starting at {skipped[0]}; is the dataset corrupt?")
+            raise ImageError(
+                f"none of the {self.n} training images is readable (e.g. {skipped[0]}); is the "
+                "dataset corrupt?"
+            )
+        raise ImageError(
+            f"{tries} images in a row were unreadable, starting at {skipped[0]}; is the dataset corrupt?"
+        )
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -581,8 +603,18 @@ class _StepSampler(torch.utils.data.Sampler):
 class _TarBatches(torch.utils.data.IterableDataset):
     """Batches from tar shards for one rank; with DataLoader workers, worker w decodes batches k = w mod W."""
 
-    def __init__(self, source: TarShards, transform: Transform | None, seed: int, start_step: int,
-                 global_batch: int, batch: int, rank: int, world: int, exclude_keys: frozenset[str]) -> None:
+    def __init__(
+        self,
+        source: TarShards,
+        transform: Transform | None,
+        seed: int,
+        start_step: int,
+        global_batch: int,
+        batch: int,
+        rank: int,
+        world: int,
+        exclude_keys: frozenset[str],
+    ) -> None:
         self.source, self.transform, self.seed = source, transform, seed
         self.start, self.gb, self.b, self.rank, self.world = start_step, global_batch, batch, rank, world
         self.exclude = exclude_keys
@@ -605,8 +637,12 @@ class _TarBatches(torch.utils.data.IterableDataset):
                 held = len(self.exclude)
                 raise ConfigError(
                     f"rank {self.rank} got no samples from the tar shards {files[:3]}"
-                    + (f" after {held} were held out for evaluation (taken from the last shard); lower "
-                       "--eval-samples or add shards" if held else "")
+                    + (
+                        f" after {held} were held out for evaluation (taken from the last shard); lower "
+                        "--eval-samples or add shards"
+                        if held
+                        else ""
+                    )
                 )
             epoch += 1
 
@@ -635,7 +671,9 @@ class _TarBatches(torch.utils.data.IterableDataset):
                     items.append((to_uint8_tensor(img), _pick_caption(text, rng), pos, []))
                 good = [it for it in items if it is not None]
                 if not good:
-                    raise ImageError(f"every image of a batch was unreadable (e.g. {skipped[0]}); is the shard corrupt?")
+                    raise ImageError(
+                        f"every image of a batch was unreadable (e.g. {skipped[0]}); is the shard corrupt?"
+                    )
                 # unreadable samples are replaced by readable ones of the same batch, so batches stay full
                 filled = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
                 batch = _collate(filled)
@@ -668,17 +706,27 @@ def make_batches(
     global_batch = batch_size * world_size
     ds: torch.utils.data.Dataset[Any]
     if isinstance(source, TarShards):
-        ds = _TarBatches(source, transform, seed, start_step, global_batch, batch_size, rank, world_size,
-                         exclude_keys)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                             persistent_workers=num_workers > 0,
-                                             worker_init_fn=route_worker_notes)
+        ds = _TarBatches(
+            source, transform, seed, start_step, global_batch, batch_size, rank, world_size, exclude_keys
+        )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=route_worker_notes,
+        )
     else:
         ds = _PositionDataset(source, transform, seed, shuffle, exclude=exclude_last)
         sampler = _StepSampler(start_step, global_batch, batch_size, rank)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
-                                             collate_fn=_collate, persistent_workers=num_workers > 0,
-                                             worker_init_fn=route_worker_notes)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=route_worker_notes,
+        )
     return _show_worker_notes(iter(loader)) if num_workers > 0 else iter(loader)
 
 
@@ -733,8 +781,15 @@ def held_out(source: Any, n: int, size: int) -> tuple[list[Image.Image], list[st
 class TokenShardWriter:
     """Writes image tokens + captions in the :class:`TokenShards` layout; each file appears atomically."""
 
-    def __init__(self, root: str | os.PathLike[str], grid: int, image_size: int, vocab_size: int,
-                 shard_size: int = 50_000, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        grid: int,
+        image_size: int,
+        vocab_size: int,
+        shard_size: int = 50_000,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"{self.root} is a file; choose a new output directory")
@@ -742,8 +797,10 @@ class TokenShardWriter:
         if (self.root / "meta.json").exists():
             raise ConfigError(f"{self.root} already holds token shards; choose an empty output directory")
         if any(self.root.iterdir()):  # an interrupted encode's shards (no meta.json yet) or anything else
-            raise ConfigError(f"{self.root} is not empty (an interrupted encode leaves its shards without meta.json);"
-                              " delete it or choose an empty output directory")
+            raise ConfigError(
+                f"{self.root} is not empty (an interrupted encode leaves its shards without meta.json);"
+                " delete it or choose an empty output directory"
+            )
         self.grid, self.image_size, self.vocab_size = int(grid), int(image_size), int(vocab_size)
         self.dtype = np.uint16 if vocab_size <= 65536 else np.int32
         self.shard_size = int(shard_size)
@@ -755,7 +812,9 @@ class TokenShardWriter:
 
     def add(self, tokens: torch.Tensor | np.ndarray, captions: Sequence[str]) -> None:
         """Append a batch: tokens [B, grid, grid] or [B, grid*grid], captions of length B."""
-        arr = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).reshape(len(captions), -1)
+        arr = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).reshape(
+            len(captions), -1
+        )
         if arr.shape[1] != self.grid * self.grid:
             raise ConfigError(f"expected {self.grid}x{self.grid} tokens per image, got {arr.shape[1]}")
         for row, cap in zip(arr, captions):
@@ -811,7 +870,11 @@ def iter_source_once(source: Any, limit: int | None = None) -> Iterator[RawSampl
         for k, (data, text, key) in enumerate(source.iter_raw(source.files)):
             if limit is not None and k >= limit:
                 return
-            yield (_open_image(data) if data is not None else None), _pick_caption(text, random.Random(0)), key
+            yield (
+                (_open_image(data) if data is not None else None),
+                _pick_caption(text, random.Random(0)),
+                key,
+            )
         return
     for i in range(count_once(source, limit)):
         yield get_once(source, i)
@@ -832,8 +895,11 @@ def get_once(source: Any, index: int) -> RawSample:
     img, cap, name = source.get(index, random.Random(0))
     if isinstance(source, ImageTextFolder):
         txt = Path(name).with_suffix(".txt")
-        cap = "\n".join(line.strip() for line in txt.read_text(errors="replace").splitlines()
-                        if line.strip()) if txt.is_file() else ""
+        cap = (
+            "\n".join(line.strip() for line in txt.read_text(errors="replace").splitlines() if line.strip())
+            if txt.is_file()
+            else ""
+        )
     return img, cap, name
 
 
@@ -857,4 +923,3 @@ __all__ = [
     "transformer_augment",
     "uint8_to_mapped",
 ]
-

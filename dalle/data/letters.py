@@ -66,8 +66,13 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return font
 
 
-def render(letter: str, colour: str, size: int = DEFAULT_SIZE, font_frac: float = 0.75,
-           pos: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+def render(
+    letter: str,
+    colour: str,
+    size: int = DEFAULT_SIZE,
+    font_frac: float = 0.75,
+    pos: tuple[float, float] = (0.5, 0.5),
+) -> Image.Image:
     """Draw capital ``letter`` in ``colour`` (a :data:`COLOURS` name) on white at font size ``font_frac * size``.
 
     ``pos`` in [0, 1]^2 places the ink box between the margins: (0, 0) top-left, (1, 1) bottom-right.
@@ -123,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", help="folder to write the PNG + TXT pairs into (created)")
     p.add_argument("--count", type=int, default=COUNT, help=f"number of images (default {COUNT})")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})")
+    p.add_argument(
+        "--size", type=int, default=DEFAULT_SIZE, help=f"image side in pixels (default {DEFAULT_SIZE})"
+    )
     args = p.parse_args(argv)
     print(write_folder(args.out, args.count, args.seed, args.size))
 

@@ -402,9 +402,7 @@ def dense_scene(index: int, seed: int = 0) -> Scene:
         side = _uniform(rng, lo_side, hi_side)
         lo, hi = EDGE_MARGIN + side / 2, 1 - EDGE_MARGIN - side / 2
         cx, cy = _uniform(rng, lo, hi), _uniform(rng, lo, hi)
-        if any(
-            max(abs(cx - o.cx), abs(cy - o.cy)) < (side + o.side) / 2 + DENSE_GAP for o in objects
-        ):
+        if any(max(abs(cx - o.cx), abs(cy - o.cy)) < (side + o.side) / 2 + DENSE_GAP for o in objects):
             continue
         colour, shape = _choice(rng, SEEN_PAIRS)
         size = "small" if side < SIZE_THRESHOLD else "large"

@@ -27,7 +27,6 @@ from dalle._files import ordinary_permissions
 from dalle.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-
     pass
 
 CHECKPOINT_FORMAT = 1
@@ -96,7 +95,9 @@ class CheckpointManager:
         found = self._complete()
         return found[-1][1] if found else None
 
-    def save(self, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]) -> Path:
+    def save(
+        self, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]
+    ) -> Path:
         """Write checkpoint ``step``; raises CheckpointError (earlier checkpoints intact) if writing fails."""
         from safetensors.torch import save_file
 
@@ -156,7 +157,15 @@ class CheckpointManager:
                     weights[name[: -len(".safetensors")]] = load_file(str(path / name))
             # weights_only=True: a checkpoint from elsewhere cannot run code when it is resumed
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        except (OSError, KeyError, ValueError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            SafetensorError,
+            RuntimeError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as exc:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable or incomplete ({type(exc).__name__}: {exc}); "
                 "delete it to resume from the one before"

@@ -75,7 +75,9 @@ class DVAETrainConfig(LoopConfig):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     kl_weight: float = 6.6
-    kl_steps: int | None = None  # beta warm-up length; default the paper's 5k/3M of the run (2 of 1000 updates)
+    kl_steps: int | None = (
+        None  # beta warm-up length; default the paper's 5k/3M of the run (2 of 1000 updates)
+    )
     tau_start: float = 1.0
     tau_end: float = 1.0 / 16.0
     tau_steps: int | None = None  # default the paper's 150k updates, at most half the run
@@ -102,6 +104,7 @@ class DVAETrainConfig(LoopConfig):
     def resolved_steps(self) -> dict[str, int]:
         """Schedule lengths actually used unless set: the KL warm-up the paper's share of ``steps`` (5k/3M), tau
         and step size the paper's lengths in updates capped at half and all of ``steps`` (see MAX_BETA_SHARE)."""
+
         def length(value: int | None, paper: int, share: float) -> int:
             return int(value) if value is not None else max(1, min(paper, round(self.steps * share)))
 
@@ -124,7 +127,9 @@ class DVAETrainConfig(LoopConfig):
         if self.time_limit is not None and not self.time_limit > 0:
             raise ConfigError(f"time_limit is in minutes and must be > 0, got {self.time_limit}")
         if self.grad_accum > self.batch_size:
-            raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
+            raise ConfigError(
+                f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})"
+            )
         if (self.freeze_encoder or self.new_decoder) and not self.init:
             raise ConfigError(
                 "freeze_encoder and new_decoder work on a trained dVAE: also pass --init DVAE_DIR "
@@ -153,7 +158,9 @@ class TransformerTrainConfig(LoopConfig):
     tokenizer: str | None = None  # a tokenizer.model; None trains one on the training captions
     tokenizer_vocab: int = 16384
     tokenizer_samples: int = 100_000
-    image_size: int | None = None  # image side the model works at; default the token shards', else the dVAE's own
+    image_size: int | None = (
+        None  # image side the model works at; default the token shards', else the dVAE's own
+    )
     text_len: int = 256
     preset: str = "small"
     depth: int | None = None
@@ -190,12 +197,21 @@ class TransformerTrainConfig(LoopConfig):
     name: str = "custom"
     init: str | None = None  # start from an existing model directory (fine-tuning)
     export_ema: bool = True
-    weights_dtype: str = "float32"  # precision of the exported transformer.safetensors (float16 halves the file)
+    weights_dtype: str = (
+        "float32"  # precision of the exported transformer.safetensors (float16 halves the file)
+    )
 
     def resolved(self) -> dict[str, Any]:
         """Warm-up length and final learning rate actually used."""
-        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, round(self.steps * PAPER_WARMUP_FRAC))
-        return {"warmup_steps": int(warmup), "lr_end": self.lr_end if self.lr_end is not None else self.lr / 32}
+        warmup = (
+            self.warmup_steps
+            if self.warmup_steps is not None
+            else max(1, round(self.steps * PAPER_WARMUP_FRAC))
+        )
+        return {
+            "warmup_steps": int(warmup),
+            "lr_end": self.lr_end if self.lr_end is not None else self.lr / 32,
+        }
 
     def validate(self) -> None:
         """Raise ConfigError for inconsistent values."""
@@ -204,14 +220,18 @@ class TransformerTrainConfig(LoopConfig):
         if self.time_limit is not None and not self.time_limit > 0:
             raise ConfigError(f"time_limit is in minutes and must be > 0, got {self.time_limit}")
         if self.grad_accum > self.batch_size:
-            raise ConfigError(f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})")
+            raise ConfigError(
+                f"grad_accum ({self.grad_accum}) cannot exceed the per-rank batch ({self.batch_size})"
+            )
         for name in ("bpe_dropout", "caption_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         from dalle.transformer import PRESET_NAMES
 
         if self.preset not in PRESET_NAMES:
-            raise ConfigError(f"unknown transformer preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+            raise ConfigError(
+                f"unknown transformer preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}"
+            )
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_decay must be cosine, linear or constant, got {self.lr_decay!r}")
         if self.weights_dtype not in WEIGHTS_DTYPES:

@@ -15,8 +15,8 @@ from dalle.errors import CheckpointError, ConfigError
 from dalle.loading import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
-
     pass
+
 
 @dataclass
 class DistInfo:

@@ -80,7 +80,9 @@ def gaussian_nll(x: torch.Tensor, stats: torch.Tensor, sigma: float) -> torch.Te
     c = x.shape[1]
     from dalle.dvae import logit_laplace_eps
 
-    diff = (torch.sigmoid(stats[:, :c]) - x) / (1.0 - 2.0 * logit_laplace_eps)  # unmap_pixels without its clamp
+    diff = (torch.sigmoid(stats[:, :c]) - x) / (
+        1.0 - 2.0 * logit_laplace_eps
+    )  # unmap_pixels without its clamp
     return diff.square() / (2.0 * sigma * sigma)
 
 
@@ -91,7 +93,9 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (log_q.exp() * (log_q + math.log(k))).sum(dim=(1, 2, 3))
 
 
-def gumbel_noise(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+def gumbel_noise(
+    shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device
+) -> torch.Tensor:
     """Standard Gumbel noise [B, ...] with sample ``i`` drawn from ``generators[i]``."""
     out = torch.empty((len(generators), *shape), device=device)
     for i, g in enumerate(generators):
@@ -103,8 +107,13 @@ class DVAELoss(nn.Module):
     """Encoder + decoder with the paper's relaxed ELB as ``forward`` (the module DDP wraps)."""
 
     def __init__(
-        self, encoder: Encoder, decoder: Decoder, straight_through: bool = False, freeze_encoder: bool = False,
-        recon_loss: str = "logit-laplace", recon_sigma: float = 0.1,
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        straight_through: bool = False,
+        freeze_encoder: bool = False,
+        recon_loss: str = "logit-laplace",
+        recon_sigma: float = 0.1,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -127,7 +136,9 @@ class DVAELoss(nn.Module):
         else:
             logits = self.encoder(x)
             z = F.softmax((logits + noise) / tau, dim=1)
-        if self.straight_through and not self.freeze_encoder:  # outside the paper: the decoder sees the one-hot sample
+        if (
+            self.straight_through and not self.freeze_encoder
+        ):  # outside the paper: the decoder sees the one-hot sample
             hard = F.one_hot(z.argmax(dim=1), z.shape[1]).permute(0, 3, 1, 2).to(z.dtype)
             z = hard - z.detach() + z
         stats = self.decoder(z).float()
@@ -209,7 +220,11 @@ def cell_variety(images: torch.Tensor, levels: int = 4, min_share: float = 0.005
 
 
 def dvae_verdict(
-    metrics: Mapping[str, float], *, vocab_size: int, steps: int, last_train: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float],
+    *,
+    vocab_size: int,
+    steps: int,
+    last_train: Mapping[str, Any] | None = None,
     cfg: DVAETrainConfig | None = None,
 ) -> tuple[bool, list[str], list[str]]:
     """Judge a trained dVAE from its evaluation ``metrics`` (``psnr``, ``codes_used``, and ``flat_psnr`` /
@@ -219,7 +234,9 @@ def dvae_verdict(
     psnr, codes = metrics.get("psnr"), metrics.get("codes_used")
     flat, variety = metrics.get("flat_psnr"), metrics.get("cell_variety")
     if psnr is not None and psnr < MIN_PSNR_DB:
-        problems.append(f"PSNR {psnr:.1f} dB is below {MIN_PSNR_DB:.0f} dB (an RMS error of 10% of the range)")
+        problems.append(
+            f"PSNR {psnr:.1f} dB is below {MIN_PSNR_DB:.0f} dB (an RMS error of 10% of the range)"
+        )
     if psnr is not None and flat is not None and psnr < flat + MIN_GAIN_DB:
         problems.append(
             f"PSNR {psnr:.1f} dB is not {MIN_GAIN_DB:.0f} dB better than painting each image in its mean colour "
@@ -262,15 +279,18 @@ def dvae_verdict(
         )
     if vocab_size > 1024:
         advice.append(f"--vocab-size {vocab_size} is more than a small dataset can fill: try 512")
-    advice.append("what was measured on sparse flat-colour images (coloured letters on white), and the best settings "
-                  "so far (not yet usable): recipes/letters/README.md, --config recipes/letters/dvae.json")
+    advice.append(
+        "what was measured on sparse flat-colour images (coloured letters on white), and the best settings "
+        "so far (not yet usable): recipes/letters/README.md, --config recipes/letters/dvae.json"
+    )
     return False, problems, advice
 
 
 def format_verdict(usable: bool, problems: list[str], advice: list[str], metrics: Mapping[str, float]) -> str:
     """The run summary as text: one line when usable, a loud multi-line warning otherwise."""
     head = ", ".join(
-        f"{k} {metrics[k]:.4g}" for k in ("psnr", "flat_psnr", "codes_used", "cell_variety", "perplexity")
+        f"{k} {metrics[k]:.4g}"
+        for k in ("psnr", "flat_psnr", "codes_used", "cell_variety", "perplexity")
         if k in metrics
     )
     if usable:
@@ -305,16 +325,28 @@ class DVAETrainer(Trainer):
 
             encoder, decoder, _ = load_dvae(cfg.init)
             if cfg.new_decoder:
-                decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
-                                  vocab_size=encoder.vocab_size)
+                decoder = Decoder(
+                    n_init=cfg.n_init,
+                    n_hid=cfg.n_hid,
+                    n_blk_per_group=cfg.n_blk_per_group,
+                    vocab_size=encoder.vocab_size,
+                )
         else:
             encoder = Encoder(n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group, vocab_size=cfg.vocab_size)
-            decoder = Decoder(n_init=cfg.n_init, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
-                              vocab_size=cfg.vocab_size)
+            decoder = Decoder(
+                n_init=cfg.n_init,
+                n_hid=cfg.n_hid,
+                n_blk_per_group=cfg.n_blk_per_group,
+                vocab_size=cfg.vocab_size,
+            )
         self.vocab_size = encoder.vocab_size
         self.net = DVAELoss(
-            encoder, decoder, straight_through=cfg.straight_through, freeze_encoder=cfg.freeze_encoder,
-            recon_loss=cfg.recon_loss, recon_sigma=cfg.recon_sigma,
+            encoder,
+            decoder,
+            straight_through=cfg.straight_through,
+            freeze_encoder=cfg.freeze_encoder,
+            recon_loss=cfg.recon_loss,
+            recon_sigma=cfg.recon_sigma,
         ).to(info.device)
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.net.to(memory_format=self._memory_format)
@@ -329,16 +361,22 @@ class DVAETrainer(Trainer):
                 (decay if p.dim() > 1 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
         )
         self.ema = EMA(self.net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
         self.source = open_source(cfg.data, require_captions=False, size=cfg.image_size)
-        eval_source = open_source(cfg.eval_data, require_captions=False, size=cfg.image_size) if cfg.eval_data else None
+        eval_source = (
+            open_source(cfg.eval_data, require_captions=False, size=cfg.image_size) if cfg.eval_data else None
+        )
         if eval_source is not None:
             imgs, _, _, _ = held_out(eval_source, cfg.eval_images, cfg.image_size)
             self._exclude_last, self._exclude_keys = 0, frozenset()
         else:
-            imgs, _, self._exclude_last, self._exclude_keys = held_out(self.source, cfg.eval_images, cfg.image_size)
+            imgs, _, self._exclude_last, self._exclude_keys = held_out(
+                self.source, cfg.eval_images, cfg.image_size
+            )
         self.eval_images = (
             torch.stack([to_uint8_tensor(center_crop(im, cfg.image_size)) for im in imgs]) if imgs else None
         )
@@ -358,7 +396,9 @@ class DVAETrainer(Trainer):
         from dalle.data.datasets import center_crop, dvae_augment
 
         size = self.cfg.image_size
-        img = dvae_augment(img, size, rng, flip=self.cfg.hflip) if self.cfg.augment else center_crop(img, size)
+        img = (
+            dvae_augment(img, size, rng, flip=self.cfg.hflip) if self.cfg.augment else center_crop(img, size)
+        )
         crop = self.cfg.crop_size
         if crop and crop < size:
             x, y = rng.randint(0, size - crop), rng.randint(0, size - crop)
@@ -447,7 +487,9 @@ class DVAETrainer(Trainer):
             enc, dec = self._export_modules()
             _, recons = reconstruction_metrics(enc, dec, self.eval_images[:n])
         tiles = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in self.eval_images[:n]]
-        tiles += [Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for r in recons[:n]]
+        tiles += [
+            Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for r in recons[:n]
+        ]
         save_image_grid(tiles, self.out / "samples" / f"step-{step:08d}.png", ncols=n)
 
     def finish(self) -> Path | None:
@@ -470,18 +512,31 @@ class DVAETrainer(Trainer):
         if not self.info.is_main:
             return None
         if not self.last_eval:
-            print("dVAE summary: no evaluation ran (--eval-images 0 or --eval-every 0), so the result is not "
-                  "judged; run `dalle reconstruct` on a few images to check it", file=sys.stderr)
+            print(
+                "dVAE summary: no evaluation ran (--eval-images 0 or --eval-every 0), so the result is not "
+                "judged; run `dalle reconstruct` on a few images to check it",
+                file=sys.stderr,
+            )
             return None
         usable, problems, advice = dvae_verdict(
-            self.last_eval, vocab_size=self.vocab_size, steps=self.step, last_train=self._last_record, cfg=self.cfg
+            self.last_eval,
+            vocab_size=self.vocab_size,
+            steps=self.step,
+            last_train=self._last_record,
+            cfg=self.cfg,
         )
         text = format_verdict(usable, problems, advice, self.last_eval)
         print(text, file=sys.stderr, flush=True)
         if not usable:
             warnings.warn("the trained dVAE is unusable: " + "; ".join(problems), stacklevel=2)
-        record = {"kind": "summary", "step": self.step, "usable": usable, "problems": problems, "advice": advice,
-                  **self.last_eval}
+        record = {
+            "kind": "summary",
+            "step": self.step,
+            "usable": usable,
+            "problems": problems,
+            "advice": advice,
+            **self.last_eval,
+        }
         self.metrics.log(record)
         return record
 

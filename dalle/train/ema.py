@@ -72,7 +72,9 @@ class EMA:
                     from torch.distributed.tensor import distribute_tensor
 
                     sharded = cast("DTensor", dst)
-                    src = distribute_tensor(src.to(dst.device, dst.dtype), sharded.device_mesh, sharded.placements)
+                    src = distribute_tensor(
+                        src.to(dst.device, dst.dtype), sharded.device_mesh, sharded.placements
+                    )
                     sharded.to_local().copy_(src.to_local())
                 else:
                     dst.copy_(src)

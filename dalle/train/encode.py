@@ -43,7 +43,9 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise ConfigError(f"--batch-size and --shard-size must be >= 1, got {cfg.batch_size} and {cfg.shard_size}")
+        raise ConfigError(
+            f"--batch-size and --shard-size must be >= 1, got {cfg.batch_size} and {cfg.shard_size}"
+        )
     device = resolve_device(cfg.device)
     encoder, _, image_size = load_dvae_any(cfg.dvae, device)
     image_size = check_image_size(cfg.image_size, image_size)
@@ -55,8 +57,16 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         count_once(source, cfg.limit)  # an endless source without --limit fails here, before --out is made
     grid = image_size // 8
     writer = TokenShardWriter(
-        cfg.out_dir, grid=grid, image_size=image_size, vocab_size=encoder.vocab_size, shard_size=cfg.shard_size,
-        meta={"encoder": encoder.config(), "encoder_sha256": encoder_digest(encoder), "source": str(cfg.data)},
+        cfg.out_dir,
+        grid=grid,
+        image_size=image_size,
+        vocab_size=encoder.vocab_size,
+        shard_size=cfg.shard_size,
+        meta={
+            "encoder": encoder.config(),
+            "encoder_sha256": encoder_digest(encoder),
+            "source": str(cfg.data),
+        },
     )
     skipped: list[str] = []
     empty_captions = 0
@@ -67,7 +77,9 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         bar = progress_bar(cfg.limit, "encoding", "img")
 
     # closing() shuts the loader's worker processes down at once should encoding fail
-    batches = contextlib.closing(_prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers))
+    batches = contextlib.closing(
+        _prepared_batches(source, cfg.limit, image_size, cfg.batch_size, cfg.workers)
+    )
     try:
         with batches as stream:
             for pixels, caps, bad in stream:
@@ -81,13 +93,20 @@ def encode_dataset(cfg: EncodeConfig) -> tuple[Path, int, int]:
         if bar is not None:
             bar.close()
     if writer.added == 0:  # no meta.json: the directory is not taken for (empty) token shards
-        raise ConfigError(f"no readable image with a caption in {cfg.data} ({len(skipped)} unreadable"
-                          + (f", e.g. {skipped[0]}" if skipped else "") + f"); nothing was written to {cfg.out_dir}")
+        raise ConfigError(
+            f"no readable image with a caption in {cfg.data} ({len(skipped)} unreadable"
+            + (f", e.g. {skipped[0]}" if skipped else "")
+            + f"); nothing was written to {cfg.out_dir}"
+        )
     if empty_captions:
         import warnings
 
-        warnings.warn(f"{empty_captions} of {writer.added} samples have an empty caption; they train as caption-free "
-                      "samples (the model's unconditional mode)", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{empty_captions} of {writer.added} samples have an empty caption; they train as caption-free "
+            "samples (the model's unconditional mode)",
+            UserWarning,
+            stacklevel=2,
+        )
     writer.meta["skipped_images"] = len(skipped)
     writer.meta["skipped_examples"] = skipped[:20]
     out = writer.close()
@@ -154,8 +173,13 @@ def _prepared_batches(source: Any, limit: int | None, size: int, batch: int, wor
         yield from (dataset[k][:3] for k in range(len(dataset)))
         return
     # Workers hand the upscale warning over with their batch, so that it is shown once, not once per worker.
-    loader: Any = torch.utils.data.DataLoader(cast(Any, dataset), batch_size=None, num_workers=workers,
-                                              prefetch_factor=2, worker_init_fn=route_worker_notes)
+    loader: Any = torch.utils.data.DataLoader(
+        cast(Any, dataset),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2,
+        worker_init_fn=route_worker_notes,
+    )
     for pixels, captions, skipped, notes in loader:
         show_worker_notes(notes)
         yield pixels, captions, skipped

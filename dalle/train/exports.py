@@ -16,7 +16,6 @@ from dalle.errors import ConfigError, ModelLoadError
 from dalle.model_dir import FORMAT_VERSION, dvae_config, load_weights, model_config, write_model_files
 
 if TYPE_CHECKING:  # pragma: no cover
-
     from dalle.dvae import Decoder, Encoder
     from dalle.tokenizer import BPETokenizer
     from dalle.transformer import DALLETransformer
@@ -55,15 +54,30 @@ def write_model_dir(
     """
     tcfg = transformer.config
     if int(image_size) != 8 * int(tcfg.image_grid):
-        raise ConfigError(f"image_size {image_size} does not match the {tcfg.image_grid}x{tcfg.image_grid} token grid")
+        raise ConfigError(
+            f"image_size {image_size} does not match the {tcfg.image_grid}x{tcfg.image_grid} token grid"
+        )
     config = model_config(
-        name=str(name), image_size=int(image_size), text_len=int(tcfg.text_len),
-        trained_with_caption_dropout=bool(trained_with_caption_dropout), transformer=tcfg.to_dict(),
-        encoder=encoder.config(), decoder=decoder.config(),
+        name=str(name),
+        image_size=int(image_size),
+        text_len=int(tcfg.text_len),
+        trained_with_caption_dropout=bool(trained_with_caption_dropout),
+        transformer=tcfg.to_dict(),
+        encoder=encoder.config(),
+        decoder=decoder.config(),
     )
-    dtype = None if weights_dtype == "float32" else getattr(torch, weights_dtype)  # float32: the module as it is
-    return write_model_files(out_dir, config, encoder=encoder, decoder=decoder, transformer=transformer,
-                             tokenizer=tokenizer, weights_dtype=dtype)
+    dtype = (
+        None if weights_dtype == "float32" else getattr(torch, weights_dtype)
+    )  # float32: the module as it is
+    return write_model_files(
+        out_dir,
+        config,
+        encoder=encoder,
+        decoder=decoder,
+        transformer=transformer,
+        tokenizer=tokenizer,
+        weights_dtype=dtype,
+    )
 
 
 def save_dvae_dir(
@@ -95,7 +109,9 @@ def model_path(spec: str | os.PathLike[str]) -> Path:
     return resolve_model(str(spec)) if str(spec) in REGISTRY else path
 
 
-def load_dvae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Encoder, Decoder, int]:
+def load_dvae(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[Encoder, Decoder, int]:
     """Load (encoder, decoder, image_size) from a dVAE directory (:func:`save_dvae_dir`), a model directory
     (:func:`write_model_dir`), a registered model's name (e.g. ``shapes``: its dVAE) or a training run's output
     holding one of them (``dvae/`` or ``model/``). For OpenAI's ``encoder.pkl``/``decoder.pkl`` use

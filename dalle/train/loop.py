@@ -108,8 +108,10 @@ def _lock_run_dir(out: Path) -> IO[str] | None:
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise CheckpointError(f"another run (process {holder}) is training into {out}; wait for it to end or "
-                              "choose another --out") from None
+        raise CheckpointError(
+            f"another run (process {holder}) is training into {out}; wait for it to end or "
+            "choose another --out"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
@@ -117,7 +119,9 @@ def _lock_run_dir(out: Path) -> IO[str] | None:
     return fh
 
 
-def estimated_last_step(steps_done: int, seconds_spent: float, step: int, train_seconds: float, loop: Any) -> int:
+def estimated_last_step(
+    steps_done: int, seconds_spent: float, step: int, train_seconds: float, loop: Any
+) -> int:
     """The step a run under ``loop.time_limit`` will end at, at the rate of ``steps_done`` steps in
     ``seconds_spent`` seconds (this process's share of the run): at most ``loop.steps``, at least ``step``."""
     remaining = max(loop.time_limit * 60.0 - train_seconds, 0.0)
@@ -147,7 +151,9 @@ class Trainer:
         self.info = info
         self.out = Path(loop.out_dir)
         if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file; a run writes a directory there, so give a new path")
+            raise ConfigError(
+                f"--out {self.out} is a file; a run writes a directory there, so give a new path"
+            )
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -170,9 +176,16 @@ class Trainer:
         from dalle.data.datasets import make_batches
 
         return make_batches(
-            self.source, batch_size=self.cfg.batch_size, rank=self.info.rank, world_size=self.info.world_size,
-            start_step=start_step, seed=self.cfg.seed, transform=self._transform, num_workers=self.cfg.num_workers,
-            exclude_last=self._exclude_last, exclude_keys=self._exclude_keys,
+            self.source,
+            batch_size=self.cfg.batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            start_step=start_step,
+            seed=self.cfg.seed,
+            transform=self._transform,
+            num_workers=self.cfg.num_workers,
+            exclude_last=self._exclude_last,
+            exclude_keys=self._exclude_keys,
         )
 
     def _transform(self, img: Any, rng: random.Random) -> Any:  # pragma: no cover - abstract
@@ -185,7 +198,9 @@ class Trainer:
 
         return split_batch(batch, parts)
 
-    def forward(self, micro: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
+    def forward(
+        self, micro: Any, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
         """Loss of one micro-batch and named parts to log."""
         raise NotImplementedError
 
@@ -293,7 +308,9 @@ class Trainer:
             raise CheckpointError(f"--resume was given but {self.ckpt.root} holds no complete checkpoint")
         step, weights, state = CheckpointManager.load(ckpt_path)
         if state.get("kind") != self.kind:
-            raise CheckpointError(f"{ckpt_path} is a {state.get('kind')!r} checkpoint, not a {self.kind!r} one")
+            raise CheckpointError(
+                f"{ckpt_path} is a {state.get('kind')!r} checkpoint, not a {self.kind!r} one"
+            )
         saved, now = state.get("config", {}), self.config_dict()
         changed = [k for k in _RESUME_MUST_MATCH if k in saved and k in now and _differs(k, saved[k], now[k])]
         if changed:
@@ -305,7 +322,8 @@ class Trainer:
             warnings.warn(
                 f"{ckpt_path} comes from a run with --time-limit {saved['time_limit']}, resumed without one: its "
                 f"schedules go back to counting steps towards --steps {now.get('steps')} (the learning rate "
-                "rises again); pass --time-limit to keep them on the clock", stacklevel=2,
+                "rises again); pass --time-limit to keep them on the clock",
+                stacklevel=2,
             )
         self.load_checkpoint_weights(weights)
         self._load_optimizer_state(state["optimizer"])
@@ -321,17 +339,23 @@ class Trainer:
         self.load_extra_state(state.get("extra", {}))
         self.metrics.truncate_after(step)
         if step >= self.loop.steps and not self.loop.time_limit and self.info.is_main:
-            warnings.warn(f"the checkpoint is at step {step}, already at --steps {self.loop.steps}: nothing is "
-                          "trained, the result is exported again; raise --steps to train on", stacklevel=2)
+            warnings.warn(
+                f"the checkpoint is at step {step}, already at --steps {self.loop.steps}: nothing is "
+                "trained, the result is exported again; raise --steps to train on",
+                stacklevel=2,
+            )
         later = self.ckpt.newer_than(step)
-        if later and self.info.is_main:  # else a later plain --resume would jump back to the abandoned timeline
+        if (
+            later and self.info.is_main
+        ):  # else a later plain --resume would jump back to the abandoned timeline
             aside = self.ckpt.root / "abandoned"
             aside.mkdir(exist_ok=True)
             for p in later:
                 os.replace(p, aside / f"{p.name}-{int(time.time())}")
             warnings.warn(
                 f"resuming from step {step}: the later checkpoints ({', '.join(p.name for p in later)}) belong to "
-                f"the run this one replaces and were moved to {aside}", stacklevel=2,
+                f"the run this one replaces and were moved to {aside}",
+                stacklevel=2,
             )
         return step
 
@@ -394,8 +418,10 @@ class Trainer:
         norm = self._grad_norm()
         keys = sorted(sums)
         dev = norm.device
-        packed = torch.stack([sums[k].to(dev) for k in keys] + [norm.double(), torch.tensor(float(total_n), device=dev,
-                                                                                              dtype=torch.float64)])
+        packed = torch.stack(
+            [sums[k].to(dev) for k in keys]
+            + [norm.double(), torch.tensor(float(total_n), device=dev, dtype=torch.float64)]
+        )
         totals = all_reduce_sum(packed, self.info).tolist()
         n_global = totals[-1]
         means = {k: totals[i] / n_global for i, k in enumerate(keys)}
@@ -434,7 +460,9 @@ class Trainer:
             if metrics:
                 self.metrics.log({"kind": "eval", "step": self.step, **metrics})
                 if self.info.is_main and self._bar is not None:
-                    self._bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    self._bar.write(
+                        f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    )
         if lp.sample_every and (self.step % lp.sample_every == 0 or last):
             self.write_samples(self.step)
         if self.info.is_main and lp.plot_every and (self.step % lp.plot_every == 0 or last):
@@ -456,6 +484,7 @@ class Trainer:
     def fit(self, resume: bool | str = False) -> Path | None:
         """Train to ``loop.steps`` (or until ``loop.time_limit``); returns the final artefact's path (rank 0),
         None elsewhere. The run holds a lock on ``--out`` meanwhile: a second run there is refused."""
+
         def take_out_dir() -> IO[str] | None:
             self.out.mkdir(parents=True, exist_ok=True)
             held = _lock_run_dir(self.out)
@@ -511,13 +540,30 @@ class Trainer:
                         now = _clock()
                         rate = (self.samples_seen - samples_last) / max(now - t_last, 1e-9)
                         t_last, samples_last = now, self.samples_seen
-                        skipped = int(all_reduce_sum(torch.tensor([float(self.skipped_images)]), self.info).item())
-                        self.metrics.log({"kind": "train", "step": self.step, **rec, "samples_per_s": rate,
-                                          "skipped_images": skipped, "time": time.time()})
+                        skipped = int(
+                            all_reduce_sum(torch.tensor([float(self.skipped_images)]), self.info).item()
+                        )
+                        self.metrics.log(
+                            {
+                                "kind": "train",
+                                "step": self.step,
+                                **rec,
+                                "samples_per_s": rate,
+                                "skipped_images": skipped,
+                                "time": time.time(),
+                            }
+                        )
                     if bar is not None:
-                        if lp.time_limit:  # the bar's end: the step the time limit will stop at, as estimated now
-                            bar.total = estimated_last_step(self.step - start, self.train_seconds - seconds_before,
-                                                            self.step, self.train_seconds, lp)
+                        if (
+                            lp.time_limit
+                        ):  # the bar's end: the step the time limit will stop at, as estimated now
+                            bar.total = estimated_last_step(
+                                self.step - start,
+                                self.train_seconds - seconds_before,
+                                self.step,
+                                self.train_seconds,
+                                lp,
+                            )
                         bar.update(1)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                     self._maybe_write_outputs(last)
@@ -544,7 +590,15 @@ class Trainer:
 
 
 # config keys whose change makes a checkpoint unusable (model shape, data layout)
-_RESUME_MUST_MATCH = ("model", "image_size", "global_batch", "seed", "data", "dvae_sha256", "tokenizer_sha256")
+_RESUME_MUST_MATCH = (
+    "model",
+    "image_size",
+    "global_batch",
+    "seed",
+    "data",
+    "dvae_sha256",
+    "tokenizer_sha256",
+)
 
 
 def _differs(key: str, saved: Any, now: Any) -> bool:
@@ -562,7 +616,9 @@ def check_image_size(asked: int | None, native: int) -> int:
     if asked is None:
         return int(native)
     if asked < 8 or asked % 8:
-        raise ConfigError(f"image_size must be a positive multiple of 8 (the dVAE downsamples by 8), got {asked}")
+        raise ConfigError(
+            f"image_size must be a positive multiple of 8 (the dVAE downsamples by 8), got {asked}"
+        )
     return int(asked)
 
 

@@ -94,7 +94,11 @@ def plot_loss_curve(
     fig, axes = plt.subplots(nplots, 1, figsize=(7, 2.4 * nplots), squeeze=False)
     for ax, key in zip(axes[:, 0], list(keys) + eval_keys):
         rows = train if key in keys else evals
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        pts = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, lw=1)
@@ -112,7 +116,10 @@ def plot_loss_curve(
 
 
 def save_image_grid(
-    images: list[Image.Image], path: str | os.PathLike[str], ncols: int | None = None, captions: list[str] | None = None
+    images: list[Image.Image],
+    path: str | os.PathLike[str],
+    ncols: int | None = None,
+    captions: list[str] | None = None,
 ) -> Path:
     """Write a grid of PIL images as PNG (uses :func:`dalle.images.make_grid` when it is available)."""
     out = Path(path)

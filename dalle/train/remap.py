@@ -43,8 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from dalle.vqgan import VQGANEncoder
 
 
-def code_cooccurrence(old_encoder: Encoder | VQGANEncoder, new_encoder: Encoder | VQGANEncoder,
-                      batches: Iterable[torch.Tensor], vocab: int) -> torch.Tensor:
+def code_cooccurrence(
+    old_encoder: Encoder | VQGANEncoder,
+    new_encoder: Encoder | VQGANEncoder,
+    batches: Iterable[torch.Tensor],
+    vocab: int,
+) -> torch.Tensor:
     """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over uint8 image batches."""
     counts = torch.zeros(vocab, vocab, dtype=torch.int64)
     for pixels in batches:
@@ -60,12 +64,15 @@ def _image_batches(data: str, limit: int, size: int, batch: int = 16) -> Iterato
         source = open_source(data, require_captions=False, size=size)
     except ConfigError:
         if not Path(data).exists():  # open_source's message speaks of training data; say what remap needs
-            raise ConfigError(f"--data {data!r} does not exist; give a folder of images, .tar shards or "
-                              "'shapes[:SEED]'") from None
+            raise ConfigError(
+                f"--data {data!r} does not exist; give a folder of images, .tar shards or 'shapes[:SEED]'"
+            ) from None
         raise
     if isinstance(source, TokenShards):
-        raise ConfigError(f"{data!r} holds encoded tokens, not images; give the images themselves (a folder, "
-                          ".tar shards or 'shapes[:SEED]')")
+        raise ConfigError(
+            f"{data!r} holds encoded tokens, not images; give the images themselves (a folder, "
+            ".tar shards or 'shapes[:SEED]')"
+        )
     pending: list[torch.Tensor] = []
     found = 0
     for image, _, _ in iter_source_once(source, limit=limit if is_endless(source) else None):
@@ -82,9 +89,14 @@ def _image_batches(data: str, limit: int, size: int, batch: int = 16) -> Iterato
         yield torch.stack(pending)
 
 
-def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.PathLike[str],
-                      out_dir: str | os.PathLike[str], scenes: int = 500, seed: int = 7,
-                      data: str | None = None) -> dict[str, Any]:
+def remap_image_codes(
+    model_dir: str | os.PathLike[str],
+    new_dvae: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    scenes: int = 500,
+    seed: int = 7,
+    data: str | None = None,
+) -> dict[str, Any]:
     """Write ``out_dir`` (see the module notes) and return what ``code_map.json`` there holds: ``data`` and
     ``scenes`` (the images matched on and how many were read), ``new_codes_used``,
     ``old_codes_used``, ``agreement`` (share of cells where the matched old code is the old encoder's) and
@@ -92,20 +104,28 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     if scenes < 1:
         raise ConfigError(f"--scenes must be at least 1, got {scenes}")
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
-        raise ConfigError(f"{out_dir} already exists and is not empty; remap writes a new model directory, so "
-                          "give a new OUT")
+        raise ConfigError(
+            f"{out_dir} already exists and is not empty; remap writes a new model directory, so "
+            "give a new OUT"
+        )
     pipe = DALLE.from_pretrained(model_dir, device="cpu")
     if not isinstance(pipe.transformer, DALLETransformer):  # its embedding and head are what remap rewrites
-        raise ConfigError(f"{model_dir} holds a {type(pipe.transformer).__name__}; remap works on dalle's own "
-                          "model directories")
+        raise ConfigError(
+            f"{model_dir} holds a {type(pipe.transformer).__name__}; remap works on dalle's own "
+            "model directories"
+        )
     encoder, decoder, size = load_dvae(new_dvae)
     if size != pipe.image_size:
-        raise ConfigError(f"the new dVAE was trained at {size} px and the model works at {pipe.image_size} px; "
-                          f"train the dVAE with --image-size {pipe.image_size}")
+        raise ConfigError(
+            f"the new dVAE was trained at {size} px and the model works at {pipe.image_size} px; "
+            f"train the dVAE with --image-size {pipe.image_size}"
+        )
     vocab = pipe.transformer.config.image_vocab_size
     if encoder.vocab_size != vocab:
-        raise ConfigError(f"the new dVAE has {encoder.vocab_size} codes and the transformer {vocab}; "
-                          f"train the dVAE with --vocab-size {vocab}")
+        raise ConfigError(
+            f"the new dVAE has {encoder.vocab_size} codes and the transformer {vocab}; "
+            f"train the dVAE with --vocab-size {vocab}"
+        )
     data = data or f"shapes:{seed}"
     counts = code_cooccurrence(pipe.encoder, encoder, _image_batches(data, scenes, size), vocab)
     images = int(counts.sum()) // pipe.grid**2
@@ -122,7 +142,9 @@ def remap_image_codes(model_dir: str | os.PathLike[str], new_dvae: str | os.Path
     pipe.encoder, pipe.decoder = encoder.eval(), decoder.eval()
     out = pipe.save_pretrained(out_dir)
     summary = {
-        "data": data, "scenes": images, "new_codes_used": int(used.sum()),
+        "data": data,
+        "scenes": images,
+        "new_codes_used": int(used.sum()),
         "old_codes_used": int((counts.sum(0) > 0).sum()),
         "agreement": float(counts.max(1).values.sum() / counts.sum()),
         "map": {int(j): int(match[j]) for j in torch.nonzero(used).flatten()},

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from dalle.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-
     pass
+
 
 def cosine_schedule(step: float, total: float, start: float, end: float) -> float:
     """Cosine from ``start`` (step 0) to ``end`` (step ``total``), then held at ``end``."""
@@ -19,7 +19,9 @@ def cosine_schedule(step: float, total: float, start: float, end: float) -> floa
     return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def warmup_lr(step: float, base_lr: float, warmup: int, total: int, min_lr: float, decay: str = "cosine") -> float:
+def warmup_lr(
+    step: float, base_lr: float, warmup: int, total: int, min_lr: float, decay: str = "cosine"
+) -> float:
     """Linear warm-up over ``warmup`` steps to ``base_lr``, then ``decay`` ("cosine", "linear", "constant")
     down to ``min_lr`` at ``total``."""
     if warmup > 0 and step < warmup:

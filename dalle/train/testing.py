@@ -13,20 +13,50 @@ import numpy as np
 from PIL import Image
 
 TINY_DVAE: dict[str, Any] = {
-    "data": "shapes", "image_size": 32, "batch_size": 4, "n_hid": 8, "n_blk_per_group": 1, "n_init": 8,
-    "vocab_size": 32, "steps": 12, "lr": 3e-3, "ckpt_every": 4, "log_every": 1, "eval_every": 0,
-    "sample_every": 0, "plot_every": 0, "eval_images": 4, "progress": False,
+    "data": "shapes",
+    "image_size": 32,
+    "batch_size": 4,
+    "n_hid": 8,
+    "n_blk_per_group": 1,
+    "n_init": 8,
+    "vocab_size": 32,
+    "steps": 12,
+    "lr": 3e-3,
+    "ckpt_every": 4,
+    "log_every": 1,
+    "eval_every": 0,
+    "sample_every": 0,
+    "plot_every": 0,
+    "eval_images": 4,
+    "progress": False,
 }
 
 TINY_TRANSFORMER: dict[str, Any] = {
-    "data": "shapes", "tokenizer_vocab": 64, "tokenizer_samples": 2000, "text_len": 16, "preset": "tiny",
-    "batch_size": 8, "steps": 12, "lr": 3e-3, "warmup_steps": 3, "ckpt_every": 4, "log_every": 1,
-    "eval_every": 0, "sample_every": 0, "plot_every": 0, "eval_samples": 8, "bpe_dropout": 0.0,
-    "ema_decay": 0.9, "ema_every": 1, "progress": False,
+    "data": "shapes",
+    "tokenizer_vocab": 64,
+    "tokenizer_samples": 2000,
+    "text_len": 16,
+    "preset": "tiny",
+    "batch_size": 8,
+    "steps": 12,
+    "lr": 3e-3,
+    "warmup_steps": 3,
+    "ckpt_every": 4,
+    "log_every": 1,
+    "eval_every": 0,
+    "sample_every": 0,
+    "plot_every": 0,
+    "eval_samples": 8,
+    "bpe_dropout": 0.0,
+    "ema_decay": 0.9,
+    "ema_every": 1,
+    "progress": False,
 }
 
 
-def make_tiny_dvae_dir(path: str | os.PathLike[str], image_size: int = 32, vocab_size: int = 32, seed: int = 0) -> Path:
+def make_tiny_dvae_dir(
+    path: str | os.PathLike[str], image_size: int = 32, vocab_size: int = 32, seed: int = 0
+) -> Path:
     """A randomly initialised tiny dVAE saved like ``dalle train-dvae`` output."""
     import torch
 
@@ -47,7 +77,10 @@ def random_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image
 
 
 def make_image_folder(
-    path: str | os.PathLike[str], n: int = 8, corrupt: tuple[int, ...] = (), seed: int = 0,
+    path: str | os.PathLike[str],
+    n: int = 8,
+    corrupt: tuple[int, ...] = (),
+    seed: int = 0,
     sizes: tuple[tuple[int, int], ...] = ((40, 32), (32, 48), (64, 64)),
 ) -> Path:
     """``n`` PNGs ``img_000.png ...`` with captions ``caption number i``; indices in ``corrupt`` hold garbage."""
@@ -65,7 +98,11 @@ def make_image_folder(
 
 
 def make_tar_shards(
-    path: str | os.PathLike[str], n_shards: int = 2, per_shard: int = 4, corrupt: tuple[int, ...] = (), seed: int = 0
+    path: str | os.PathLike[str],
+    n_shards: int = 2,
+    per_shard: int = 4,
+    corrupt: tuple[int, ...] = (),
+    seed: int = 0,
 ) -> list[Path]:
     """WebDataset-style shards ``shard-00000.tar ...``: ``KEY.png`` + ``KEY.txt`` (global indices in
     ``corrupt`` get garbage image bytes)."""
@@ -84,7 +121,10 @@ def make_tar_shards(
                     buf = io.BytesIO()
                     random_image(rng, (48, 40)).save(buf, format="PNG")
                     data = buf.getvalue()
-                for name, payload in ((f"sample{k:05d}.png", data), (f"sample{k:05d}.txt", f"tar caption {k}".encode())):
+                for name, payload in (
+                    (f"sample{k:05d}.png", data),
+                    (f"sample{k:05d}.txt", f"tar caption {k}".encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))

@@ -60,7 +60,11 @@ def resize_grid_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[st
     out = dict(state)
     for key in ("row_emb.weight", "col_emb.weight"):
         w = state[key]
-        out[key] = F.interpolate(w.float().T[None], size=grid, mode="linear", align_corners=False)[0].T.contiguous().to(w.dtype)
+        out[key] = (
+            F.interpolate(w.float().T[None], size=grid, mode="linear", align_corners=False)[0]
+            .T.contiguous()
+            .to(w.dtype)
+        )
     return out
 
 
@@ -71,7 +75,9 @@ class TransformerLoss(nn.Module):
         super().__init__()
         self.transformer = transformer
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, text: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``transformer.loss(text, image)``."""
         return self.transformer.loss(text, image)
 
@@ -155,8 +161,12 @@ def _collect_captions(source: Any, n: int) -> list[str]:
             empty += not lines
             out.extend(lines)
     if empty:
-        warnings.warn(f"{empty} of the first {min(n, len(source.files))} images have an empty caption file; they "
-                      "train as caption-free samples (the model's unconditional mode)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{empty} of the first {min(n, len(source.files))} images have an empty caption file; they "
+            "train as caption-free samples (the model's unconditional mode)",
+            UserWarning,
+            stacklevel=3,
+        )
     return out[:n]
 
 
@@ -167,7 +177,9 @@ class TransformerTrainer(Trainer):
     cfg: TransformerTrainConfig
     net: TransformerLoss
 
-    def __init__(self, cfg: TransformerTrainConfig, info: DistInfo | None = None, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TransformerTrainConfig, info: DistInfo | None = None, resume: bool = False
+    ) -> None:
         from dalle.data.datasets import ShapesSource, TokenShards, held_out, open_source
         from dalle.tokenizer import BPETokenizer
         from dalle.transformer import DALLETransformer, TransformerConfig
@@ -185,7 +197,9 @@ class TransformerTrainer(Trainer):
         self.source = open_source(cfg.data, require_captions=True, size=256)
         self.pretokenized = isinstance(self.source, TokenShards)
         if cfg.dvae is None and cfg.init is None:
-            raise ConfigError("give --dvae (a trained dVAE directory): it encodes images and goes into the model")
+            raise ConfigError(
+                "give --dvae (a trained dVAE directory): it encodes images and goes into the model"
+            )
         if cfg.dvae is not None:
             self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
         else:
@@ -207,11 +221,15 @@ class TransformerTrainer(Trainer):
                     f"token shards in {cfg.data} hold {self.source.grid}x{self.source.grid} grids of "
                     f"{self.source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
                     f"{self.encoder.vocab_size}; encode the data with this dVAE"
-                    + (f", or give --image-size {self.source.grid * 8} (the shards' side)"
-                       if self.source.grid != grid else "")
+                    + (
+                        f", or give --image-size {self.source.grid * 8} (the shards' side)"
+                        if self.source.grid != grid
+                        else ""
+                    )
                 )
             if meta.get("encoder") not in (None, self.encoder.config()) or meta.get("encoder_sha256") not in (
-                None, encoder_digest(self.encoder)
+                None,
+                encoder_digest(self.encoder),
             ):
                 raise ConfigError(
                     f"the token shards in {cfg.data} were encoded by another dVAE than --dvae {cfg.dvae} (its "
@@ -239,34 +257,55 @@ class TransformerTrainer(Trainer):
             self.tokenizer = BPETokenizer.load(tok_file)
 
         # ---- model
-        overrides = {k: getattr(cfg, k) for k in ("depth", "heads", "head_dim", "dropout", "attn_types",
-                                                   "conv_kernel") if getattr(cfg, k) is not None}
+        overrides = {
+            k: getattr(cfg, k)
+            for k in ("depth", "heads", "head_dim", "dropout", "attn_types", "conv_kernel")
+            if getattr(cfg, k) is not None
+        }
         if cfg.init:
             import json
 
             base = json.loads((model_path(cfg.init) / "config.json").read_text())["transformer"]
-            fixed = {k: v for k, v in overrides.items() if k in ("depth", "heads", "head_dim") and v != base.get(k)}
+            fixed = {
+                k: v for k, v in overrides.items() if k in ("depth", "heads", "head_dim") and v != base.get(k)
+            }
             if fixed:  # the weights' shapes: only dropout, attention types and the conv kernel may change
                 raise ConfigError(
-                    f"--init {cfg.init} has " + ", ".join(f"{k} {base.get(k)}" for k in fixed) + "; "
+                    f"--init {cfg.init} has "
+                    + ", ".join(f"{k} {base.get(k)}" for k in fixed)
+                    + "; "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed.items())
                     + " cannot change it when fine-tuning (the weights have its shapes); leave it out"
                 )
             # another image side than init's (--image-size): the position embeddings are resized to the grid
-            tcfg = TransformerConfig.from_dict({**base, **overrides, "image_grid": grid, "cuda_autocast": cfg.bf16,
-                                                "checkpoint_activations": cfg.checkpoint_activations})
+            tcfg = TransformerConfig.from_dict(
+                {
+                    **base,
+                    **overrides,
+                    "image_grid": grid,
+                    "cuda_autocast": cfg.bf16,
+                    "checkpoint_activations": cfg.checkpoint_activations,
+                }
+            )
         else:
             tcfg = TransformerConfig.preset(
                 cfg.preset,
-                **{**overrides, "text_vocab_size": self.tokenizer.vocab_size, "text_len": cfg.text_len,
-                   "image_vocab_size": self.encoder.vocab_size, "image_grid": grid,
-                   "text_pad_id": self.tokenizer.pad_id, "checkpoint_activations": cfg.checkpoint_activations,
-                   "cuda_autocast": cfg.bf16},
+                **{
+                    **overrides,
+                    "text_vocab_size": self.tokenizer.vocab_size,
+                    "text_len": cfg.text_len,
+                    "image_vocab_size": self.encoder.vocab_size,
+                    "image_grid": grid,
+                    "text_pad_id": self.tokenizer.pad_id,
+                    "checkpoint_activations": cfg.checkpoint_activations,
+                    "cuda_autocast": cfg.bf16,
+                },
             )
         if tcfg.text_vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's text vocabulary "
-                f"{tcfg.text_vocab_size}" + (f" (from --init {cfg.init})" if cfg.init else "")
+                f"{tcfg.text_vocab_size}"
+                + (f" (from --init {cfg.init})" if cfg.init else "")
                 + "; use a tokenizer of at most that size, or the one the model was trained with"
             )
         self.tcfg = tcfg
@@ -280,8 +319,10 @@ class TransformerTrainer(Trainer):
             try:
                 transformer.load_state_dict(state)
             except RuntimeError as exc:
-                raise ConfigError(f"--init {cfg.init}: its weights do not fit the model described by its "
-                                  f"config.json and the flags ({str(exc).splitlines()[0]})") from None
+                raise ConfigError(
+                    f"--init {cfg.init}: its weights do not fit the model described by its "
+                    f"config.json and the flags ({str(exc).splitlines()[0]})"
+                ) from None
         self.net = TransformerLoss(transformer).to(dev)
         self.model: nn.Module = self.net
         if cfg.compile:
@@ -303,7 +344,9 @@ class TransformerTrainer(Trainer):
             (decay if p.dim() > 1 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
         )
         self.ema = EMA(self.net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
         self.loop.clip_grad = cfg.clip_grad
@@ -325,13 +368,16 @@ class TransformerTrainer(Trainer):
         elif n_eval > 0:
             from dalle.data.datasets import to_uint8_tensor
 
-            imgs, caps, self._exclude_last, self._exclude_keys = held_out(self.source, n_eval, self.image_size)
+            imgs, caps, self._exclude_last, self._exclude_keys = held_out(
+                self.source, n_eval, self.image_size
+            )
             self.has_eval = bool(imgs)
             self.eval_captions = [c.splitlines()[0] if c else "" for c in caps]
             if imgs and info.is_main:
                 batch = torch.stack([to_uint8_tensor(im) for im in imgs])
-                self.eval_tokens = torch.cat([encode_images(self.encoder, batch[i : i + 32]).cpu()
-                                              for i in range(0, len(batch), 32)])
+                self.eval_tokens = torch.cat(
+                    [encode_images(self.encoder, batch[i : i + 32]).cpu() for i in range(0, len(batch), 32)]
+                )
         self.last_eval: dict[str, float] = {}
         self._export_step: int | None = None  # the step of the export below (same value on every rank)
         self._export_model: DALLETransformer | None = None
@@ -350,14 +396,22 @@ class TransformerTrainer(Trainer):
 
         seeds = None
         if train:
-            captions = ["" if caption_dropped(self.cfg.seed, p, self.cfg.caption_dropout) else c
-                        for c, p in zip(captions, positions)]
+            captions = [
+                "" if caption_dropped(self.cfg.seed, p, self.cfg.caption_dropout) else c
+                for c, p in zip(captions, positions)
+            ]
             if self.cfg.bpe_dropout > 0:
                 seeds = [derive_seed(self.cfg.seed, "bpe-dropout", p) for p in positions]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)  # long captions keep their first text_len tokens
-            return self.tokenizer.encode(captions, text_len=self.tcfg.text_len,
-                                         dropout=self.cfg.bpe_dropout if train else 0.0, seeds=seeds)
+            warnings.simplefilter(
+                "ignore", TruncationWarning
+            )  # long captions keep their first text_len tokens
+            return self.tokenizer.encode(
+                captions,
+                text_len=self.tcfg.text_len,
+                dropout=self.cfg.bpe_dropout if train else 0.0,
+                seeds=seeds,
+            )
 
     # -------------------------------------------------------------- step
     def schedule(self, step: float) -> dict[str, float]:
@@ -392,10 +446,15 @@ class TransformerTrainer(Trainer):
         d["image_size"] = self.image_size
         d["global_batch"] = self.cfg.batch_size * self.info.world_size
         d["world_size"] = self.info.world_size
-        if self._inputs_digest is None:  # the dVAE and tokenizer the run trains on (a resume must use the same)
+        if (
+            self._inputs_digest is None
+        ):  # the dVAE and tokenizer the run trains on (a resume must use the same)
             import hashlib
 
-            self._inputs_digest = (encoder_digest(self.encoder), hashlib.sha256(self.tokenizer.to_bytes()).hexdigest())
+            self._inputs_digest = (
+                encoder_digest(self.encoder),
+                hashlib.sha256(self.tokenizer.to_bytes()).hexdigest(),
+            )
         d["dvae_sha256"], d["tokenizer_sha256"] = self._inputs_digest
         return d
 
@@ -419,7 +478,7 @@ class TransformerTrainer(Trainer):
         from dalle.transformer import DALLETransformer
 
         prefix = "transformer."
-        plain = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        plain = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model = DALLETransformer.from_state_dict(copy.deepcopy(self.tcfg), plain)
         self._export_model = model.to(self._export_device(model)).eval()
         return self._export_model
@@ -431,8 +490,10 @@ class TransformerTrainer(Trainer):
         need = sum(p.numel() * p.element_size() for p in model.parameters())
         free, _ = torch.cuda.mem_get_info(dev)
         if 2 * need > free:  # the weights plus room for activations and the sampling KV cache
-            warn_once(f"the exported model ({need / 2**30:.1f} GiB) does not fit beside the training state on "
-                      f"{dev} ({free / 2**30:.1f} GiB free): evaluation and samples run on the CPU")
+            warn_once(
+                f"the exported model ({need / 2**30:.1f} GiB) does not fit beside the training state on "
+                f"{dev} ({free / 2**30:.1f} GiB free): evaluation and samples run on the CPU"
+            )
             return torch.device("cpu")
         return dev
 
@@ -480,7 +541,9 @@ class TransformerTrainer(Trainer):
         tokens = sample(model, text, generator=gens)
         model.reset_cache()  # the KV cache would otherwise stay allocated through training
         images = self.decoder.decode(tokens.to(self.info.device)).float().clamp(0, 1).cpu()
-        tiles = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images]
+        tiles = [
+            Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for im in images
+        ]
         save_image_grid(tiles, self.out / "samples" / f"step-{step:08d}.png", captions=prompts)
 
     def finish(self) -> Path | None:
@@ -489,8 +552,14 @@ class TransformerTrainer(Trainer):
         if model is None:
             return None
         return write_model_dir(
-            self.out / "model", self.tokenizer, self.encoder.cpu(), self.decoder.cpu(), model.cpu(),
-            self.image_size, self.cfg.name, trained_with_caption_dropout=self.cfg.caption_dropout > 0,
+            self.out / "model",
+            self.tokenizer,
+            self.encoder.cpu(),
+            self.decoder.cpu(),
+            model.cpu(),
+            self.image_size,
+            self.cfg.name,
+            trained_with_caption_dropout=self.cfg.caption_dropout > 0,
             weights_dtype=self.cfg.weights_dtype,
         )
 
