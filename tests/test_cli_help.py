@@ -34,3 +34,16 @@ def test_threads_help_says_what_a_busy_machine_needs() -> None:
         for action in parser._actions:
             if "--threads" in action.option_strings:
                 assert "busy" in action.help and "idle cores" in action.help, name
+
+
+def test_temperature_zero_is_accepted_and_negative_refused() -> None:
+    """`--temperature 0` (greedy decoding) parses; a negative temperature is a usage error (exit 2)."""
+    import pytest
+
+    from dalle.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "a red circle", "--temperature", "0"]).temperature == 0.0
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["generate", "a red circle", "--temperature", "-0.5"])
+    assert exc.value.code == 2

@@ -57,24 +57,23 @@ def parse_seed(text: str) -> int:
     return value
 
 
-def _nonnegative_float(text: str) -> float:
+def _float(text: str, zero_ok: bool = False) -> float:
+    """A number > 0 (or >= 0 with ``zero_ok``) for argparse."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    if not (value >= 0 if zero_ok else value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number {'>=' if zero_ok else '>'} 0, got {value}")
     return value
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float(text, zero_ok=True)
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+    return _float(text)
 
 
 def _probability(text: str) -> float:
