@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "(wall clock, and CPU time summed over threads, which other processes' load disturbs less)\n"
     )
     print(
-        "| task | batch | dall_e wall | dalle wall | speed-up (wall) | dall_e CPU | dalle CPU | speed-up (CPU) |"
+        "| task | batch | dall_e wall | dalle wall | speed-up (wall) "
+        "| dall_e CPU | dalle CPU | speed-up (CPU) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for task, b, r, o, rc, oc in rows:

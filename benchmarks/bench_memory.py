@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     what = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
     print(
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; device {args.device}; "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"device {args.device}; "
         f"batch {args.batch}; python {platform.python_version()}\n"
     )
     print(f"| case | after loading (MiB) | {what} (MiB) | the work's share (MiB) |")
@@ -113,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         if run.returncode != 0:
             print(
-                f"| {label} | failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} | | |"
+                f"| {label} | failed: "
+                f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} | | |"
             )
             continue
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"| {label} | {r['loaded']:.0f} | {r['peak']:.0f} | {r['peak'] - r['loaded']:.0f} |")
     print(
-        f"\ncommand: python {' '.join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])}"
+        "\ncommand: python "
+        f"{' '.join([os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])}"
     )
     return 0
 

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
     print(
-        f"shape: depth {a.depth}, {a.heads} heads x {a.head_dim}, text {a.text_len} + image {a.grid}x{a.grid}, "
+        f"shape: depth {a.depth}, {a.heads} heads x {a.head_dim}, "
+        f"text {a.text_len} + image {a.grid}x{a.grid}, "
         f"batch {a.batch}, median of {a.repeats}\n"
     )
     rows: list[tuple[str, str, str]] = []

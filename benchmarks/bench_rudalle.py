@@ -73,7 +73,8 @@ class _Tokenizer:
 
 
 class _VAE:
-    """Stands in for the VQGAN: decode returns a constant image (the same cost would be paid by both sides)."""
+    """Stands in for the VQGAN: decode returns a constant image (the same cost would be paid by both
+    sides)."""
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return torch.zeros(codes.shape[0], 3, 8, 8)
@@ -173,7 +174,8 @@ def main() -> None:
             "(the same rule) was patched in for rudalle"
         )
     print(
-        f"model: {a.depth} layers x 2048 wide, 32x32 grid, batch {a.batch}, top_k {top_k}, top_p {top_p}, fp32"
+        f"model: {a.depth} layers x 2048 wide, 32x32 grid, batch {a.batch}, "
+        f"top_k {top_k}, top_p {top_p}, fp32"
     )
     print(f"tokens identical: {'yes' if torch.equal(codes_theirs, codes_ours) else 'no'}")
     print("| implementation | s / image | ratio |")

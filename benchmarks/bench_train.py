@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 
 def make_shards(path: Path, n: int, image_size: int, device: str) -> None:
-    """``n`` shapes scenes encoded by the bundled dVAE at ``image_size`` (:func:`dalle.train.encode.encode_dataset`,
-    what ``dalle encode-dataset`` runs)."""
+    """``n`` shapes scenes encoded by the bundled dVAE at ``image_size``
+    (:func:`dalle.train.encode.encode_dataset`, what ``dalle encode-dataset`` runs)."""
     from dalle.train.encode import EncodeConfig, encode_dataset
 
     encode_dataset(
@@ -83,7 +83,8 @@ def run(image_size: int, batch: int, steps: int, bf16: bool, device: str, shards
 
 
 def cpu_description() -> str:
-    """The CPU's model name and whether it has native bfloat16 (Linux /proc/cpuinfo; else platform's guess)."""
+    """The CPU's model name and whether it has native bfloat16 (Linux /proc/cpuinfo; else platform's
+    guess)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"command: `{command}`")
     print(
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     )
     print(
-        f"preset {args.preset}: depth {cfg.depth}, d_model {cfg.d_model}, heads {cfg.heads}, text_len {cfg.text_len}, "
+        f"preset {args.preset}: depth {cfg.depth}, d_model {cfg.d_model}, heads {cfg.heads}, "
+        f"text_len {cfg.text_len}, "
         f"grid {cfg.image_grid}x{cfg.image_grid}, batch {args.batch}\n"
     )
     print("| device | setting | KV cache | no cache | speed-up |")

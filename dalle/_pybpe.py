@@ -1,16 +1,18 @@
 """A pure-Python reader of youtokentome BPE models, used where youtokentome is not installed.
 
 It implements the part of ``youtokentome.BPE`` that :class:`dalle.tokenizer.BPETokenizer` uses (``encode`` to
-ids or pieces, with optional BPE dropout, ``decode``, ``vocab``, ``id_to_subword``, ``subword_to_id``) and gives
-the same ids as youtokentome (the tests compare the two on generated text wherever youtokentome is present):
+ids or pieces, with optional BPE dropout, ``decode``, ``vocab``, ``id_to_subword``, ``subword_to_id``) and
+gives the same ids as youtokentome (the tests compare the two on generated text wherever youtokentome is
+present):
 
 * a sentence is split on spaces; each word becomes "▁" followed by its characters;
-* characters missing from the model are unknown; each maximal run of them is one ``unk`` piece that never merges;
+* characters missing from the model are unknown; each maximal run of them is one ``unk`` piece that never
+  merges;
 * merges apply inside a word, the earliest-learned rule first (rules are numbered in the order they were
   learned, so a rule's merged id is its rank), and among equal rules the leftmost pair first;
-* with dropout ``p`` (BPE-dropout, as youtokentome does it): each candidate merge, taken in the order above, is
-  skipped with probability ``p``; skipped candidates return after the next merge that is made, and the word is
-  finished when every remaining candidate has been skipped in a row.
+* with dropout ``p`` (BPE-dropout, as youtokentome does it): each candidate merge, taken in the order above,
+  is skipped with probability ``p``; skipped candidates return after the next merge that is made, and the word
+  is finished when every remaining candidate has been skipped in a row.
 
 The model file has been validated (:func:`dalle.tokenizer._validate_model`) before it reaches this class.
 """
@@ -60,7 +62,7 @@ class PyBPE:
         self.piece_id = {p: i for i, p in enumerate(pieces)}
         self._cache: dict[str, list[tuple[int, str]]] = {}  # word -> pieces without dropout (captions repeat)
 
-    # ------------------------------------------------------------------------------------------- youtokentome API
+    # --------------------------------------------------------------------------------------- youtokentome API
     def vocab(self) -> list[str]:
         return list(self.pieces)
 
@@ -112,7 +114,7 @@ class PyBPE:
             texts.append(text[1:] if text.startswith(" ") else text)
         return texts
 
-    # ------------------------------------------------------------------------------------------------- internals
+    # ---------------------------------------------------------------------------------------------- internals
     def _encode_word(self, word: str, dropout: float, rng: random.Random) -> list[tuple[int, str]]:
         # symbols: [id, text]; an unknown run is one symbol that takes part in no merge
         symbols: list[list[Any]] = [[self.char_id[WORD_MARK], WORD_MARK]]

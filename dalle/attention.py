@@ -2,9 +2,10 @@
 
 Token stream (see :mod:`dalle.transformer` for the embeddings): ``text_len`` text slots followed by
 ``grid * grid`` image slots, ``L = text_len + grid**2`` in all. Image slot ``text_len + j`` is tied to image
-cell ``j`` (row ``j // grid``, column ``j % grid``): it carries that cell's row/column embedding and its output
-predicts that cell, while its *input* is the token of cell ``j - 1`` (the start-of-image token for ``j = 0``).
-Every mask below is written in terms of these cells, so "slot ``j``" and "cell ``j``" are the same index.
+cell ``j`` (row ``j // grid``, column ``j % grid``): it carries that cell's row/column embedding and its
+output predicts that cell, while its *input* is the token of cell ``j - 1`` (the start-of-image token for
+``j = 0``). Every mask below is written in terms of these cells, so "slot ``j``" and "cell ``j``" are the same
+index.
 
 Masks (``True`` = the query may attend to the key), all causal (key slot <= query slot):
 
@@ -202,8 +203,8 @@ def _flex_attention():
         import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
-        # one compilation per mask type and grad mode (four types: eight), which is dynamo's default limit; past
-        # it FlexAttention would silently run uncompiled (slow, memory-hungry)
+        # one compilation per mask type and grad mode (four types: eight), which is dynamo's default limit;
+        # past it FlexAttention would silently run uncompiled (slow, memory-hungry)
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))

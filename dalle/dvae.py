@@ -18,12 +18,12 @@ Differences from OpenAI's code, all of them additions:
 * ``forward`` rejects spatial sizes that are not multiples of 8 instead of silently flooring them.
 
 Precision. On CPU every convolution runs in float32. On CUDA the convolutions run in ``dtype``:
-``torch.float32``, ``torch.float16`` (the regime of OpenAI's code on CUDA) or ``torch.bfloat16``.
-The default, ``dtype=None``, means bfloat16 on CUDA when ``use_mixed_precision`` is true and float32 otherwise.
-As in OpenAI's code the two convolutions that touch the 8192-way vocabulary (the encoder's output, the
-decoder's input) always run in float32, and parameters are always stored in float32 (so training keeps fp32
-master weights). Unlike OpenAI's decoder, ``forward`` always returns float32. Set it with the ``dtype``
-constructor argument, :meth:`Encoder.set_dtype`, or ``load_model(..., dtype=...)``.
+``torch.float32``, ``torch.float16`` (the regime of OpenAI's code on CUDA) or ``torch.bfloat16``. The default,
+``dtype=None``, means bfloat16 on CUDA when ``use_mixed_precision`` is true and float32 otherwise. As in
+OpenAI's code the two convolutions that touch the 8192-way vocabulary (the encoder's output, the decoder's
+input) always run in float32, and parameters are always stored in float32 (so training keeps fp32 master
+weights). Unlike OpenAI's decoder, ``forward`` always returns float32. Set it with the ``dtype`` constructor
+argument, :meth:`Encoder.set_dtype`, or ``load_model(..., dtype=...)``.
 
 Speed (same arithmetic, reordered; see benchmarks/bench_dvae.py): activations are channels-last; ReLUs
 and residual adds reuse buffers in inference; the encoder's vocabulary-sized output is one matrix product
@@ -348,7 +348,8 @@ class _DVAEModule(nn.Module):
         return self._dtype
 
     def set_dtype(self, dtype: torch.dtype | str | None) -> _DVAEModule:
-        """Choose the CUDA compute dtype (float32, float16, bfloat16 or None for the default); returns self."""
+        """Choose the CUDA compute dtype (float32, float16, bfloat16 or None for the default); returns
+        self."""
         self._dtype = resolve_dtype(dtype)
         self._apply_cuda_dtype()
         return self
@@ -482,7 +483,8 @@ class Encoder(_DVAEModule):
         self._init_precision(dtype)
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-able dict; ``Encoder(**enc.config())`` rebuilds the architecture."""
+        """Constructor arguments as a JSON-able dict; ``Encoder(**enc.config())`` rebuilds the
+        architecture."""
         return {
             "n_hid": self.n_hid,
             "n_blk_per_group": self.n_blk_per_group,
@@ -530,13 +532,15 @@ def check_token_grid(tokens: torch.Tensor, vocab_size: int, device: torch.device
         raise ConfigError(f"decode expects a LongTensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
         raise ConfigError(
-            f"decode expects integer token ids, got {tokens.dtype} (the dVAE decoder's forward() takes one-hot)"
+            f"decode expects integer token ids, got {tokens.dtype} "
+            "(the dVAE decoder's forward() takes one-hot)"
         )
     if tokens.dim() == 2:
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
             raise ConfigError(
-                f"decode got {tokens.shape[1]} tokens per image, which is not a square grid; pass [B, h, w] instead"
+                f"decode got {tokens.shape[1]} tokens per image, which is not a square grid; "
+                "pass [B, h, w] instead"
             )
         tokens = tokens.reshape(tokens.shape[0], side, side)
     if tokens.dim() != 3:
@@ -645,7 +649,8 @@ class Decoder(_DVAEModule):
         self._init_precision(dtype)
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-able dict; ``Decoder(**dec.config())`` rebuilds the architecture."""
+        """Constructor arguments as a JSON-able dict; ``Decoder(**dec.config())`` rebuilds the
+        architecture."""
         return {
             "n_init": self.n_init,
             "n_hid": self.n_hid,

@@ -309,7 +309,8 @@ def format_results(results: dict[str, Any]) -> str:
     """A plain-text table of :func:`evaluate`'s results, as ``dalle evaluate`` prints it."""
     s = results["settings"]
     lines = [
-        f"model {s.get('model')}: {s['images_per_prompt']} images per prompt, seed {s['seed']}, temperature 1, "
+        f"model {s.get('model')}: {s['images_per_prompt']} images per prompt, seed {s['seed']}, "
+        "temperature 1, "
         f"guidance {s['guidance_scale'] or 'off'}, rerank {s['rerank'] or 'off'}",
         f"{'prompt set':<22} {'accuracy':>9} {'correct':>13} {'target':>7}",
     ]
@@ -321,7 +322,8 @@ def format_results(results: dict[str, Any]) -> str:
     rec = results.get("reconstruction")
     if rec:
         lines.append(
-            f"dVAE reconstruction PSNR {rec['psnr_mean']:.2f} dB (min {rec['psnr_min']:.2f}) on {rec['images']} "
+            f"dVAE reconstruction PSNR {rec['psnr_mean']:.2f} dB (min {rec['psnr_min']:.2f}) "
+            f"on {rec['images']} "
             f"rendered scenes; checker accepts {rec['checker_accuracy']:.0%} of reconstructions"
         )
         by_set = rec.get("checker_by_set") or {}

@@ -2,10 +2,10 @@
 
 The registered names ``rudalle-malevich``, ``rudalle-malevich-v2``, ``rudalle-emojich``,
 ``rudalle-surrealist-xl`` and ``rudalle-kandinsky`` (:data:`dalle.rudalle.RUDALLE_HUB`) download the released
-files (:func:`download_rudalle`; ``$DALLE_HF_ENDPOINT`` replaces the Hub, downloads resume from their ``.part``
-files, see :func:`dalle.loading.download_hf_file`) and convert them once (:func:`convert_rudalle`) into a model
-directory in the cache (:func:`ensure_rudalle_model`), which :meth:`dalle.pipeline.DALLE.from_pretrained` loads.
-``dalle convert`` runs the same steps.
+files (:func:`download_rudalle`; ``$DALLE_HF_ENDPOINT`` replaces the Hub, downloads resume from their
+``.part`` files, see :func:`dalle.loading.download_hf_file`) and convert them once (:func:`convert_rudalle`)
+into a model directory in the cache (:func:`ensure_rudalle_model`), which
+:meth:`dalle.pipeline.DALLE.from_pretrained` loads. ``dalle convert`` runs the same steps.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def _high_depth_to_8bit(img: Image.Image, where: str) -> Image.Image:
 
 
 def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: 16-bit, 32-bit and float modes scaled, transparency composited on white."""
+    """Any Pillow mode as 8-bit RGB: 16-bit, 32-bit and float modes scaled, transparency composited on
+    white."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -191,7 +192,8 @@ def preprocess(image: ImageLike, size: int = 256, allow_upscale: bool = False) -
     s = min(w, h)
     if s < size and not allow_upscale:
         raise ImageError(
-            f"image is {w}x{h}; its shorter side {s} is below {size} (pass allow_upscale=True, on the command line --allow-upscale, to enlarge it)"
+            f"image is {w}x{h}; its shorter side {s} is below {size} (pass allow_upscale=True, "
+            "on the command line --allow-upscale, to enlarge it)"
         )
     r = size / s
     new_w, new_h = max(size, round(r * w)), max(size, round(r * h))
@@ -232,8 +234,8 @@ def _one_to_pil(t: torch.Tensor) -> Image.Image:
 
 
 def _font(tile_width: int = 256) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's default font at a size that reads well under a tile (16 px under 256-px tiles, 12 px at least);
-    older Pillows (before 10.1) have only the fixed 11-px bitmap font."""
+    """Pillow's default font at a size that reads well under a tile (16 px under 256-px tiles, 12 px at
+    least); older Pillows (before 10.1) have only the fixed 11-px bitmap font."""
     try:
         return ImageFont.load_default(size=max(12, tile_width // 16))
     except TypeError:  # pragma: no cover - Pillow < 10.1
@@ -350,7 +352,7 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ImageError(f"{path}: cannot read PNG metadata ({exc})") from None
 
 
-# ---------------------------------------------------------------------------------------------- reconstruction
+# --------------------------------------------------------------------------------------------- reconstruction
 @torch.no_grad()
 def reconstruct(
     image: ImageLike, encoder: Encoder, decoder: Decoder, size: int = 256, allow_upscale: bool = False

@@ -71,7 +71,7 @@ _LEGACY_PROTOCOL = 1001
 _STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 
 
-# ------------------------------------------------------------------------------------ the restricted unpickler
+# ----------------------------------------------------------------------------------- the restricted unpickler
 class _ModuleStub:
     """Inert stand-in for a pickled ``nn.Module``: records its constructor args and ``__dict__`` only."""
 
@@ -166,7 +166,8 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> _TensorRef:
-    # Stands in for torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, meta]).
+    # Stands in for torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad,
+    # hooks[, meta]).
     if not isinstance(storage, _StorageRef):
         raise ModelLoadError("malformed pickle: a tensor is not backed by a storage record")
     if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
@@ -250,9 +251,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"{self.source}: refusing to load the global {module}.{name}, which is not on the allow-list of "
-                f"{self.allow_list_name}; nothing from the file was executed. Only load files you trust with "
-                "other tools, or convert them to safetensors."
+                f"{self.source}: refusing to load the global {module}.{name}, which is not on the "
+                f"allow-list of {self.allow_list_name}; nothing from the file was executed. "
+                "Only load files you trust with other tools, or convert them to safetensors."
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -554,8 +555,8 @@ def _read_torch_file(path: Path, source: str) -> Any:
     elif not head.startswith(b"\x80"):  # every torch pickle starts with the PROTO opcode
         what = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
         raise ModelLoadError(
-            f"{source}: {'a ' + what + ' file' if what else 'not a PyTorch file'}, not dVAE weights; give OpenAI's "
-            "encoder.pkl / decoder.pkl, a state-dict file or a .safetensors file"
+            f"{source}: {'a ' + what + ' file' if what else 'not a PyTorch file'}, not dVAE weights; "
+            "give OpenAI's encoder.pkl / decoder.pkl, a state-dict file or a .safetensors file"
         )
     else:
         with open(path, "rb") as f:
@@ -656,7 +657,7 @@ def _read_safetensors(path: Path, source: str) -> tuple[dict[str, torch.Tensor],
     return tensors, meta
 
 
-# ------------------------------------------------------------------------------- PyTorch Lightning checkpoints
+# ------------------------------------------------------------------------------ PyTorch Lightning checkpoints
 class _Inert:
     """Stand-in for anything a Lightning checkpoint names besides tensors: OmegaConf configs, callbacks,
     numpy scalars and dtypes, ``typing.Any``, builtin types used as values. Calling the class, ``NEWOBJ``,
@@ -795,7 +796,8 @@ _LIGHTNING_INERT_MODULES = {"omegaconf", "pytorch_lightning", "lightning", "ligh
 
 
 class _LightningUnpickler(_RestrictedUnpickler):
-    """The restricted unpickler plus inert stand-ins for what PyTorch Lightning checkpoints hold besides weights.
+    """The restricted unpickler plus inert stand-ins for what PyTorch Lightning checkpoints hold besides
+    weights.
 
     Used only by :func:`read_lightning_checkpoint`: :func:`load_model` keeps the strict dVAE allow-list.
     """
@@ -845,7 +847,8 @@ def _lightning_state_dict(obj: Any, source: str) -> dict[str, Any]:
 
 
 def read_lightning_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The model weights of a PyTorch Lightning ``.ckpt`` (e.g. taming-transformers' or ruDALL-E's VQGANs), safely.
+    """The model weights of a PyTorch Lightning ``.ckpt`` (e.g. taming-transformers' or ruDALL-E's VQGANs),
+    safely.
 
     Returns the checkpoint's ``state_dict`` (tensors on CPU, dtypes as stored) without the ``loss.*`` entries.
     The pickle is read by the restricted unpickler with inert stand-ins for what such checkpoints carry
@@ -884,7 +887,7 @@ def read_lightning_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.T
     return {k: v.materialize(source) if isinstance(v, _TensorRef) else v for k, v in obj.items()}
 
 
-# ------------------------------------------------------------------------------------- from tensors to modules
+# ------------------------------------------------------------------------------------ from tensors to modules
 _BLOCK_RE = re.compile(r"^blocks\.group_1\.block_(\d+)\.")
 
 
@@ -1078,7 +1081,8 @@ def save_model(module: Encoder | Decoder, path: str | os.PathLike[str]) -> Path:
 
 # ------------------------------------------------------------------------------------------- download & cache
 def cache_dir() -> Path:
-    """Where downloads are cached: ``$DALLE_CACHE``, else ``$XDG_CACHE_HOME/dalle``, else ``~/.cache/dalle``."""
+    """Where downloads are cached: ``$DALLE_CACHE``, else ``$XDG_CACHE_HOME/dalle``, else
+    ``~/.cache/dalle``."""
     if os.environ.get("DALLE_CACHE"):
         return Path(os.environ["DALLE_CACHE"]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
@@ -1273,8 +1277,8 @@ def download_hf_file(
     except requests.ConnectionError as exc:
         raise DownloadError(
             f"could not download {filename}: cannot connect to {urlparse(hf_endpoint()).netloc} "
-            f"({type(exc).__name__}); check the network (or $DALLE_HF_ENDPOINT), or download the file yourself "
-            "and run `dalle convert` on it"
+            f"({type(exc).__name__}); check the network (or $DALLE_HF_ENDPOINT), "
+            "or download the file yourself and run `dalle convert` on it"
         ) from None
     except requests.RequestException as exc:
         got = part.stat().st_size if part.exists() else 0
@@ -1285,8 +1289,9 @@ def download_hf_file(
     except OSError as exc:
         raise DownloadError(f"could not save {filename} into {target.parent}: {exc}") from None
     raise DownloadError(
-        f"{filename} was not found: {'; '.join(tried)}. The repository may have been renamed, removed or made "
-        "private; download the file yourself and run `dalle convert` on it"
+        f"{filename} was not found: {'; '.join(tried)}. "
+        "The repository may have been renamed, removed or made private; "
+        "download the file yourself and run `dalle convert` on it"
     )
 
 
@@ -1328,7 +1333,8 @@ def _fetch_resumable(
                 )
             got = start
             with open(part, mode) as out:
-                # small chunks: a dropped connection loses the unfinished chunk, resumed from the last whole one
+                # small chunks: a dropped connection loses the unfinished chunk, resumed from the last
+                # whole one
                 for chunk in _progress(
                     resp.iter_content(chunk_size=1 << 14), total, url, progress, initial=start
                 ):

@@ -11,11 +11,11 @@ A model directory holds::
     decoder.safetensors
     tokenizer.model        (youtokentome BPE model)
 
-``architecture``, ``image_tokenizer``, ``sampling`` and ``source`` are written only where they differ from what
-their absence means (``"dalle"``, ``"dvae"``, no defaults, no source), so a dalle model with a dVAE reads in
-every dalle version. A dVAE directory (``dalle train-dvae``) is the image-tokenizer half of one: ``config.json``
-(``{"format_version": 1, "kind": "dvae", "image_size", "encoder", "decoder", ...}``), ``encoder.safetensors``
-and ``decoder.safetensors``.
+``architecture``, ``image_tokenizer``, ``sampling`` and ``source`` are written only where they differ from
+what their absence means (``"dalle"``, ``"dvae"``, no defaults, no source), so a dalle model with a dVAE reads
+in every dalle version. A dVAE directory (``dalle train-dvae``) is the image-tokenizer half of one:
+``config.json`` (``{"format_version": 1, "kind": "dvae", "image_size", "encoder", "decoder", ...}``),
+``encoder.safetensors`` and ``decoder.safetensors``.
 
 :func:`write_model_files` writes both kinds: :meth:`dalle.pipeline.DALLE.save_pretrained`, the trainers'
 exports (:func:`dalle.train.exports.write_model_dir`, :func:`~dalle.train.exports.save_dvae_dir`) and the
@@ -145,7 +145,8 @@ def read_config(path: Path) -> dict[str, Any]:
     version = config.get("format_version") if isinstance(config, dict) else None
     if version != FORMAT_VERSION:
         raise ModelLoadError(
-            f"{path / 'config.json'} has format_version {version!r}; this dalle reads version {FORMAT_VERSION}. "
+            f"{path / 'config.json'} has format_version {version!r}; "
+            f"this dalle reads version {FORMAT_VERSION}. "
             "Upgrade dalle or re-save the model."
         )
     for key in ("transformer", "encoder", "decoder", "image_size"):
@@ -208,7 +209,8 @@ def load_transformer(
     """The :class:`~dalle.transformer.DALLETransformer` of a dalle model directory, with float32 parameters
     (half-precision files widen) on the CPU, in eval mode: the transformer
     :meth:`dalle.pipeline.DALLE.from_pretrained` loads from such a directory. ``config``: the directory's
-    checked ``config.json`` (:func:`read_config`; read when None). ruDALL-E models load with ``from_pretrained``."""
+    checked ``config.json`` (:func:`read_config`; read when None). ruDALL-E models load with
+    ``from_pretrained``."""
     from dalle.transformer import DALLETransformer, TransformerConfig
 
     path = Path(directory)
@@ -246,12 +248,13 @@ def write_model_files(
     """Write a model directory (or, without ``transformer`` and ``tokenizer``, a dVAE directory) and return
     its path; the one writer of the format (see the module notes).
 
-    ``config`` is the ``config.json`` content (:func:`model_config` or :func:`dvae_config`). ``transformer`` is
-    a module or a state dict (e.g. a memory-mapped checkpoint). A dalle module (``config`` has no other
-    ``architecture``) with ``weights_dtype`` None is written as it is (``save_model``); otherwise its tensors are written one by one (memory stays at one tensor),
-    without ruDALL-E's attention masks, floating-point ones converted to ``weights_dtype`` (None keeps each
-    tensor's dtype), with ``weights_metadata`` in the file's header. ``tokenizer`` is anything with
-    ``save(path)``. Files are written in the order transformer, encoder, decoder, tokenizer, ``config.json``.
+    ``config`` is the ``config.json`` content (:func:`model_config` or :func:`dvae_config`). ``transformer``
+    is a module or a state dict (e.g. a memory-mapped checkpoint). A dalle module (``config`` has no other
+    ``architecture``) with ``weights_dtype`` None is written as it is (``save_model``); otherwise its tensors
+    are written one by one (memory stays at one tensor), without ruDALL-E's attention masks, floating-point
+    ones converted to ``weights_dtype`` (None keeps each tensor's dtype), with ``weights_metadata`` in the
+    file's header. ``tokenizer`` is anything with ``save(path)``. Files are written in the order transformer,
+    encoder, decoder, tokenizer, ``config.json``.
     """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)

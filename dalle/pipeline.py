@@ -3,9 +3,10 @@ generation.
 
 A model directory (:mod:`dalle.model_dir`: the format, its writer and readers) holds ``config.json``,
 ``transformer.safetensors``, ``encoder.safetensors``, ``decoder.safetensors`` and ``tokenizer.model``.
-``architecture`` (absent: ``"dalle"``) names the transformer class: :class:`~dalle.transformer.DALLETransformer`
-with :class:`~dalle.tokenizer.BPETokenizer`, or :class:`~dalle.rudalle.RuDalleTransformer` with
-:class:`~dalle.rudalle.RuDalleTokenizer` (``transformer`` then holds a ``RuDalleConfig``).
+``architecture`` (absent: ``"dalle"``) names the transformer class:
+:class:`~dalle.transformer.DALLETransformer` with :class:`~dalle.tokenizer.BPETokenizer`, or
+:class:`~dalle.rudalle.RuDalleTransformer` with :class:`~dalle.rudalle.RuDalleTokenizer` (``transformer`` then
+holds a ``RuDalleConfig``).
 ``image_tokenizer`` (absent: ``"dvae"``) names the image tokenizer: OpenAI's dVAE (:mod:`dalle.dvae`) or a
 taming VQGAN (:mod:`dalle.vqgan`; ``encoder`` / ``decoder`` hold their constructor arguments). ``sampling``
 (optional) holds the model's default sampling settings, used where ``generate`` is not given them.
@@ -70,7 +71,8 @@ REGISTRY: dict[str, Path] = {"shapes": PRETRAINED_DIR / "shapes", "shapes-128": 
 
 Scorer = Callable[[str, list[Image.Image]], torch.Tensor]
 
-# how allocators word running out of memory: CUDA's caching allocator, and the CPU allocator on Linux / Windows
+# how allocators word running out of memory: CUDA's caching allocator, and the CPU allocator
+# on Linux / Windows
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -143,7 +145,8 @@ def resolve_model(name_or_dir: str | os.PathLike[str] | None = None) -> Path:
         path = REGISTRY[key]
         if not (path / "config.json").is_file():
             raise ModelLoadError(
-                f"the registered model {key!r} is not installed at {path}; reinstall dalle or pass a directory"
+                f"the registered model {key!r} is not installed at {path}; "
+                "reinstall dalle or pass a directory"
             )
         return path
     if key in REGISTRY and not any(ch in key for ch in "/\\"):
@@ -195,7 +198,8 @@ def _available_memory(device: torch.device) -> int | None:
 
 
 def _check_fits(what: str, num_params: int, dtype: torch.dtype, device: torch.device) -> None:
-    """OutOfMemoryError, before anything is allocated, when ``num_params`` in ``dtype`` cannot fit on ``device``."""
+    """OutOfMemoryError, before anything is allocated, when ``num_params`` in ``dtype`` cannot fit on
+    ``device``."""
     need = num_params * torch.empty((), dtype=dtype).element_size()
     free = _available_memory(device)
     if free is None or need <= free:
@@ -204,13 +208,15 @@ def _check_fits(what: str, num_params: int, dtype: torch.dtype, device: torch.de
     if device.type == "cpu":
         half = num_params * 2 / gib
         raise OutOfMemoryError(
-            f"{what} has {num_params / 1e9:.2f}B parameters: {need / gib:.1f} GiB as float32, which the CPU needs "
-            f"(it computes in float32), but only {free / gib:.1f} GiB of memory is available. Run it on a CUDA GPU "
-            f"(float16 weights, {half:.1f} GiB of GPU memory plus the KV cache) or on a machine with more memory"
+            f"{what} has {num_params / 1e9:.2f}B parameters: {need / gib:.1f} GiB as float32, "
+            f"which the CPU needs (it computes in float32), but only {free / gib:.1f} GiB of memory "
+            f"is available. Run it on a CUDA GPU (float16 weights, {half:.1f} GiB of GPU memory "
+            "plus the KV cache) or on a machine with more memory"
         )
     raise OutOfMemoryError(
-        f"{what} needs {need / gib:.1f} GiB for its {dtype} weights on {device}, but only {free / gib:.1f} GiB is "
-        "free; use a GPU with more memory, free memory held by other processes, or run on the CPU"
+        f"{what} needs {need / gib:.1f} GiB for its {dtype} weights on {device}, "
+        f"but only {free / gib:.1f} GiB is free; use a GPU with more memory, "
+        "free memory held by other processes, or run on the CPU"
     )
 
 
@@ -240,7 +246,8 @@ def _read_safetensors(
 def _load_rudalle_transformer(
     file: Path, config: RuDalleConfig, device: torch.device, dtype: torch.dtype, what: str
 ) -> tuple[RuDalleTransformer, torch.dtype]:
-    """(model, dtype stored on disk): built on meta, taking the tensors of ``file`` in ``dtype`` on ``device``."""
+    """(model, dtype stored on disk): built on meta, taking the tensors of ``file`` in ``dtype`` on
+    ``device``."""
     from dalle.rudalle import RuDalleTransformer
 
     with torch.device("meta"):
@@ -287,12 +294,14 @@ def describe_model(name_or_dir: str | os.PathLike[str]) -> str:
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     lines = [
         f"model        {cfg.get('name', path.name)} ({path})",
-        f"architecture {cfg.get('architecture', 'dalle')} transformer, {cfg.get('image_tokenizer', 'dvae')} images",
+        f"architecture {cfg.get('architecture', 'dalle')} transformer, "
+        f"{cfg.get('image_tokenizer', 'dvae')} images",
         f"image        {cfg['image_size']}x{cfg['image_size']} pixels, "
         f"{t.get('image_grid')}x{t.get('image_grid')} tokens from {t.get('image_vocab_size')} codes",
         f"text         up to {t.get('text_len')} tokens, vocabulary {t.get('text_vocab_size')}",
         f"transformer  {t.get('depth')} layers, {t.get('heads')} heads of {t.get('head_dim')}",
-        f"guidance     {'yes' if cfg.get('trained_with_caption_dropout') else 'no'} (caption dropout in training)",
+        f"guidance     {'yes' if cfg.get('trained_with_caption_dropout') else 'no'} "
+        "(caption dropout in training)",
         f"files        {size / 2**20:.1f} MiB",
     ]
     return "\n".join(lines)
@@ -310,7 +319,8 @@ class GenerationOutput:
 
 
 class DALLE:
-    """Text-to-image generation with a text tokenizer, an image tokenizer (encoder + decoder) and a transformer.
+    """Text-to-image generation with a text tokenizer, an image tokenizer (encoder + decoder) and a
+    transformer.
 
     Parts: a :class:`~dalle.transformer.DALLETransformer` with a :class:`~dalle.tokenizer.BPETokenizer`, or a
     :class:`~dalle.rudalle.RuDalleTransformer` with a :class:`~dalle.rudalle.RuDalleTokenizer`; either with
@@ -386,13 +396,14 @@ class DALLE:
         self.encoder = encoder.to(self.device).eval().requires_grad_(False)
         self.decoder = decoder.to(self.device).eval().requires_grad_(False)
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
-        # the modules' own CUDA precision follows the pipeline's (they would otherwise pick bfloat16 themselves)
+        # the modules' own CUDA precision follows the pipeline's (they would otherwise pick bfloat16
+        # themselves)
         self.encoder.set_dtype(dtype)
         self.decoder.set_dtype(dtype)
         self.transformer.cuda_dtype = dtype
         if self.architecture == "rudalle":
-            # CUDA: every weight in the compute dtype, as rudalle's fp16 mode (its clamps and PB-relax are made
-            # for float16); CPU: float32, the only precision the CPU computes in
+            # CUDA: every weight in the compute dtype, as rudalle's fp16 mode (its clamps and PB-relax are
+            # made for float16); CPU: float32, the only precision the CPU computes in
             weight_dtype = dtype if self.device.type == "cuda" else torch.float32
             if _float_dtype(self.transformer) != weight_dtype:
                 self.transformer.to(weight_dtype)
@@ -423,15 +434,15 @@ class DALLE:
         compile: bool = False,
     ) -> DALLE:
         """Load a model directory written by :meth:`save_pretrained` (or ``dalle convert``), or a registered
-        name: ``"shapes"`` (bundled), ``"rudalle-malevich"``, ``"rudalle-emojich"``, ``"rudalle-surrealist-xl"``,
-        ``"rudalle-kandinsky"`` (downloaded and converted once, see :func:`ensure_rudalle_model`); None (the
-        default) is the bundled default model.
+        name: ``"shapes"`` (bundled), ``"rudalle-malevich"``, ``"rudalle-emojich"``,
+        ``"rudalle-surrealist-xl"``, ``"rudalle-kandinsky"`` (downloaded and converted once, see
+        :func:`ensure_rudalle_model`); None (the default) is the bundled default model.
 
         ``device="auto"`` picks CUDA when present. ``dtype`` is the compute precision: None gives float32 on
-        CPU; on CUDA bfloat16 for dalle models (the blocks' matmul weights stored in bfloat16, the rest float32
-        under autocast) and float16 for ruDALL-E models (all weights float16, as stored). ``compile=True``
-        compiles the one-token decode step (CUDA graphs on CUDA; see :meth:`DALLETransformer.compile_decoding`):
-        the first generation pays the compilation.
+        CPU; on CUDA bfloat16 for dalle models (the blocks' matmul weights stored in bfloat16, the rest
+        float32 under autocast) and float16 for ruDALL-E models (all weights float16, as stored).
+        ``compile=True`` compiles the one-token decode step (CUDA graphs on CUDA; see
+        :meth:`DALLETransformer.compile_decoding`): the first generation pays the compilation.
         """
         path = resolve_model(name_or_dir)
         cfg = read_config(path)
@@ -503,7 +514,8 @@ class DALLE:
         return (
             f"DALLE(name={self.name!r}, architecture={self.architecture!r}, image={self.image_size}px "
             f"({self.grid}x{self.grid} tokens of {t.image_vocab_size} codes), text={self.text_len} tokens, "
-            f"transformer={t.depth} layers x {t.heads} heads x {t.head_dim} ({params / 1e6:.1f}M parameters), "
+            f"transformer={t.depth} layers x {t.heads} heads x {t.head_dim} "
+            f"({params / 1e6:.1f}M parameters), "
             f"guidance={'yes' if self.trained_with_caption_dropout else 'no'}, device={str(self.device)!r}, "
             f"dtype={str(self.dtype).replace('torch.', '')}{', compiled' if self.compiled else ''})"
         )
@@ -515,8 +527,8 @@ class DALLE:
         *,
         overwrite: bool = False,
     ) -> Path:
-        """Write the model directory (config, safetensors weights, tokenizer); each file is replaced atomically,
-        ``config.json`` last.
+        """Write the model directory (config, safetensors weights, tokenizer); each file is replaced
+        atomically, ``config.json`` last.
 
         ``weights_dtype`` (e.g. ``torch.float16``) converts the transformer's floating-point weights in the
         file; None keeps the dtype the model was loaded from (float16 for converted ruDALL-E models, even
@@ -529,8 +541,8 @@ class DALLE:
         if path.is_dir() and any(path.iterdir()) and not overwrite:
             what = "a model directory" if (path / "config.json").is_file() else "files"
             raise ConfigError(
-                f"{str(path)!r} already holds {what}; choose an empty or new directory, or pass overwrite=True to "
-                "replace the model files in it"
+                f"{str(path)!r} already holds {what}; choose an empty or new directory, "
+                "or pass overwrite=True to replace the model files in it"
             )
         if weights_dtype is None and self.architecture == "rudalle":
             weights_dtype = self.weights_dtype  # the stored dtype, not the one computed in
@@ -564,8 +576,9 @@ class DALLE:
             )
             long = [p for p, n in zip(prompts, lengths) if n > self.text_len] or list(prompts)
             warnings.warn(
-                f"prompt {long[0]!r}{f' (and {len(long) - 1} more)' if len(long) > 1 else ''} is longer than the "
-                f"{self.text_len} tokens model {self.name!r} reads: only its first {self.text_len} tokens are used; "
+                f"prompt {long[0]!r}{f' (and {len(long) - 1} more)' if len(long) > 1 else ''} "
+                f"is longer than the {self.text_len} tokens model {self.name!r} reads: "
+                f"only its first {self.text_len} tokens are used; "
                 "shorten the prompt to control what is dropped",
                 TruncationWarning,
                 stacklevel=3,
@@ -574,7 +587,8 @@ class DALLE:
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: torch.Tensor, batch_size: int | None = None) -> list[Image.Image]:
-        """Decode image token grids ([B, grid, grid] or [B, grid * grid]) to PIL images, ``batch_size`` at a time."""
+        """Decode image token grids ([B, grid, grid] or [B, grid * grid]) to PIL images, ``batch_size`` at a
+        time."""
         from dalle.images import to_pil
 
         cells = self.grid * self.grid
@@ -695,7 +709,8 @@ class DALLE:
         if guidance_scale is not None and not self.trained_with_caption_dropout:
             raise ConfigError(
                 f"model {self.name!r} was not trained with caption dropout, so it has no unconditional mode "
-                "for classifier-free guidance; leave guidance_scale (--guidance) unset or train with --caption-dropout"
+                "for classifier-free guidance; leave guidance_scale (--guidance) unset "
+                "or train with --caption-dropout"
             )
         d = self.sampling
         top_k = d.get("top_k") if top_k is None else top_k
@@ -729,8 +744,8 @@ class DALLE:
         return found
 
     def _warn_if_no_text(self, prompts: list[str], text: torch.Tensor) -> None:
-        """Warn when a prompt has no known token: the model then draws from its caption-free mode, which only a
-        model trained with caption dropout has learned."""
+        """Warn when a prompt has no known token: the model then draws from its caption-free mode, which only
+        a model trained with caption dropout has learned."""
         empty = torch.isin(text.cpu(), self._no_info_ids).all(dim=1).tolist()
         for prompt in dict.fromkeys(p for p, e in zip(prompts, empty) if e):
             what = "is empty" if not prompt.strip() else "holds no character the tokenizer knows"
@@ -746,8 +761,9 @@ class DALLE:
             words = self.unfamiliar_words(prompt)
             if words:
                 warnings.warn(
-                    f"prompt {prompt!r}: the tokenizer spells out {', '.join(repr(w) for w in words)} piece by piece, "
-                    f"so the model most likely never saw {'this word' if len(words) == 1 else 'these words'} in "
+                    f"prompt {prompt!r}: the tokenizer spells out "
+                    f"{', '.join(repr(w) for w in words)} piece by piece, so the model most likely "
+                    f"never saw {'this word' if len(words) == 1 else 'these words'} in "
                     "training and will not draw what it means",
                     UserWarning,
                     stacklevel=4,
@@ -931,7 +947,8 @@ class DALLE:
         sampler: str | None = None,
         filter: str | None = None,
     ) -> list[Image.Image] | GenerationOutput:
-        """Image completion: keep the top ``rows`` token rows of ``image`` and sample the rest from ``prompt``.
+        """Image completion: keep the top ``rows`` token rows of ``image`` and sample the rest from
+        ``prompt``.
 
         ``rows`` defaults to the paper's proportion, 15 of 32 rows (rounded for other grid sizes). ``keep``, a
         bool [grid, grid] mask, keeps any set of token cells instead (e.g. borders, as rudalle's image

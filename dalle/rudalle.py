@@ -1,4 +1,5 @@
-"""ruDALL-E (Sber AI's DALL-E reproduction) in dalle: transformer, tokenizer mode, sampling filter and rerank score.
+"""ruDALL-E (Sber AI's DALL-E reproduction) in dalle: transformer, tokenizer mode, sampling filter and rerank
+score.
 
 The only public DALL-E-architecture weights are ruDALL-E's (Malevich 1.3B v3 and v2, Emojich, Surrealist XL,
 Kandinsky 12B). :class:`RuDalleTransformer` computes the same logits as ``rudalle.dalle.model.DalleModel``
@@ -204,7 +205,8 @@ class RuDalleConfig:
                 raise ConfigError(f"RuDalleConfig.{name} must be a positive integer, got {value!r}")
         if self.text_vocab_size <= self.text_len:
             raise ConfigError(
-                f"RuDalleConfig.text_vocab_size ({self.text_vocab_size}) must exceed text_len ({self.text_len}): "
+                f"RuDalleConfig.text_vocab_size ({self.text_vocab_size}) must exceed "
+                f"text_len ({self.text_len}): "
                 "its last text_len ids are the per-position pad tokens"
             )
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
@@ -292,8 +294,8 @@ class RuDalleConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> RuDalleConfig:
-        """A released model's configuration: ``malevich`` (v3), ``malevich-v2``, ``emojich``, ``surrealist-xl``,
-        ``kandinsky``; ``overrides`` replace fields of the result."""
+        """A released model's configuration: ``malevich`` (v3), ``malevich-v2``, ``emojich``,
+        ``surrealist-xl``, ``kandinsky``; ``overrides`` replace fields of the result."""
         if name not in RUDALLE_MODELS:
             raise ConfigError(f"unknown ruDALL-E preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         config = cls.from_rudalle_params(**RUDALLE_MODELS[name])
@@ -478,9 +480,9 @@ def rerank_scores(
     :meth:`RuDalleTransformer.forward` returns them) and the sampled ``image`` [B, N]. Returns [B] float32.
 
     rudalle scores the cross-entropies of cells 1..N-1 with :func:`ce_to_ppl`. For v3 its logits are aligned
-    (the prediction of cell j scores cell j). For v2 it takes the joint logits of slots T..T+N-2, which predict
-    cells 0..N-2, and scores them against cells 1..N-1 (off by one); ``reference_alignment=True`` reproduces
-    that, False scores the v2 predictions against the cells they predict.
+    (the prediction of cell j scores cell j). For v2 it takes the joint logits of slots T..T+N-2, which
+    predict cells 0..N-2, and scores them against cells 1..N-1 (off by one); ``reference_alignment=True``
+    reproduces that, False scores the v2 predictions against the cells they predict.
     """
     if version not in VERSIONS:
         raise ConfigError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -522,7 +524,8 @@ class DalleSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, masks: MaskFn, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
-        """Attention over the first ``x.shape[1]`` slots; ``masks(dtype)`` gives the (bool, additive) masks."""
+        """Attention over the first ``x.shape[1]`` slots; ``masks(dtype)`` gives the (bool, additive)
+        masks."""
         q, k, v = self._qkv(x)
         if cache is not None:
             cache.write_prefix(layer, k, v)
@@ -605,7 +608,8 @@ class DalleTransformerLayer(nn.Module):
 
 
 class DalleTransformer(nn.Module):
-    """The layer stack, the three mask buffers and the final LayerNorm (state-dict prefix ``transformer.``)."""
+    """The layer stack, the three mask buffers and the final LayerNorm (state-dict prefix
+    ``transformer.``)."""
 
     row_mask: torch.Tensor
     col_mask: torch.Tensor
@@ -629,7 +633,8 @@ class DalleTransformer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # The reference rebuilds its masks and never loads them: keep ours whether or not a checkpoint has them.
+        # The reference rebuilds its masks and never loads them: keep ours whether or not a checkpoint has
+        # them.
         for name in MASK_NAMES:
             state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(
@@ -731,7 +736,8 @@ class RuDalleTransformer(nn.Module):
         return self._mask_cache[key]
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Validate text ids [B, t <= text_len] (ids in [0, text_vocab_size)); right-pad with 0 to text_len."""
+        """Validate text ids [B, t <= text_len] (ids in [0, text_vocab_size)); right-pad with 0 to
+        text_len."""
         return check_text(text, self.config, self.device)
 
     def _check_image(
@@ -749,7 +755,8 @@ class RuDalleTransformer(nn.Module):
         return text, image
 
     def text_stream_ids(self, text: torch.Tensor) -> torch.Tensor:
-        """Ids of the text slots [B, text_slots]: 0 -> per-position pad id, and (v2) the extra BOS in front."""
+        """Ids of the text slots [B, text_slots]: 0 -> per-position pad id, and (v2) the extra BOS in
+        front."""
         c = self.config
         pads = torch.arange(c.text_len, device=text.device) + (c.text_vocab_size - c.text_len)
         ids = torch.where(text == c.text_pad_id, pads, text)
@@ -794,9 +801,9 @@ class RuDalleTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ public API
     def joint_logits(self, text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits of the joint head over the whole stream [B, slots, text_vocab + image_vocab], exactly
-        ``DalleModel(cat(text, image), tril)[0]``: every given image token is an input (the stream is cut at
-        seq_len slots, as the reference does in v2)."""
+        """Float32 logits of the joint head over the whole stream [B, slots, text_vocab + image_vocab],
+        exactly ``DalleModel(cat(text, image), tril)[0]``: every given image token is an input (the stream is
+        cut at seq_len slots, as the reference does in v2)."""
         if image is None:
             image = torch.zeros(text.shape[0], 0, dtype=torch.long)
         text, image = self._pair(text, image)
@@ -863,7 +870,8 @@ class RuDalleTransformer(nn.Module):
         self.cache = None
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
-        """Allocate (or reuse) the static KV cache [depth, B, heads, seq_len, head_dim] on the model's device."""
+        """Allocate (or reuse) the static KV cache [depth, B, heads, seq_len, head_dim] on the model's
+        device."""
         c = self.config
         if dtype is None:
             autocast = self.cuda_compute_dtype() if self.device.type == "cuda" else None
@@ -894,8 +902,8 @@ class RuDalleTransformer(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        """Feed the image token [B] of cell ``j - 1`` with ``position = text_len + j`` (1 <= j < image_len) and
-        return float32 logits [B, image_vocab] for cell j. Internally the token goes to stream slot
+        """Feed the image token [B] of cell ``j - 1`` with ``position = text_len + j`` (1 <= j < image_len)
+        and return float32 logits [B, image_vocab] for cell j. Internally the token goes to stream slot
         ``S + j - 1`` (v3: ``position - 1``, v2: ``position``). Shapes never depend on ``position`` (pass a
         0-dim long tensor to avoid recompiles). Needs :meth:`prefill` first."""
         if self.cache is None:
@@ -919,8 +927,8 @@ class RuDalleTransformer(nn.Module):
         return self._head(h[:, 0], slice(c.text_vocab_size, None))
 
     def compile_decoding(self, mode: str | None = None) -> RuDalleTransformer:
-        """Compile the one-token decode step with ``torch.compile`` (``"reduce-overhead"``, i.e. CUDA graphs, on
-        CUDA, ``"default"`` elsewhere; ``mode="off"`` goes back to eager decoding); returns self."""
+        """Compile the one-token decode step with ``torch.compile`` (``"reduce-overhead"``, i.e. CUDA graphs,
+        on CUDA, ``"default"`` elsewhere; ``mode="off"`` goes back to eager decoding); returns self."""
         if mode == "off":
             self._compiled_step = None
             return self

@@ -10,8 +10,8 @@ Two samplers draw a token from the filtered distribution ``p`` of each row:
 Two filters turn logits into ``p``: ``"dalle"`` (:func:`filter_logits`) and ``"rudalle"``
 (:func:`dalle.rudalle.rudalle_filter_logits`: temperature, then transformers' ``top_k_top_p_filtering``,
 which keeps the token that crosses ``top_p`` where :func:`filter_logits` stops before a token once the mass
-before it reaches ``top_p``). ``None`` takes the model's ``default_sampler`` / ``default_filter`` (race / dalle
-unless the model class says otherwise, as :class:`~dalle.rudalle.RuDalleTransformer` does).
+before it reaches ``top_p``). ``None`` takes the model's ``default_sampler`` / ``default_filter`` (race /
+dalle unless the model class says otherwise, as :class:`~dalle.rudalle.RuDalleTransformer` does).
 
 Randomness: with a *list* of generators, row ``b`` draws from ``generator[b]`` alone and always the same
 amount per sampled cell, so a sample does not depend on the batch it runs in. A single generator (or
@@ -71,7 +71,8 @@ def filter_logits(
 def _exponential(
     shape: torch.Size | tuple[int, ...], device: torch.device, generator: Generators
 ) -> torch.Tensor:
-    """Exponential(1) draws [B, V] on ``device``; per-row generators make each row independent of the batch."""
+    """Exponential(1) draws [B, V] on ``device``; per-row generators make each row independent of the
+    batch."""
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         e = torch.empty(shape, device=gen_device).exponential_(generator=generator)
@@ -82,7 +83,8 @@ def _exponential(
 
 
 def _race(filtered: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """The exponential race: argmax(log p - log E) per row of filtered logits [B, V] and draws ``e`` [B, V]."""
+    """The exponential race: argmax(log p - log E) per row of filtered logits [B, V] and draws ``e`` [B,
+    V]."""
     return (filtered.log_softmax(-1) - e.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(-1)
 
 
@@ -145,8 +147,8 @@ def _fused_decoder(
     filter: str,
     guidance_scale: float | None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """For a model whose decoding is compiled: one compiled function (the decode step, guidance, the filter and
-    the race) from (previous tokens [B], position, exponential draws [B, V]) to the next tokens [B].
+    """For a model whose decoding is compiled: one compiled function (the decode step, guidance, the filter
+    and the race) from (previous tokens [B], position, exponential draws [B, V]) to the next tokens [B].
 
     Under CUDA graphs the whole step then replays as one graph; only the random draws (from the caller's
     generators, exactly as the eager loop draws them) stay outside. Compiled once per model and compile
@@ -223,8 +225,9 @@ def _forced_cells(
     given = model._check_image(prompt_tokens, "prompt_tokens")
     if given.shape[1] != n or given.shape[0] not in (1, batch):
         raise ConfigError(
-            f"prompt_tokens must be [1 or {batch}, {n}] (or [1 or {batch}, {c.image_grid}, {c.image_grid}]): a "
-            f"token id for every cell, those outside prompt_mask ignored; got shape {tuple(prompt_tokens.shape)}"
+            f"prompt_tokens must be [1 or {batch}, {n}] (or [1 or {batch}, {c.image_grid}, {c.image_grid}]): "
+            "a token id for every cell, those outside prompt_mask ignored; "
+            f"got shape {tuple(prompt_tokens.shape)}"
         )
     if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool:
         raise ConfigError(

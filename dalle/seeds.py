@@ -1,9 +1,10 @@
-"""Seeds derived from keys, so that every random draw of a run can be repeated: per step, per sample, per rank.
+"""Seeds derived from keys, so that every random draw of a run can be repeated: per step, per sample, per
+rank.
 
 Randomness that shapes a training step (augmentation, gumbel noise, caption dropout, data order) is drawn from
 generators seeded by ``(seed, step, position in the global batch)``, never from a per-rank global stream, so a
-resumed run repeats an uninterrupted one exactly on CPU and ``torchrun`` with N ranks sees the same samples and
-noise as one process with the same global batch.
+resumed run repeats an uninterrupted one exactly on CPU and ``torchrun`` with N ranks sees the same samples
+and noise as one process with the same global batch.
 """
 
 from __future__ import annotations

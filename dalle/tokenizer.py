@@ -1,9 +1,10 @@
 """BPE text tokenizer for captions, built on youtokentome.
 
-DALL-E reads a caption as at most 256 lowercase BPE tokens (vocabulary 16,384, 10% BPE dropout while training).
-:class:`BPETokenizer` trains such a vocabulary, saves and loads it, and turns captions into the fixed-length
-``LongTensor[B, text_len]`` the transformer reads: caption tokens first, then ``pad_id`` (always 0) in every
-remaining slot. No start or end token is inserted; the transformer adds whatever start token it needs.
+DALL-E reads a caption as at most 256 lowercase BPE tokens (vocabulary 16,384, 10% BPE dropout while
+training). :class:`BPETokenizer` trains such a vocabulary, saves and loads it, and turns captions into the
+fixed-length ``LongTensor[B, text_len]`` the transformer reads: caption tokens first, then ``pad_id`` (always
+0) in every remaining slot. No start or end token is inserted; the transformer adds whatever start token it
+needs.
 
 Rules (the same in training and encoding, so a caption is always cut up the way the vocabulary was learned):
 
@@ -129,7 +130,8 @@ def _check_texts(texts: Any, what: str) -> list[str]:
     if not all(isinstance(t, str) for t in items):
         i, bad = next((i, t) for i, t in enumerate(items) if not isinstance(t, str))
         raise TypeError(
-            f"{what}: caption at position {i} of the batch is {type(bad).__name__} ({bad!r:.40}), expected str"
+            f"{what}: caption at position {i} of the batch is {type(bad).__name__} ({bad!r:.40}), "
+            "expected str"
         )
     return items
 
@@ -406,8 +408,9 @@ class BPETokenizer:
         tok = cls(model, source="the freshly trained tokenizer model")
         if tok.vocab_size < vocab_size:
             msg = (
-                f"the training text ({n_captions} captions) supports only {tok.vocab_size} tokens, fewer than "
-                f"vocab_size={vocab_size}; pass vocab_size={tok.vocab_size} (--vocab-size {tok.vocab_size}) or less, or train on more text"
+                f"the training text ({n_captions} captions) supports only {tok.vocab_size} tokens, "
+                f"fewer than vocab_size={vocab_size}; pass vocab_size={tok.vocab_size} "
+                f"(--vocab-size {tok.vocab_size}) or less, or train on more text"
             )
             if strict:
                 raise TokenizerError(msg)
@@ -516,7 +519,8 @@ class BPETokenizer:
         """Token ids of each caption, unpadded and untruncated (one list per caption).
 
         ``seeds`` (one int per caption) makes BPE dropout reproducible: caption ``i`` draws its dropout
-        decisions from ``random.Random(seeds[i])`` (in dalle's own encoder), so the same seeds give the same ids.
+        decisions from ``random.Random(seeds[i])`` (in dalle's own encoder), so the same seeds give the same
+        ids.
         """
         texts = _check_texts(text, "encode()")
         if not 0.0 <= dropout <= 1.0:
@@ -565,8 +569,8 @@ class BPETokenizer:
 
         ``dropout``: BPE dropout probability (each merge is skipped with this probability, giving varied
         segmentations); use it only for training (the paper uses 0.1). The default 0 is deterministic. With
-        ``seeds`` (one int per caption) the draws are reproducible (see :meth:`encode_ids`); without, they come
-        from youtokentome's own generator, which nothing seeds.
+        ``seeds`` (one int per caption) the draws are reproducible (see :meth:`encode_ids`); without, they
+        come from youtokentome's own generator, which nothing seeds.
         """
         if isinstance(text_len, bool) or not isinstance(text_len, int):
             raise TypeError(f"text_len must be an int, got {type(text_len).__name__}")
@@ -673,7 +677,8 @@ def _iter_training_texts(texts_or_path: Any) -> Iterator[str]:
         return
     if isinstance(texts_or_path, (bytes, bytearray)) or not isinstance(texts_or_path, Iterable):
         raise TypeError(
-            f"train() expects captions (an iterable of str) or a file path, got {type(texts_or_path).__name__}"
+            "train() expects captions (an iterable of str) or a file path, "
+            f"got {type(texts_or_path).__name__}"
         )
     for i, text in enumerate(texts_or_path):
         if not isinstance(text, str):

@@ -143,7 +143,8 @@ class TransformerConfig:
             self.attn_types = list(self.attn_types)
             if len(self.attn_types) != self.depth:
                 raise ConfigError(
-                    f"TransformerConfig.attn_types has {len(self.attn_types)} entries but depth is {self.depth}; "
+                    f"TransformerConfig.attn_types has {len(self.attn_types)} entries "
+                    f"but depth is {self.depth}; "
                     "give one type per layer, or None for the paper's schedule"
                 )
             bad = [t for t in self.attn_types if t not in ATTN_TYPES]
@@ -192,15 +193,16 @@ class TransformerConfig:
 
 
 def _values_checkable(ids: torch.Tensor) -> bool:
-    """Whether the id range of ``ids`` is checked here: on the CPU, where reading it is cheap. On an accelerator
-    reading a value stalls the host until the device catches up (several times per training step), so there
-    ids are checked where they enter: the tokenizer, the datasets and token shards, :meth:`DALLETransformer.prefill`
-    and the ``DALLE`` pipeline."""
+    """Whether the id range of ``ids`` is checked here: on the CPU, where reading it is cheap. On an
+    accelerator reading a value stalls the host until the device catches up (several times per training step),
+    so there ids are checked where they enter: the tokenizer, the datasets and token shards,
+    :meth:`DALLETransformer.prefill` and the ``DALLE`` pipeline."""
     return ids.numel() > 0 and ids.device.type == "cpu"
 
 
 def _autocast_active(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (False for device types autocast does not know, e.g. meta)."""
+    """Whether autocast is on for ``device_type`` (False for device types autocast does not know, e.g.
+    meta)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:
@@ -208,7 +210,8 @@ def _autocast_active(device_type: str) -> bool:
 
 
 def check_id_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
-    """Raise :class:`ConfigError` unless every id lies in ``[0, vocab_size)`` (reads the tensor: a device sync)."""
+    """Raise :class:`ConfigError` unless every id lies in ``[0, vocab_size)`` (reads the tensor: a device
+    sync)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ConfigError(
             f"{name} ids must be in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
@@ -217,12 +220,14 @@ def check_id_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
 
 def check_text(text: torch.Tensor, config: Any, device: torch.device) -> torch.Tensor:
     """Validate caption ids [B, t <= config.text_len] for a transformer of ``config`` (any config with
-    ``text_len``, ``text_vocab_size``, ``text_pad_id``) and right-pad them with the pad id to ``text_len``; returns
-    long ids on ``device``. Values are checked where that costs no device sync (:func:`_values_checkable`)."""
+    ``text_len``, ``text_vocab_size``, ``text_pad_id``) and right-pad them with the pad id to ``text_len``;
+    returns long ids on ``device``. Values are checked where that costs no device sync
+    (:func:`_values_checkable`)."""
     c = config
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ConfigError(
-            "text must be an integer tensor [batch, text_len] of token ids (the model's tokenizer's encode output), "
+            "text must be an integer tensor [batch, text_len] of token ids "
+            "(the model's tokenizer's encode output), "
             f"got {getattr(text, 'dtype', type(text).__name__)} of shape {tuple(getattr(text, 'shape', ()))}"
         )
     if text.shape[1] > c.text_len:
@@ -289,8 +294,9 @@ class SelfAttention(nn.Module):
         layer: int = 0,
         position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention over the first ``x.shape[1]`` slots, storing keys/values in ``cache`` when given; or, with
-        ``position`` (a 0-dim long tensor; needs ``cache``), of one new slot ``x`` [B, 1, d] over the cache."""
+        """Attention over the first ``x.shape[1]`` slots, storing keys/values in ``cache`` when given; or,
+        with ``position`` (a 0-dim long tensor; needs ``cache``), of one new slot ``x`` [B, 1, d] over the
+        cache."""
         q, k, v = self._split(x)
         if position is not None:
             assert cache is not None, "one-slot attention reads the KV cache"
@@ -405,7 +411,8 @@ class DALLETransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def cuda_compute_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of CUDA forward passes, None for plain float32 (:attr:`cuda_dtype` or the config)."""
+        """The autocast dtype of CUDA forward passes, None for plain float32 (:attr:`cuda_dtype` or the
+        config)."""
         dtype = self.cuda_dtype
         if dtype is None:
             dtype = torch.bfloat16 if self.config.cuda_autocast else None
@@ -438,7 +445,8 @@ class DALLETransformer(nn.Module):
         return check_image(image, self.config, self.device, name, max_len)
 
     def _embed(self, text: torch.Tensor, image_in: torch.Tensor) -> torch.Tensor:
-        """Embeddings of the stream: text [B, text_len], image_in [B, m] = slot inputs (start-of-image first)."""
+        """Embeddings of the stream: text [B, text_len], image_in [B, m] = slot inputs (start-of-image
+        first)."""
         t = self.config.text_len
         is_pad = (text == self.config.text_pad_id).unsqueeze(-1)
         x_text = torch.where(is_pad, self.pad_emb.weight[:t], self.text_emb(text)) + self.text_pos.weight[:t]
@@ -473,9 +481,9 @@ class DALLETransformer(nn.Module):
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass.
 
-        text: [B, t <= text_len] ids (right-padded with the pad id); image: [B, n <= grid**2] (or [B, rows, grid])
-        image ids in raster order. Returns float32 ``(text_logits [B, text_len-1, text_vocab],
-        image_logits [B, n, image_vocab])``: ``text_logits[:, k]`` predicts ``text[:, k+1]`` and
+        text: [B, t <= text_len] ids (right-padded with the pad id); image: [B, n <= grid**2]
+        (or [B, rows, grid]) image ids in raster order. Returns float32 ``(text_logits [B, text_len-1,
+        text_vocab], image_logits [B, n, image_vocab])``: ``text_logits[:, k]`` predicts ``text[:, k+1]`` and
         ``image_logits[:, j]`` predicts ``image[:, j]`` from the text and ``image[:, :j]``.
         """
         text = self._check_text(text)
@@ -499,8 +507,9 @@ class DALLETransformer(nn.Module):
         targets = text[:, 1:]
         if c.text_loss_ignore_pad:
             targets = targets.masked_fill(targets == c.text_pad_id, -100)
-        # a sum over the counted targets divided by their number (at least 1): 0 when nothing is left to predict
-        # (text_len == 1 or every target an ignored pad), decided without reading a value back from the device
+        # a sum over the counted targets divided by their number (at least 1): 0 when nothing is left to
+        # predict (text_len == 1 or every target an ignored pad), decided without reading a value back from
+        # the device
         counted = (targets != -100).sum().clamp_min(1)
         loss_text = (
             F.cross_entropy(
@@ -572,10 +581,10 @@ class DALLETransformer(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
-        """Feed one image token per stream at slot ``position`` (text_len + j, with ``token`` the image token of
-        cell j - 1) and return float32 logits [B, image_vocab] for cell j. Shapes never change with
-        ``position`` (pass a 0-dim long tensor on the model's device to avoid a copy per step), so the step can
-        be compiled / captured in a CUDA graph (:meth:`compile_decoding`). Needs :meth:`prefill` first.
+        """Feed one image token per stream at slot ``position`` (text_len + j, with ``token`` the image token
+        of cell j - 1) and return float32 logits [B, image_vocab] for cell j. Shapes never change with
+        ``position`` (pass a 0-dim long tensor on the model's device to avoid a copy per step), so the step
+        can be compiled / captured in a CUDA graph (:meth:`compile_decoding`). Needs :meth:`prefill` first.
 
         Compiled for CUDA graphs, the returned tensor is overwritten by the next step: use it (or copy it)
         before calling again."""
@@ -600,9 +609,10 @@ class DALLETransformer(nn.Module):
         return self._heads(h[:, 0], self.image_head)
 
     def cast_matmul_weights(self, dtype: torch.dtype) -> DALLETransformer:
-        """Store the blocks' linear-layer weights in ``dtype`` (bfloat16 / float16, for CUDA inference); returns
-        self. Autocast then has no half-precision copy of them to make and keep (24.6 GB at the paper's size),
-        while embeddings, LayerNorms, the heads and the residual stream stay float32. Not for training."""
+        """Store the blocks' linear-layer weights in ``dtype`` (bfloat16 / float16, for CUDA inference);
+        returns self. Autocast then has no half-precision copy of them to make and keep (24.6 GB at the
+        paper's size), while embeddings, LayerNorms, the heads and the residual stream stay float32. Not for
+        training."""
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ConfigError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
         for block in self.blocks:
@@ -614,9 +624,9 @@ class DALLETransformer(nn.Module):
     def compile_decoding(
         self, mode: str | None = None, *, backend: str = "inductor", fullgraph: bool = False
     ) -> DALLETransformer:
-        """Compile the one-token decode step with ``torch.compile``; returns self. :func:`dalle.sampling.sample`
-        with the race sampler then compiles the step together with the filter and the draw, so that on CUDA
-        one graph replays per token.
+        """Compile the one-token decode step with ``torch.compile``; returns self.
+        :func:`dalle.sampling.sample` with the race sampler then compiles the step together with the filter
+        and the draw, so that on CUDA one graph replays per token.
 
         ``mode`` defaults to ``"reduce-overhead"`` on CUDA (CUDA graphs: the step replays as one graph, which
         makes decoding memory-bound instead of launch-bound) and ``"default"`` elsewhere. The first steps
@@ -642,8 +652,8 @@ class DALLETransformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: TransformerConfig, state: dict[str, torch.Tensor]) -> DALLETransformer:
-        """A model that takes over the tensors of ``state`` (no copy, no random initialisation first: the model
-        is built on the meta device), on the device those tensors are on."""
+        """A model that takes over the tensors of ``state`` (no copy, no random initialisation first: the
+        model is built on the meta device), on the device those tensors are on."""
         with torch.device("meta"):
             model = cls(config)
         try:

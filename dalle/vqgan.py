@@ -1,4 +1,5 @@
-"""Taming-transformers VQGAN image tokenizers: ruDALL-E's "Sber" Gumbel f8 and taming's nearest-codebook VQGANs.
+"""Taming-transformers VQGAN image tokenizers: ruDALL-E's "Sber" Gumbel f8 and taming's nearest-codebook
+VQGANs.
 
 The modules mirror taming-transformers' ``Encoder`` / ``Decoder`` (``taming.modules.diffusionmodules.model``)
 and quantizers, with the same module nesting, so a taming or ruDALL-E state dict loads without renaming::
@@ -20,9 +21,9 @@ into the two halves.
 
 Tokens. Gumbel models (ruDALL-E) encode to ``argmax`` over codes of ``quantize.proj(quant_conv(encoder(x)))``:
 the noise-free limit of the Gumbel-softmax sample that ruDALL-E's ``disable_gumbel_softmax=True`` also takes.
-Nearest-codebook models (taming's ``VectorQuantizer``) encode to the code at the smallest squared distance from
-``quant_conv(encoder(x))``. Both decode a code's embedding through ``post_quant_conv`` and ``decoder``, then map
-``[-1, 1]`` to ``[0, 1]``.
+Nearest-codebook models (taming's ``VectorQuantizer``) encode to the code at the smallest squared distance
+from ``quant_conv(encoder(x))``. Both decode a code's embedding through ``post_quant_conv`` and ``decoder``,
+then map ``[-1, 1]`` to ``[0, 1]``.
 
 Inputs follow :class:`dalle.dvae.Encoder`: :meth:`VQGANEncoder.encode` takes ``map_pixels`` output (what
 ``dalle.images.preprocess`` returns) and undoes the mapping itself, so the pipeline can swap tokenizers.
@@ -184,7 +185,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """taming's single-head spatial self-attention with 1x1 ``q``, ``k``, ``v``, ``proj_out`` and a residual."""
+    """taming's single-head spatial self-attention with 1x1 ``q``, ``k``, ``v``, ``proj_out`` and a
+    residual."""
 
     def __init__(self, channels: int, device: Any = None) -> None:
         super().__init__()
@@ -239,7 +241,8 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution of the encoder (``down.{i}``) or decoder (``up.{i}``): resblocks, attention, resampling."""
+    """One resolution of the encoder (``down.{i}``) or decoder (``up.{i}``): resblocks, attention,
+    resampling."""
 
     def __init__(
         self, blocks: list[ResnetBlock], attn: list[AttnBlock], resample: nn.Module | None, resample_name: str
@@ -529,7 +532,8 @@ class _VQGANModule(nn.Module):
         for width in _iter_widths(ch, ch_mult):
             if width % 32:
                 raise ConfigError(
-                    f"every width ch * ch_mult[i] must be a multiple of 32 (taming's GroupNorm has 32 groups), "
+                    "every width ch * ch_mult[i] must be a multiple of 32 "
+                    "(taming's GroupNorm has 32 groups), "
                     f"got ch={ch}, ch_mult={ch_mult}"
                 )
         if arch["double_z"]:
@@ -537,7 +541,8 @@ class _VQGANModule(nn.Module):
         if arch["quantizer"] == "gumbel" and arch["embed_dim"] != arch["z_channels"]:
             # GumbelQuantize's proj takes z_channels inputs but is fed quant_conv's embed_dim outputs
             raise ConfigError(
-                f"a Gumbel VQGAN needs embed_dim == z_channels, got {arch['embed_dim']} and {arch['z_channels']}"
+                "a Gumbel VQGAN needs embed_dim == z_channels, "
+                f"got {arch['embed_dim']} and {arch['z_channels']}"
             )
         self.arch = arch
         self.vocab_size: int = arch["n_embed"]
@@ -569,7 +574,8 @@ class _VQGANModule(nn.Module):
         return self._dtype
 
     def set_dtype(self: _M, dtype: torch.dtype | str | None) -> _M:
-        """Choose the CUDA compute dtype (float32, float16, bfloat16 or None for the default); returns self."""
+        """Choose the CUDA compute dtype (float32, float16, bfloat16 or None for the default); returns
+        self."""
         self._dtype = resolve_dtype(dtype)
         return self
 
@@ -643,7 +649,8 @@ _ARCH_DEFAULTS: dict[str, Any] = {**PRESETS["sber-gumbel-f8"], "resamp_with_conv
 
 
 class VQGANEncoder(_VQGANModule):
-    """Pixels -> VQGAN token ids. Holds ``encoder``, ``quant_conv`` and ``quantize.proj`` / ``quantize.embedding``.
+    """Pixels -> VQGAN token ids. Holds ``encoder``, ``quant_conv`` and ``quantize.proj`` /
+    ``quantize.embedding``.
 
     Defaults are ruDALL-E's Sber Gumbel f8 (:data:`PRESETS` ``"sber-gumbel-f8"``). The architecture kwargs are
     taming's ``ddconfig`` keys (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``z_channels``,
@@ -853,7 +860,8 @@ def split_state_dict(
             unknown.append(key)
     if unknown and strict:
         raise ModelLoadError(
-            f"not a taming VQGAN state dict: unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+            "not a taming VQGAN state dict: "
+            f"unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
     return enc, dec
 
@@ -968,7 +976,8 @@ def load_vqgan(
     config: str | Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[VQGANEncoder, VQGANDecoder]:
-    """Read a taming / ruDALL-E VQGAN checkpoint safely (Lightning ``.ckpt`` or plain state dict) and build it.
+    """Read a taming / ruDALL-E VQGAN checkpoint safely (Lightning ``.ckpt`` or plain state dict) and build
+    it.
 
     Uses :func:`dalle.loading.read_lightning_checkpoint` (no code from the file runs); ``config`` as for
     :func:`vqgan_from_state_dict`.

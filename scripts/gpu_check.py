@@ -15,13 +15,14 @@ Sections (each returns a dict; one failing section is reported and the rest stil
                     checkpointing for the transformer): samples/s and MFU
 8. benchmarks       benchmarks/bench_dvae.py and bench_peers.py on CUDA (OpenAI's dall_e, transformers)
 
-Without CUDA (or with ``--cpu-smoke``) every section runs its CPU-runnable part on tiny configurations, so that
-the script cannot rot (tests/test_gpu_check.py runs it that way). Writes ``OUT/gpu-check.md`` (the report),
-``OUT/gpu-check.json`` (raw figures) and ``OUT/gpu-check.log`` (subprocess output, tracebacks), rewritten after
-every section so that a run cut short still leaves a report.
+Without CUDA (or with ``--cpu-smoke``) every section runs its CPU-runnable part on tiny configurations, so
+that the script cannot rot (tests/test_gpu_check.py runs it that way). Writes ``OUT/gpu-check.md`` (the
+report), ``OUT/gpu-check.json`` (raw figures) and ``OUT/gpu-check.log`` (subprocess output, tracebacks),
+rewritten after every section so that a run cut short still leaves a report.
 
-Reference packages missing on the device (OpenAI's ``dall_e``) travel as wheels: ``scripts/gpu_check_wheels.sh``
-downloads them into ``.whl/``; this script installs what it finds there (``--wheels``) into a temporary folder.
+Reference packages missing on the device (OpenAI's ``dall_e``) travel as wheels:
+``scripts/gpu_check_wheels.sh`` downloads them into ``.whl/``; this script installs what it finds there
+(``--wheels``) into a temporary folder.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ if str(REPO) not in sys.path:
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 GOAL_MET, GOAL_MISSED = "GOAL MET", "GOAL MISSED"
 PROMPT = "a red circle"
-# dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU; the measured matmul ceiling is reported too
+# dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU; the measured matmul ceiling is
+# reported too
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
 class SectionTimeout(BaseException):
-    """A section ran past its hard limit (a BaseException: the per-case ``except Exception`` must not swallow it)."""
+    """A section ran past its hard limit (a BaseException: the per-case ``except Exception`` must not swallow
+    it)."""
 
 
 @dataclass
@@ -252,7 +255,8 @@ def tokens_equal(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
 
 
 def tiny_pipeline(device: torch.device, seed: int = 0) -> Any:
-    """A small DALLE from parts (bundled tokenizer, tiny dVAE, tiny transformer with random heads), for --cpu-smoke."""
+    """A small DALLE from parts (bundled tokenizer, tiny dVAE, tiny transformer with random heads), for
+    --cpu-smoke."""
     from dalle.dvae import Decoder, Encoder
     from dalle.pipeline import DALLE, REGISTRY
     from dalle.tokenizer import BPETokenizer
@@ -337,7 +341,8 @@ def _sdpa_backends() -> dict[str, Any]:
 
 
 def _unsupported(exc: BaseException) -> bool:
-    # CUDA says "No available kernel. Aborting execution.", the CPU "No viable backend for scaled_dot_product_attention"
+    # CUDA says "No available kernel. Aborting execution.", the CPU
+    # "No viable backend for scaled_dot_product_attention"
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("no available kernel" in text or "no viable backend" in text)
 
@@ -430,7 +435,8 @@ def section_cached_decode(ctx: Context, s: Section) -> None:
             s.check(
                 name,
                 row["cached_vs_full_rel"] < tol[dname] and row["full_vs_fp32_math_rel"] < tol[dname],
-                f"cached vs full: max abs {row['cached_vs_full_max_abs']:.2e}, rel {row['cached_vs_full_rel']:.2e}; "
+                f"cached vs full: max abs {row['cached_vs_full_max_abs']:.2e}, "
+                f"rel {row['cached_vs_full_rel']:.2e}; "
                 f"full vs fp32 MATH rel {row['full_vs_fp32_math_rel']:.2e} (tolerance {tol[dname]:.0e})",
             )
         del model
@@ -592,8 +598,8 @@ def _sample_tokens(model: Any, text: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _compile(model: Any, smoke: bool) -> None:
     if smoke:
-        # inductor's C++ code generation takes tens of seconds on a small CPU: the smoke run checks that the step
-        # traces as one graph (what CUDA graphs need), with dynamo's eager backend instead
+        # inductor's C++ code generation takes tens of seconds on a small CPU: the smoke run checks that the
+        # step traces as one graph (what CUDA graphs need), with dynamo's eager backend instead
         model.compile_decoding(backend="eager", fullgraph=True)
     else:
         model.compile_decoding()  # mode "reduce-overhead" on CUDA
@@ -601,7 +607,8 @@ def _compile(model: Any, smoke: bool) -> None:
 
 def section_compiled(ctx: Context, s: Section) -> None:
     """Compiled decode step vs eager: teacher-forced logits, sampled tokens for a seed, and tokens/s of the
-    12x768 ``small`` preset (random weights) at batch 1 and 16; then DALLE(compile=True) on the bundled model."""
+    12x768 ``small`` preset (random weights) at batch 1 and 16; then DALLE(compile=True) on the bundled
+    model."""
     from dalle.sampling import sample
     from dalle.transformer import DALLETransformer, TransformerConfig
 
@@ -663,7 +670,8 @@ def section_compiled(ctx: Context, s: Section) -> None:
     s.check(
         "teacher-forced logits, compiled vs eager",
         err < tol,
-        f"rel err {err:.2e}, max abs {max_abs(got_logits, ref_logits):.2e} over {steps} steps (tolerance {tol:.0e})",
+        f"rel err {err:.2e}, max abs {max_abs(got_logits, ref_logits):.2e} over {steps} steps "
+        f"(tolerance {tol:.0e})",
     )
     compiled = {}
     for b in batches:
@@ -834,7 +842,8 @@ def section_paper(ctx: Context, s: Section) -> None:
         "peak within the rule's budget",
         extra <= free / 2,
         f"batch {bs}: sampling took {extra / 2**30:.1f} GiB above the weights; predicted KV caches "
-        f"{predicted / 2**30:.1f} GiB; the rule budgets half the free {free / 2**30:.1f} GiB for two caches per row",
+        f"{predicted / 2**30:.1f} GiB; the rule budgets half the free {free / 2**30:.1f} GiB "
+        "for two caches per row",
     )
     pipe.transformer.reset_cache()
     del pipe
@@ -881,7 +890,8 @@ def section_training(ctx: Context, s: Section) -> None:
     skip = 1 if ctx.smoke else 5  # warm-up steps left out of the rate
 
     def transformer_run(name: str, variant: dict[str, Any]) -> None:
-        """One ``dalle train`` run; ``variant``: TransformerTrainConfig overrides (compile, checkpointing, ...)."""
+        """One ``dalle train`` run; ``variant``: TransformerTrainConfig overrides
+        (compile, checkpointing, ...)."""
         ckpt = variant.get("checkpoint_activations", True)
         if ctx.smoke:
             dvae = make_tiny_dvae_dir(ctx.tmp / "tiny-dvae", image_size=32)
@@ -973,7 +983,8 @@ def section_training(ctx: Context, s: Section) -> None:
             peak = ctx.peak_flops.get("datasheet") or ctx.peak_flops.get("measured_matmul")
             if peak:
                 recompute = (
-                    f"; with the recomputation of checkpointing the hardware did {4 / 3 * achieved / peak:.1%}"
+                    "; with the recomputation of checkpointing the hardware did "
+                    f"{4 / 3 * achieved / peak:.1%}"
                     if ckpt
                     else ""
                 )
@@ -1029,7 +1040,8 @@ def section_training(ctx: Context, s: Section) -> None:
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {rate:.1f} samples/s",
         )
         s.note(
-            "train-dvae has no activation checkpointing option (DVAETrainConfig); it runs with grad accumulation only"
+            "train-dvae has no activation checkpointing option (DVAETrainConfig); "
+            "it runs with grad accumulation only"
         )
 
     # each run is reported on its own: one failing does not hide the other
@@ -1206,7 +1218,8 @@ def section_benchmarks(ctx: Context, s: Section) -> None:
             + "; it is on the device image (5.17); else carry its wheel with its dependencies",
         )
     s.note(
-        "bench_peers builds its models with default settings: ours under bf16 autocast on CUDA, GPT-2 in float32"
+        "bench_peers builds its models with default settings: ours under bf16 autocast on CUDA, "
+        "GPT-2 in float32"
     )
 
 
@@ -1271,8 +1284,8 @@ def environment(device: torch.device) -> tuple[dict[str, Any], dict[str, float]]
 
 
 def install_wheels(folder: Path, log: Callable[[str], None]) -> str | None:
-    """Install the wheels in ``folder`` (no index, no dependencies) into a temporary folder put on sys.path and
-    PYTHONPATH (so subprocesses see them too); returns that folder."""
+    """Install the wheels in ``folder`` (no index, no dependencies) into a temporary folder put on sys.path
+    and PYTHONPATH (so subprocesses see them too); returns that folder."""
     wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
     if not wheels:
         return None

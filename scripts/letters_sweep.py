@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
-"""Sweep `dalle train-dvae --data letters` settings in parallel (issue 22: the dVAE does not learn the letters).
+"""Sweep `dalle train-dvae --data letters` settings in parallel (issue 22: the dVAE does not learn the
+letters).
 
     PYTHONPATH=. python3 scripts/letters_sweep.py --out OUT --time-limit 230 --device cuda --parallel 16 --threads 1
     .venv/bin/python scripts/letters_sweep.py --out /tmp/sweep --smoke --parallel 1      # CPU check, < 2 min
 
-Runs the configurations in :data:`RUNS` (each ``recipes/letters/dvae.json`` plus its own flags) as subprocesses
-``python -m dalle train-dvae``, ``--parallel`` at a time (they share the one GPU), and ends within
-``--time-limit`` seconds whatever happens:
+Runs the configurations in :data:`RUNS` (each ``recipes/letters/dvae.json`` plus its own flags) as
+subprocesses ``python -m dalle train-dvae``, ``--parallel`` at a time (they share the one GPU), and ends
+within ``--time-limit`` seconds whatever happens:
 
 * each run gets a step count (by batch size, times ``--scale``) *and* the trainer's own ``--time-limit``
-  (minutes of its training loop), sized from the time left and the number of waves (``ceil(runs / parallel)``).
-  Whichever comes first ends the run cleanly: final evaluation, run summary (``dvae_verdict``), export. Under
-  the time limit the trainer's schedules (tau, lr) follow the share of the time spent, so they complete even
-  when the GPU is slower than guessed; the run is then not reproducible step for step (fine for a sweep).
-* tau anneals over 3/4 of the steps (``--tau-steps``, as the recipe's 1500 of 2000), the learning rate over all
-  of them; ``--eval-every`` is 1/``--evals`` of the steps (32 by default, so a run cut to a third of its steps
-  by the time limit still has ~10 evaluations), with a sample grid at each evaluation.
+  (minutes of its training loop), sized from the time left and the number of waves
+  (``ceil(runs / parallel)``). Whichever comes first ends the run cleanly: final evaluation, run summary
+  (``dvae_verdict``), export. Under the time limit the trainer's schedules (tau, lr) follow the share of the
+  time spent, so they complete even when the GPU is slower than guessed; the run is then not reproducible step
+  for step (fine for a sweep).
+* tau anneals over 3/4 of the steps (``--tau-steps``, as the recipe's 1500 of 2000), the learning rate over
+  all of them; ``--eval-every`` is 1/``--evals`` of the steps (32 by default, so a run cut to a third of its
+  steps by the time limit still has ~10 evaluations), with a sample grid at each evaluation.
 * a hard deadline backs this up: runs still alive ``--grace`` seconds before the end get SIGTERM (the trainer
   saves a checkpoint and stops, without a summary), then SIGKILL; what they logged is still reported.
 
@@ -30,7 +32,7 @@ Writes only ``OUT/letters-sweep.md`` (the table), ``OUT/letters-sweep.json`` (ev
 failed run's log tail) and ``OUT/best-run-samples.png`` (the best run's sample grid at its best evaluation
 over the one at its end), rewritten as runs finish so that a sweep cut short still leaves a report. The run
 directories (checkpoints, logs, all samples) stay in ``--runs-dir`` (default: a new temporary folder).
-"""
+"""  # noqa: E501 - the example command above is kept whole (ruff applies this to the whole docstring)
 
 from __future__ import annotations
 
@@ -76,9 +78,9 @@ def _b(batch: int, lr: str) -> list[str]:
 
 
 B64 = _b(64, "3e-4")  # the base of most variations: batch 64, lr 3e-4 -> 3e-5
-# Ordered by importance: with --parallel 8 the first eight form the first wave, and a sweep cut short loses the
-# last ones. Shared by all (from the recipe): n_hid 32, one block a group, n_init 64, 256 codes, EMA 0.99, KL
-# weight 6.6 from the first update (kl_steps 1), tau 1 -> 1/16, eval on the 36 held-out letters.
+# Ordered by importance: with --parallel 8 the first eight form the first wave, and a sweep cut short loses
+# the last ones. Shared by all (from the recipe): n_hid 32, one block a group, n_init 64, 256 codes, EMA 0.99,
+# KL weight 6.6 from the first update (kl_steps 1), tau 1 -> 1/16, eval on the 36 held-out letters.
 RUNS: list[Run] = [
     Run(
         "recipe-long",
@@ -308,8 +310,8 @@ def summarize_run(result: dict[str, Any]) -> None:
 def table(results: list[dict[str, Any]], max_evals: int = 8) -> str:
     """The markdown table of the runs (in sweep order)."""
     head = (
-        "| run | flags | updates | wall s | held-out PSNR dB / codes_used, by update | best PSNR (update, codes) "
-        "| final PSNR / codes | final KL / ln K, tau | verdict |"
+        "| run | flags | updates | wall s | held-out PSNR dB / codes_used, by update "
+        "| best PSNR (update, codes) | final PSNR / codes | final KL / ln K, tau | verdict |"
     )
     lines = [head, "|---|---|---:|---:|---|---|---|---|---|"]
     for r in results:
@@ -335,7 +337,8 @@ def table(results: list[dict[str, Any]], max_evals: int = 8) -> str:
             kl_s += f", {fmt(lt.get('tau'), '.3g')}"
         flags = " ".join(r.get("flags") or []) or "(recipe)"
         lines.append(
-            f"| {r['name']} | `{flags}` | {r.get('updates', 0)}/{r.get('steps', '?')} | {fmt(r.get('wall_s'), '.0f')} "
+            f"| {r['name']} | `{flags}` | {r.get('updates', 0)}/{r.get('steps', '?')} "
+            f"| {fmt(r.get('wall_s'), '.0f')} "
             f"| {cells or '-'} | {best_s} | {final_s} | {kl_s} | {r.get('verdict', '-')} |"
         )
     return "\n".join(lines)
@@ -488,7 +491,10 @@ def best_samples_png(results: list[dict[str, Any]], out: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - a missing picture must not lose the report
         return f"(could not write the picture: {exc})"
     what = " over ".join(f"update {p.stem.split('-')[-1].lstrip('0') or '0'}" for p in paths)
-    return f"`best-run-samples.png`: run **{best['name']}**, 8 held-out originals over their reconstructions, {what}"
+    return (
+        f"`best-run-samples.png`: run **{best['name']}**, 8 held-out originals over their reconstructions, "
+        f"{what}"
+    )
 
 
 def write_report(
@@ -501,18 +507,22 @@ def write_report(
     md = [
         "# letters dVAE sweep (scripts/letters_sweep.py)",
         "",
-        f"{'Final' if final else 'Partial (runs still going)'} report. Device `{args.device}` ({meta.get('device_name')}), "
-        f"{meta.get('started')} UTC, {len(results)} of {meta['n_runs']} runs reported, --parallel {args.parallel}, "
+        f"{'Final' if final else 'Partial (runs still going)'} report. "
+        f"Device `{args.device}` ({meta.get('device_name')}), "
+        f"{meta.get('started')} UTC, {len(results)} of {meta['n_runs']} runs reported, "
+        f"--parallel {args.parallel}, "
         f"--threads {args.threads}, --time-limit {args.time_limit:g} s, --scale {args.scale:g}, "
         f"python {platform.python_version()}, torch {meta.get('torch')}.",
         "",
         f"Every run: `dalle train-dvae --config recipes/letters/dvae.json` + `{meta['common']}` + its flags. "
-        "`--steps` is an upper bound; the trainer's `--time-limit` (its training loop's share of the sweep's time) "
-        "usually ends a run first, and then tau and the lr follow the share of time spent (they still complete).",
+        "`--steps` is an upper bound; the trainer's `--time-limit` "
+        "(its training loop's share of the sweep's time) usually ends a run first, "
+        "and then tau and the lr follow the share of time spent (they still complete).",
         "",
         f"Scale: painting each held-out image its mean colour gives **{fmt(flat, '.2f')} dB** (`flat_psnr`); "
-        f"the images hold {fmt(variety, '.0f')} common cell colours (`cell_variety`). The run summary calls a dVAE "
-        "usable at PSNR >= 20 dB and >= 3 dB above flat, with codes_used >= cell_variety.",
+        f"the images hold {fmt(variety, '.0f')} common cell colours (`cell_variety`). "
+        "The run summary calls a dVAE usable at PSNR >= 20 dB and >= 3 dB above flat, "
+        "with codes_used >= cell_variety.",
         "",
         tab,
         "",
@@ -679,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[{time.monotonic() - t_start:6.0f} s] {job.run.name}: {status}, rc {job.rc}, "
             f"{r['updates']}/{job.steps} updates, best {fmt((r['best'] or {}).get('psnr'), '.2f')} dB, "
-            f"final {fmt((r['final'] or {}).get('psnr'), '.2f')} dB / {(r['final'] or {}).get('codes_used', '-')} "
+            f"final {fmt((r['final'] or {}).get('psnr'), '.2f')} dB / "
+            f"{(r['final'] or {}).get('codes_used', '-')} "
             f"codes; {r['verdict']}",
             flush=True,
         )

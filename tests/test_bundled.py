@@ -94,8 +94,8 @@ def test_bundled_model_draws_the_colour_and_shape_it_is_asked_for():
 
 
 def test_the_recipe_configs_are_valid_and_used_by_the_script() -> None:
-    """Every config of the bundled model's recipe parses into its trainer's settings (so a renamed field cannot
-    silently break the recipe), and train.sh or train-256.sh runs each of them."""
+    """Every config of the bundled model's recipe parses into its trainer's settings (so a renamed field
+    cannot silently break the recipe), and train.sh or train-256.sh runs each of them."""
     from dalle.cli import build_parser
     from dalle.cli.train import build_config
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig

@@ -1,5 +1,5 @@
-"""`dalle train --compile`: torch.compile of the training forward and backward (in place) gives the eager run's
-losses and a state dict with the same names (inductor on the CPU: about a minute of compilation)."""
+"""`dalle train --compile`: torch.compile of the training forward and backward (in place) gives the eager
+run's losses and a state dict with the same names (inductor on the CPU: about a minute of compilation)."""
 
 from __future__ import annotations
 

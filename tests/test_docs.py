@@ -351,7 +351,8 @@ def shell_commands(code: str) -> list[list[str]]:
 
 
 def dalle_invocation(tokens: list[str]) -> list[str] | None:
-    """The arguments after ``dalle`` in ``dalle ...``, ``python -m dalle ...`` or ``torchrun ... -m dalle ...``."""
+    """The arguments after ``dalle`` in ``dalle ...``, ``python -m dalle ...`` or
+    ``torchrun ... -m dalle ...``."""
     while tokens and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]):  # VAR=value prefixes
         tokens = tokens[1:]
     if not tokens:

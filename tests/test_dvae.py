@@ -286,8 +286,8 @@ def test_dtype_api_on_cpu() -> None:
 
 
 def test_enclosing_autocast_does_not_override_the_layers_precision() -> None:
-    """The modules choose their own precision (float32 throughout on CPU, the output layer pinned to float32 on
-    CUDA): an autocast around the call (as a pipeline or training loop may have) changes nothing."""
+    """The modules choose their own precision (float32 throughout on CPU, the output layer pinned to float32
+    on CUDA): an autocast around the call (as a pipeline or training loop may have) changes nothing."""
     torch.manual_seed(0)
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
     dec = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=16)
@@ -377,8 +377,9 @@ def test_cuda_precision_modes(dtype, tol, monkeypatch) -> None:
 
 
 def test_cudnn_benchmark_only_inside_the_dvaes_own_cuda_calls(monkeypatch) -> None:
-    """On CUDA the dVAE switches cuDNN's algorithm timing on for its own calls and restores the flag; never when
-    deterministic algorithms are asked for, nor when switched off on the instance (the device is faked here)."""
+    """On CUDA the dVAE switches cuDNN's algorithm timing on for its own calls and restores the flag; never
+    when deterministic algorithms are asked for, nor when switched off on the instance (the device is faked
+    here)."""
     enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
     monkeypatch.setattr(type(enc), "device", property(lambda self: torch.device("cuda")))
     cudnn = torch.backends.cudnn

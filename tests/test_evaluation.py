@@ -159,7 +159,8 @@ class BlankEveryThirdDecoder(FakeDecoder):
 
 
 def test_reconstruction_accuracy_is_reported_per_evaluation_set():
-    # scenes cycle through the sets in EVAL_SETS order, so the blanked calls 2 and 5 are both two-object scenes
+    # scenes cycle through the sets in EVAL_SETS order, so the blanked calls 2 and 5 are both two-object
+    # scenes
     model = FakeModel()
     model.decoder = BlankEveryThirdDecoder()
     rec = reconstruction_psnr(model, num_images=7, batch_size=1)

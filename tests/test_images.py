@@ -1,4 +1,5 @@
-"""dalle.images: loading every mode, the notebook's preprocessing, PIL conversion, grids, PNG metadata, CLI."""
+"""dalle.images: loading every mode, the notebook's preprocessing, PIL conversion, grids, PNG metadata,
+CLI."""
 
 from __future__ import annotations
 

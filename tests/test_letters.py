@@ -78,8 +78,8 @@ def test_default_schedules_are_the_papers_lengths_capped_by_the_run() -> None:
         "tau_steps": 150_000,
         "lr_steps": 1_200_000,
     }  # exactly the paper's run
-    # a short run: the full KL weight almost at once (the paper's share: a longer warm-up saturates the encoder
-    # on sparse images), tau over half and the step size over all of it (not 50 / 400 updates of 1000)
+    # a short run: the full KL weight almost at once (the paper's share: a longer warm-up saturates the
+    # encoder on sparse images), tau over half and the step size over all of it (not 50 / 400 updates of 1000)
     assert DVAETrainConfig(steps=1000).resolved_steps() == {"kl_steps": 2, "tau_steps": 500, "lr_steps": 1000}
     assert DVAETrainConfig(steps=100_000).resolved_steps() == {
         "kl_steps": 167,
@@ -174,8 +174,9 @@ def test_a_collapsed_run_ends_with_a_loud_summary(tmp_path, capsys) -> None:
     "see recipes/letters/README.md and BENCHMARKS.md",
 )
 def test_letters_recipe_learns_the_letters_on_the_cpu(tmp_path) -> None:
-    """The target (BENCHMARKS.md): codes_used >= 16 and PSNR >= 20 dB on the 36 held-out letters, in CPU minutes.
-    The recipe's 2000 updates took 13.2 minutes with one thread on a shared, loaded 2-core machine."""
+    """The target (BENCHMARKS.md): codes_used >= 16 and PSNR >= 20 dB on the 36 held-out letters, in CPU
+    minutes. The recipe's 2000 updates took 13.2 minutes with one thread on a shared, loaded 2-core
+    machine."""
     settings = json.loads(RECIPE.read_text())
     settings.update(out_dir=str(tmp_path / "run"), progress=False)
     cfg = DVAETrainConfig(**settings)

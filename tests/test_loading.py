@@ -1,4 +1,5 @@
-"""dalle.loading: OpenAI's pickles (both torch formats), safety, state dicts, safetensors, URLs and the cache."""
+"""dalle.loading: OpenAI's pickles (both torch formats), safety, state dicts, safetensors, URLs and the
+cache."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_state_dict_files(tmp_path) -> None:
     # a plain state dict, read by torch.load(weights_only=True)
     torch.save(ref.state_dict(), tmp_path / "dec.pt")
     assert same_weights(load_model(tmp_path / "dec.pt"), ref)
-    # a whole pickled module saved as .pt: torch's weights-only loader refuses it, the restricted reader reads it
+    # a whole pickled module saved as .pt: torch's weights-only loader refuses it, the restricted reader reads
+    # it
     torch.save(ref, tmp_path / "module.pt")
     assert same_weights(load_model(tmp_path / "module.pt"), ref)
     # a legacy-format state dict under .pkl, and a checkpoint wrapper {"state_dict": ...}

@@ -196,8 +196,8 @@ def test_callback_and_progress(pipe, capsys):
 
 
 def test_temperature_zero_is_greedy_decoding(pipe):
-    """temperature=0: the most likely token at every cell, so every seed gives the same image, and each cell is
-    the argmax of the model's logits given the cells before it (checked against a teacher-forced pass)."""
+    """temperature=0: the most likely token at every cell, so every seed gives the same image, and each cell
+    is the argmax of the model's logits given the cells before it (checked against a teacher-forced pass)."""
     a = pipe.generate("a red circle", seed=0, temperature=0, progress=False, return_tokens=True)
     b = pipe.generate("a red circle", seed=1, temperature=0, progress=False, return_tokens=True)
     assert torch.equal(a.tokens, b.tokens)

@@ -398,7 +398,8 @@ def test_converted_model_equals_the_released_files(converted, released) -> None:
     assert torch.equal(pipe.encoder.encode(x), encoder.encode(x))
     grid = image.view(1, GRID, GRID)
     torch.testing.assert_close(pipe.decoder.decode(grid), decoder.decode(grid), atol=0, rtol=0)
-    # rudalle's caption rule: [2] + ids + [3], 0-padded; BOS/EOS carry no information for the empty-prompt check
+    # rudalle's caption rule: [2] + ids + [3], 0-padded; BOS/EOS carry no information for the empty-prompt
+    # check
     short = pipe.encode_text(["Кот"])[0].tolist()
     assert short[0] == 2 and short[short.index(3) + 1 :] == [0] * (TEXT_LEN - 1 - short.index(3))
     with pytest.warns(UserWarning, match="is empty"):
@@ -484,7 +485,8 @@ def test_bad_model_directories(converted, tmp_path) -> None:
 
 def test_sample_equals_rudalles_loop_with_image_prompts() -> None:
     """rudalle's generate_images loop (pipelines.py, 1.1.3) on the reference model, with border prompts, gives
-    the tokens of dalle.sampling.sample(sampler="multinomial", filter="rudalle") on the same weights and seed."""
+    the tokens of dalle.sampling.sample(sampler="multinomial", filter="rudalle") on the same weights and
+    seed."""
     from dalle.sampling import sample
     from tests.test_rudalle import _inputs, _load_reference, _pair
 

@@ -1,4 +1,5 @@
-"""Training infrastructure: schedules, the paper's dVAE loss terms, EMA, atomic checkpoints, metrics, config."""
+"""Training infrastructure: schedules, the paper's dVAE loss terms, EMA, atomic checkpoints, metrics,
+config."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def test_ema_tracks_parameters_with_warmed_up_decay() -> None:
         lin.weight.fill_(2.0)
     ema2.update(lin, 1)
     assert ema2.updates == 0
-    # a run shorter than `every` steps exports what it trained, not the initial weights the average still holds
+    # a run shorter than `every` steps exports what it trained, not the initial weights the average still
+    # holds
     assert torch.equal(ema2.model_state(lin)["weight"], lin.weight.detach())
     ema2.update(lin, 3)
     assert ema2.updates == 1
@@ -412,3 +414,33 @@ def test_mse_reconstruction_term_is_squared_pixel_error_over_two_sigma_squared()
     for bad in ({"recon_loss": "l2"}, {"recon_sigma": 0.0}):
         with pytest.raises(ConfigError, match="recon_"):
             DVAETrainConfig(**{"out_dir": "x", **bad}).validate()
+
+
+def test_trainer_reads_its_batches_from_the_data_contract_it_was_given(tmp_path) -> None:
+    """The base Trainer takes the data contract in its constructor; batches come from it alone: its source,
+    batch size and transform, without the held-out samples it names, in the order its seed fixes."""
+    from dalle.data import letters
+    from dalle.data.datasets import open_source
+    from dalle.train.config import LoopConfig
+    from dalle.train.distributed import DistInfo
+    from dalle.train.loop import TrainData, Trainer
+
+    seen: list[bytes] = []
+
+    def transform(img, rng):
+        seen.append(img.tobytes())
+        return img.resize((32, 32))
+
+    source = open_source("letters", require_captions=False, size=64)
+    data = TrainData(source=source, transform=transform, batch_size=8, seed=3, exclude_last=350)
+    trainer = Trainer(LoopConfig(out_dir=str(tmp_path / "run")), DistInfo(device=torch.device("cpu")), data)
+    assert trainer.data is data
+    batches = trainer.batches(0)
+    got = [next(batches) for _ in range(5)]
+    assert all(b.images is not None and tuple(b.images.shape) == (8, 3, 32, 32) for b in got)
+    # 40 draws through the contract's transform: every one of the 10 training letters, none of the 350
+    # held out
+    assert set(seen) == {letters.sample(i)[0].tobytes() for i in range(10)}
+    # the same contract and step give the same batch again
+    again = next(Trainer(LoopConfig(out_dir=str(tmp_path / "b")), trainer.info, data).batches(0))
+    assert again.positions == got[0].positions and torch.equal(again.images, got[0].images)

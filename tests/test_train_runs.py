@@ -42,8 +42,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-# Test-only instrumentation, patched into the subprocesses by the scripts below (the library has no test hooks):
-# a pause after every training step, so that a run can be killed between two checkpoints
+# Test-only instrumentation, patched into the subprocesses by the scripts below (the library has no test
+# hooks): a pause after every training step, so that a run can be killed between two checkpoints
 _SLOW_STEPS = """
 import time
 from dalle.train.loop import Trainer
@@ -433,18 +433,21 @@ from dalle.train.transformer import train_transformer
 
 dvae_cfg, transformer_cfg, out = sys.argv[1:4]
 info = init_distributed("cpu")  # one process group for both runs
-args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp", "--batch-size", "2"])
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp",
+                                  "--batch-size", "2"])
 train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
-args = build_parser().parse_args(["train", "--config", transformer_cfg, "--out", out + "/fsdp", "--batch-size", "4",
-                                  "--fsdp"])
+args = build_parser().parse_args(["train", "--config", transformer_cfg, "--out", out + "/fsdp",
+                                  "--batch-size", "4", "--fsdp"])
 train_transformer(build_config(TransformerTrainConfig, args, "train"), info=info)
 # on the clock: the ranks' clocks differ, yet they must agree on the schedules (hence the weights) and the end
-args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/timed", "--batch-size", "2",
-                                  "--steps", "100000", "--time-limit", "0.02", "--ckpt-every", "0"])
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/timed",
+                                  "--batch-size", "2", "--steps", "100000", "--time-limit", "0.02",
+                                  "--ckpt-every", "0"])
 train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
 # a new run into a finished run's --out is refused on every rank (rank 0 decides; the others do not wait)
 from dalle.errors import CheckpointError
-args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp", "--batch-size", "2"])
+args = build_parser().parse_args(["train-dvae", "--config", dvae_cfg, "--out", out + "/ddp",
+                                  "--batch-size", "2"])
 try:
     train_dvae(build_config(DVAETrainConfig, args, "train-dvae"), info=info)
 except CheckpointError as exc:
@@ -483,8 +486,8 @@ def test_torchrun_ddp_and_fsdp_match_one_process(tmp_path, dvae_dir) -> None:
     ).fit()
     out, err = proc.communicate(timeout=500)
     if proc.returncode != 0 and b"terminate called without an active exception" in err:
-        # A rank very occasionally dies with SIGABRT inside the C++ runtime (twice in about 15 runs of a day, never
-        # reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
+        # A rank very occasionally dies with SIGABRT inside the C++ runtime (twice in about 15 runs of a day,
+        # never reproduced alone); run the launch once more rather than fail on it. Any other failure fails.
         for name in ("ddp", "fsdp", "timed"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
         proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=500)

@@ -1,4 +1,5 @@
-"""dalle.vqgan against taming-transformers 0.0.1 and ruDALL-E 1.1.3, and safe reading of Lightning checkpoints.
+"""dalle.vqgan against taming-transformers 0.0.1 and ruDALL-E 1.1.3, and safe reading of Lightning
+checkpoints.
 
 The references are test-only (installed ``--no-deps`` by the Makefile); only their model modules are imported:
 ``rudalle/vae/model.py`` is loaded under stub parent packages because ``rudalle/__init__.py`` needs

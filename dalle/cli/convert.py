@@ -18,10 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert ruDALL-E weights (a registered name or local files) into a dalle model directory",
         description=(
-            "Write a dalle model directory (safetensors weights in their own dtype, float16 kept; the tokenizer; "
-            "config.json) from ruDALL-E's files: either SOURCE, a registered name "
-            f"({', '.join(RUDALLE_HUB)}), whose files are downloaded from the Hugging Face Hub into the cache, "
-            'or local files given with --transformer, --vqgan and --bpe. Then: dalle generate --model OUT "..."'
+            "Write a dalle model directory (safetensors weights in their own dtype, float16 kept; "
+            "the tokenizer; config.json) from ruDALL-E's files: either SOURCE, a registered name "
+            f"({', '.join(RUDALLE_HUB)}), whose files are downloaded from the Hugging Face Hub "
+            "into the cache, or local files given with --transformer, --vqgan and --bpe. "
+            'Then: dalle generate --model OUT "..."'
         ),
     )
     p.add_argument(

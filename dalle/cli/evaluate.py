@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="measure how often generated images match their shapes-world prompts",
         description=(
-            "Generate images for the fixed shapes-world prompt sets (one object, two objects with a relation, "
-            "held-out colour-shape pairs), judge each with the shapes checker, measure the dVAE's "
+            "Generate images for the fixed shapes-world prompt sets (one object, two objects with a "
+            "relation, held-out colour-shape pairs), judge each with the shapes checker, measure the dVAE's "
             "reconstruction PSNR, print a table and write results.json and examples.png."
         ),
     )

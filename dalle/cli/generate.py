@@ -289,7 +289,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_complete(args: argparse.Namespace) -> int:
-    """Run ``dalle complete``: keep the top token rows of an image and sample the rest; returns the exit code."""
+    """Run ``dalle complete``: keep the top token rows of an image and sample the rest; returns the exit
+    code."""
     from dalle.cli import UsageError
     from dalle.pipeline import DALLE
 

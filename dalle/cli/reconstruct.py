@@ -66,7 +66,8 @@ def load_dvae_dir(path: Path) -> tuple[Encoder, Decoder, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``dalle reconstruct``: a dVAE round trip of one image, written side by side; returns the exit code."""
+    """Run ``dalle reconstruct``: a dVAE round trip of one image, written side by side; returns the exit
+    code."""
     from dalle.cli import UsageError
     from dalle.dvae import Decoder, Encoder
     from dalle.errors import ImageError, ModelLoadError

@@ -32,14 +32,15 @@ _SECTIONS = {
 _HELP: dict[str, str] = {
     "data": "training data: a folder of images with .txt captions, .tar shards (file, folder or glob), "
     "token shards from `dalle encode-dataset` (train only), 'shapes[:SEED]' (the built-in shapes world), "
-    "'shapes-dense[:SEED]' (its uncaptioned dense scenes, train-dvae only) or 'letters' (360 coloured letters "
-    "on white, 64 px)",
+    "'shapes-dense[:SEED]' (its uncaptioned dense scenes, train-dvae only) or 'letters' "
+    "(360 coloured letters on white, 64 px)",
     "out_dir": "run directory: checkpoints/, metrics.jsonl, loss.png, samples/ and the final model",
     "steps": "optimizer steps; the schedules scale with this",
     "batch_size": "samples per rank and step (the global batch is this times the number of ranks)",
     "grad_accum": "split each rank's batch into this many micro-batches (same result, less memory)",
-    "image_size": "image side in pixels, a multiple of 8 (train-dvae: of the training images; train: default the "
-    "token shards' side, else the dVAE's own: the dVAE is fully convolutional, so any side works)",
+    "image_size": "image side in pixels, a multiple of 8 (train-dvae: of the training images; "
+    "train: default the token shards' side, else the dVAE's own: the dVAE is fully convolutional, "
+    "so any side works)",
     "crop_size": "train on random crops of this side (the dVAE is fully convolutional; faster)",
     "seed": "seed for the initial weights, data order, augmentation and noise",
     "lr": "peak learning rate",
@@ -56,13 +57,14 @@ _HELP: dict[str, str] = {
     "ckpt_every": "write a checkpoint every this many steps (and at the end / on SIGTERM or Ctrl-C)",
     "keep_checkpoints": "how many checkpoints to keep",
     "time_limit": "end the run after this many minutes of its training loop (evaluations and checkpoints "
-    "included), as at its last step; the decay schedules follow the further of the step and the share of the time "
-    "spent, so they complete (not reproducible step for step)",
+    "included), as at its last step; the decay schedules follow the further of the step and the share "
+    "of the time spent, so they complete (not reproducible step for step)",
     "max_nonfinite": "stop after this many non-finite losses in a row (the last good checkpoint stays)",
     "dvae": "trained dVAE: a `dalle train-dvae` output or model directory, or ENC.pkl,DEC.pkl",
     "tokenizer": "a tokenizer.model; by default one is trained on the training captions",
     "tokenizer_vocab": "vocabulary size when training a tokenizer",
-    "caption_dropout": "probability of replacing a caption with the empty one (enables classifier-free guidance)",
+    "caption_dropout": "probability of replacing a caption with the empty one "
+    "(enables classifier-free guidance)",
     "bpe_dropout": "BPE dropout probability (paper 0.1; 0 makes resumption exact)",
     "fsdp": "shard the transformer with FSDP2 under torchrun",
     "preset": "transformer size preset: tiny, small or paper; --depth/--heads/--head-dim override it",
@@ -70,7 +72,8 @@ _HELP: dict[str, str] = {
     "name": "model name stored in config.json",
     "init": "start from these weights (a dVAE directory for train-dvae, a model directory for train)",
     "num_workers": "DataLoader worker processes for image decoding",
-    "weights_dtype": "precision of the exported transformer weights: float32, float16 (half the file) or bfloat16",
+    "weights_dtype": "precision of the exported transformer weights: float32, float16 (half the file) "
+    "or bfloat16",
     "bf16": "bfloat16 autocast for CUDA training (float32 master weights and logits)",
     "cpu_bf16": "bfloat16 autocast for CPU training too: about 2x faster on a CPU with native bfloat16 "
     "(AVX512-BF16 or AMX; check `lscpu`), but it can be slower on one without",
@@ -78,8 +81,9 @@ _HELP: dict[str, str] = {
     "not with --fsdp)",
     "checkpoint_activations": "recompute each block's activations in the backward pass (less memory, about "
     "a third more compute)",
-    "recon_loss": "dVAE reconstruction term: logit-laplace (the paper) or mse (not the paper: squared error / "
-    "(2 recon_sigma^2); better on sparse images such as letters on white, see recipes/letters)",
+    "recon_loss": "dVAE reconstruction term: logit-laplace (the paper) or mse "
+    "(not the paper: squared error / (2 recon_sigma^2); better on sparse images such as letters on white, "
+    "see recipes/letters)",
     "recon_sigma": "width of the mse reconstruction term, in pixel units",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)",
 }
@@ -135,8 +139,8 @@ def _common_flags(p: argparse.ArgumentParser, resumable: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``dalle train-dvae``, ``dalle encode-dataset``, ``dalle train`` and ``dalle remap`` to the subcommand
-    parsers."""
+    """Add ``dalle train-dvae``, ``dalle encode-dataset``, ``dalle train`` and ``dalle remap`` to the
+    subcommand parsers."""
     from dalle.train.config import DVAETrainConfig, TransformerTrainConfig
 
     p = sub.add_parser(
@@ -199,9 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "remap",
         help="put a new dVAE under a trained transformer (its codes matched to the old ones)",
-        description="Encode images with the model's dVAE and NEW_DVAE, start each new code's image embedding and "
-        "output row from the old code it most often replaces at the same cell, and write the model with the new "
-        "dVAE to OUT (with code_map.json), ready for `dalle train --init OUT --dvae OUT`.",
+        description="Encode images with the model's dVAE and NEW_DVAE, start each new code's image embedding "
+        "and output row from the old code it most often replaces at the same cell, and write the model with "
+        "the new dVAE to OUT (with code_map.json), ready for `dalle train --init OUT --dvae OUT`.",
     )
     p.add_argument("model_dir", metavar="MODEL", help="the trained model directory (or a registered name)")
     p.add_argument("new_dvae", metavar="NEW_DVAE", help="the new dVAE (a directory written by train-dvae)")
@@ -413,8 +417,9 @@ def run_remap(args: argparse.Namespace) -> int:
 
     s = remap_image_codes(args.model_dir, args.new_dvae, args.out_dir, args.scenes, args.seed, args.data)
     print(
-        f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to {s['old_codes_used']} "
-        f"old ones; the match holds on {100 * s['agreement']:.1f}% of cells; wrote {args.out_dir}"
+        f"{s['scenes']} images of {s['data']}: {s['new_codes_used']} new codes matched to "
+        f"{s['old_codes_used']} old ones; the match holds on {100 * s['agreement']:.1f}% of cells; "
+        f"wrote {args.out_dir}"
     )
     return 0
 

@@ -138,7 +138,8 @@ class ImageTextFolder:
 
 
 class ShapesSource:
-    """The shapes world (:mod:`dalle.data.shapes`) as an endless source: index ``i`` is ``sample(i, seed)``."""
+    """The shapes world (:mod:`dalle.data.shapes`) as an endless source: index ``i`` is
+    ``sample(i, seed)``."""
 
     def __init__(self, seed: int = 0, size: int = 128, offset: int = 0, dense: bool = False) -> None:
         self.seed = int(seed)
@@ -150,7 +151,8 @@ class ShapesSource:
         raise TypeError("the shapes stream is endless")
 
     def get(self, index: int, rng: random.Random | None = None) -> tuple[Image.Image, str, str]:
-        """Rendered scene ``offset + index`` of stream ``seed`` (always readable: a RawSample with an image)."""
+        """Rendered scene ``offset + index`` of stream ``seed`` (always readable: a RawSample with an
+        image)."""
         from dalle.data import shapes
 
         draw = shapes.dense_sample if self.dense else shapes.sample
@@ -160,8 +162,8 @@ class ShapesSource:
 
 
 class LettersSource:
-    """The fixed letters dataset (:mod:`dalle.data.letters`): items ``0 .. count-1`` of seed ``seed``, rendered
-    at ``size``. Map-style with a length, so it is batched and held out like a folder of images."""
+    """The fixed letters dataset (:mod:`dalle.data.letters`): items ``0 .. count-1`` of seed ``seed``,
+    rendered at ``size``. Map-style with a length, so it is batched and held out like a folder of images."""
 
     def __init__(self, seed: int = 0, size: int = 64, count: int | None = None) -> None:
         from dalle.data import letters
@@ -229,8 +231,8 @@ class TokenShards:
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.image_vocab_size):
             raise ConfigError(
                 f"token shard {shard} of {self.root}, sample {local}, holds ids in [{int(tokens.min())}, "
-                f"{int(tokens.max())}], outside the vocabulary of {self.image_vocab_size} codes: the shard is "
-                "corrupt; encode the dataset again with dalle encode-dataset"
+                f"{int(tokens.max())}], outside the vocabulary of {self.image_vocab_size} codes: "
+                "the shard is corrupt; encode the dataset again with dalle encode-dataset"
             )
         return tokens, caption, f"{shard}:{local}"
 
@@ -306,8 +308,9 @@ def open_source(spec: str | os.PathLike[str], *, require_captions: bool = True, 
     ``shapes`` or ``shapes:SEED`` -> :class:`ShapesSource`; ``shapes-dense[:SEED]`` -> the dense scenes of
     :func:`dalle.data.shapes.dense_scene` (uncaptioned, dVAE only); ``letters[:SEED]`` ->
     :class:`LettersSource` (360 coloured letters on white, :mod:`dalle.data.letters`; a folder of that name
-    wins, with a warning); a directory with ``meta.json`` -> :class:`TokenShards`; a directory with ``.tar`` files, a ``.tar`` path or a glob -> :class:`TarShards`
-    (several separated by commas); any other directory -> :class:`ImageTextFolder`.
+    wins, with a warning); a directory with ``meta.json`` -> :class:`TokenShards`; a directory with ``.tar``
+    files, a ``.tar`` path or a glob -> :class:`TarShards` (several separated by commas); any other
+    directory -> :class:`ImageTextFolder`.
     """
     text = str(spec)
     for name, dense in (("shapes", False), ("shapes-dense", True)):
@@ -360,7 +363,8 @@ _worker_notes: list[str] = []
 
 
 def route_worker_notes(worker_id: int) -> None:
-    """``worker_init_fn`` of loaders whose workers hand their warnings over (see :func:`take_worker_notes`)."""
+    """``worker_init_fn`` of loaders whose workers hand their warnings over (see
+    :func:`take_worker_notes`)."""
     global _hand_notes_over
     _hand_notes_over = True
 
@@ -396,8 +400,8 @@ def _resize(img: Image.Image, w: int, h: int) -> Image.Image:
     if w > img.width or h > img.height:
         if not _upscale_warned:  # the message is built once, not for every small image
             _warn_upscale(
-                f"an image ({img.width}x{img.height} after its square crop) is smaller than the training size "
-                f"({w}x{h}) and is upscaled (bicubic); more may follow, this is said once",
+                f"an image ({img.width}x{img.height} after its square crop) is smaller than the training "
+                f"size ({w}x{h}) and is upscaled (bicubic); more may follow, this is said once",
                 3,
             )
         return img.resize((w, h), Image.Resampling.BICUBIC)
@@ -777,7 +781,7 @@ def held_out(source: Any, n: int, size: int) -> tuple[list[Image.Image], list[st
     return images, captions, n, frozenset()
 
 
-# ------------------------------------------------------------------------------------------------ token shards
+# ----------------------------------------------------------------------------------------------- token shards
 class TokenShardWriter:
     """Writes image tokens + captions in the :class:`TokenShards` layout; each file appears atomically."""
 

@@ -73,7 +73,8 @@ def render(
     font_frac: float = 0.75,
     pos: tuple[float, float] = (0.5, 0.5),
 ) -> Image.Image:
-    """Draw capital ``letter`` in ``colour`` (a :data:`COLOURS` name) on white at font size ``font_frac * size``.
+    """Draw capital ``letter`` in ``colour`` (a :data:`COLOURS` name) on white at font size
+    ``font_frac * size``.
 
     ``pos`` in [0, 1]^2 places the ink box between the margins: (0, 0) top-left, (1, 1) bottom-right.
     """

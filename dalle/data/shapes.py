@@ -41,14 +41,14 @@ Examples: ``a large red circle on the left``, ``a drawing of an orange triangle`
 (the parser accepts them). When a caption leaves the size or position open the renderer draws it at random.
 
 **Positions** (one object): "on the left" means cx < 0.4, "on the right" cx > 0.6, "at the top" cy < 0.4,
-"at the bottom" cy > 0.6. The renderer keeps a margin inside these limits (cx <= 0.35 for "on the left", and so
-on), so reconstructions that shift an object a little still pass. The other coordinate is free.
+"at the bottom" cy > 0.6. The renderer keeps a margin inside these limits (cx <= 0.35 for "on the left", and
+so on), so reconstructions that shift an object a little still pass. The other coordinate is free.
 
 **Relations** ("A REL B", with dx = B.cx - A.cx and dy = B.cy - A.cy, y pointing down): "A above B" holds when
 dy > 0.1 and dy > |dx|; "below" when -dy > 0.1 and -dy > |dx|; "to the left of" when dx > 0.1 and dx > |dy|;
 "to the right of" when -dx > 0.1 and -dx > |dy|. At most one relation holds for a pair, so captions are never
-ambiguous. The renderer separates the two bounding boxes by at least 0.06·S along the relation's axis and keeps
-the offset on the other axis at most half the main offset.
+ambiguous. The renderer separates the two bounding boxes by at least 0.06·S along the relation's axis and
+keeps the offset on the other axis at most half the main offset.
 
 **Held out.** The colour-shape pairs green triangle, purple circle and orange square (:data:`HELD_OUT`) never
 appear in a training caption or image (:func:`sample`, :func:`stream`, :func:`captions`); :func:`render` draws
@@ -58,15 +58,16 @@ them for evaluation.
 arguments (random access, so any position can be resumed); :func:`stream` iterates it for one shard of
 ``world_size`` ranks. Half the scenes have two objects with a relation; a one-object caption states the size
 and the position each with probability 1/2; 70% of captions use the plain template. Randomness comes from
-Python's ``random.Random(...).random()`` seeded by a hash of ``(seed, index)``, which Python keeps stable across
-versions and platforms. :data:`EVAL_SETS` holds the fixed evaluation prompts (plain template only).
+Python's ``random.Random(...).random()`` seeded by a hash of ``(seed, index)``, which Python keeps stable
+across versions and platforms. :data:`EVAL_SETS` holds the fixed evaluation prompts (plain template only).
 
 **Dense scenes** (dVAE only). :func:`dense_scene` / :func:`dense_sample` draw up to 4-9 non-overlapping seen
 objects (about 5 on average: placements that do not fit are dropped; sides anywhere from the small to the
-large range, boxes at least 0.02·S apart) on the same background with an empty caption; ``--data shapes-dense`` trains the dVAE on them. A 1-2 object scene is about 90% background, so
-the dVAE sees colours and edges rarely and learns them slowly; dense scenes are 26% foreground instead of
-11% (2.4 times as much, measured over 300 scenes each) and hold several objects per crop.
-Held-out pairs never appear in them either.
+large range, boxes at least 0.02·S apart) on the same background with an empty caption;
+``--data shapes-dense`` trains the dVAE on them. A 1-2 object scene is about 90% background, so the dVAE sees
+colours and edges rarely and learns them slowly; dense scenes are 26% foreground instead of 11% (2.4 times as
+much, measured over 300 scenes each) and hold several objects per crop. Held-out pairs never appear in them
+either.
 
 **Checker.** :func:`parse` finds the objects of an image in five steps (thresholds are the constants below):
 
@@ -218,7 +219,8 @@ def normalize_caption(caption: str) -> str:
 
 
 def parse_caption(caption: str) -> CaptionSpec:
-    """Read a caption of the shapes-world grammar into a :class:`CaptionSpec`; raise CaptionError otherwise."""
+    """Read a caption of the shapes-world grammar into a :class:`CaptionSpec`; raise CaptionError
+    otherwise."""
     text = normalize_caption(caption)
     m = _ONE_RE.fullmatch(text)
     if m:
@@ -343,7 +345,8 @@ def _place(spec: CaptionSpec, rng: random.Random, caption: str) -> Scene:
 
 
 def make_scene(caption: str, seed: int = 0) -> Scene:
-    """Lay out the objects of ``caption`` (any pair, held-out ones included) deterministically from ``seed``."""
+    """Lay out the objects of ``caption`` (any pair, held-out ones included) deterministically from
+    ``seed``."""
     text = normalize_caption(caption)
     spec = parse_caption(text)
     return _place(spec, _rng("render", int(seed), text), text)
@@ -372,7 +375,8 @@ def sample_scene(index: int, seed: int = 0) -> Scene:
 
 
 def sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str]:
-    """Training example ``index`` of stream ``seed``: ``(image, caption)``, random-access and deterministic."""
+    """Training example ``index`` of stream ``seed``: ``(image, caption)``, random-access and
+    deterministic."""
     scene = sample_scene(index, seed)
     return render(scene, size=size), scene.caption
 
@@ -382,13 +386,15 @@ DENSE_GAP = 0.02  # minimum gap between the bounding boxes of a dense scene, as 
 
 
 def dense_scene(index: int, seed: int = 0) -> Scene:
-    """Dense scene ``index`` of stream ``seed``, for training the dVAE only: up to 4-9 non-overlapping objects.
+    """Dense scene ``index`` of stream ``seed``, for training the dVAE only: up to 4-9 non-overlapping
+    objects.
 
     Every object is a seen colour-shape pair (never a held-out one) with a side drawn from the small range,
-    the large range or in between, placed by rejection sampling (20 tries per wanted object, so about 5 on average; boxes at least ``DENSE_GAP`` apart and
-    ``EDGE_MARGIN`` from the border). Its images are 26% foreground against 11% for the
-    captioned stream, so the dVAE sees colours and edges far more often per step. The caption is empty:
-    these scenes have no caption in the grammar, and the transformer never trains on them.
+    the large range or in between, placed by rejection sampling (20 tries per wanted object, so about 5 on
+    average; boxes at least ``DENSE_GAP`` apart and ``EDGE_MARGIN`` from the border). Its images are 26%
+    foreground against 11% for the captioned stream, so the dVAE sees colours and edges far more often per
+    step. The caption is empty: these scenes have no caption in the grammar, and the transformer never trains
+    on them.
     """
     if index < 0:
         raise ConfigError(f"sample index must be >= 0, got {index}")
@@ -432,7 +438,8 @@ def stream(
 
 
 def captions(n: int, seed: int = 0, start: int = 0) -> list[str]:
-    """The captions of training examples ``start .. start + n - 1`` (no rendering), e.g. to train a tokenizer."""
+    """The captions of training examples ``start .. start + n - 1`` (no rendering), e.g. to train a
+    tokenizer."""
     return [sample_scene(i, seed).caption for i in range(start, start + n)]
 
 
@@ -440,7 +447,8 @@ def captions(n: int, seed: int = 0, start: int = 0) -> list[str]:
 
 
 def render(caption_or_scene: str | Scene, size: int = 128, seed: int = 0) -> Image.Image:
-    """Draw a caption (laid out from ``seed``, see :func:`make_scene`) or a :class:`Scene` as a size x size image."""
+    """Draw a caption (laid out from ``seed``, see :func:`make_scene`) or a :class:`Scene` as a size x size
+    image."""
     if not isinstance(size, int) or size < 16:
         raise ConfigError(f"image size must be an integer >= 16, got {size!r}")
     scene = caption_or_scene if isinstance(caption_or_scene, Scene) else make_scene(caption_or_scene, seed)
@@ -502,7 +510,8 @@ def _as_rgb_array(image: Any) -> np.ndarray:
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Label the 8-connected regions of ``mask`` by runs: (row, start, end, region id per run, number of regions)."""
+    """Label the 8-connected regions of ``mask`` by runs: (row, start, end, region id per run, number of
+    regions)."""
     h, w = mask.shape
     padded = np.zeros((h, w + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
@@ -649,7 +658,8 @@ def _majority3(mask: np.ndarray) -> np.ndarray:
 
 
 def position_holds(position: str, obj: ShapeObject) -> bool:
-    """Whether ``obj`` is "on the left" / "on the right" / "at the top" / "at the bottom" (limits 0.4 / 0.6)."""
+    """Whether ``obj`` is "on the left" / "on the right" / "at the top" / "at the bottom"
+    (limits 0.4 / 0.6)."""
     if position == "on the left":
         return obj.cx < POSITION_LIMIT
     if position == "on the right":
@@ -662,7 +672,8 @@ def position_holds(position: str, obj: ShapeObject) -> bool:
 
 
 def relation_holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:
-    """Whether "A ``relation`` B" holds by centre offsets (main-axis offset > 0.1 and > the off-axis offset)."""
+    """Whether "A ``relation`` B" holds by centre offsets (main-axis offset > 0.1 and > the off-axis
+    offset)."""
     dx, dy = b.cx - a.cx, b.cy - a.cy
     if relation == "above":
         main, off = dy, dx

@@ -1,4 +1,5 @@
-"""Atomic training checkpoints: one directory per checkpoint, renamed into place when complete, the last K kept.
+"""Atomic training checkpoints: one directory per checkpoint, renamed into place when complete, the last K
+kept.
 
 Checkpoint layout::
 
@@ -135,7 +136,8 @@ class CheckpointManager:
             with contextlib.suppress(OSError):
                 where += f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB are free on its disk"
             raise CheckpointError(
-                f"could not write the checkpoint for step {step} to {self.root} ({type(exc).__name__}: {exc}); "
+                f"could not write the checkpoint for step {step} to {self.root} "
+                f"({type(exc).__name__}: {exc}); "
                 f"{where}. Free disk space or fix the directory, then run again with --resume."
             ) from exc
         for _, old_path in self._complete()[: -self.keep]:

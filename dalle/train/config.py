@@ -40,18 +40,19 @@ PAPER_BETA_STEPS, PAPER_TAU_STEPS, PAPER_LR_STEPS = 5_000, 150_000, 1_200_000
 PAPER_BETA_FRAC = PAPER_BETA_STEPS / PAPER_STEPS
 PAPER_TAU_FRAC = PAPER_TAU_STEPS / PAPER_STEPS
 PAPER_LR_FRAC = PAPER_LR_STEPS / PAPER_STEPS
-# Default schedule lengths. Tau and step size: the paper's lengths in updates, but at most half / all of the run.
-# A short run used to get the paper's *fractions* for these too (issue 22): 1000 updates meant tau at 1/16 after
-# 50 and the step size at 1.25e-6 for the last 600, which froze the (random) gumbel choices early.
+# Default schedule lengths. Tau and step size: the paper's lengths in updates, but at most half / all of the
+# run. A short run used to get the paper's *fractions* for these too (issue 22): 1000 updates meant tau at
+# 1/16 after 50 and the step size at 1.25e-6 for the last 600, which froze the (random) gumbel choices early.
 # KL warm-up: the paper's *fraction* of the run (5k of 3M updates: 2 of 1000, i.e. the full KL weight almost
 # from the start). A warm-up of a tenth of the run (the previous default) saturates the encoder on sparse
-# images: while beta is low, the cheapest way to remove the gumbel noise from the decoder's input is one code at
-# every position with certainty (KL = ln K, codes_used 1), and that does not recover. Measured on `--data
-# letters` (64 px, n_hid 32, 256 codes, batch 16, tau 1 at the start; BENCHMARKS.md, "dVAE on the letters
-# dataset"): warm-up 100-300 updates at lr 1e-4 or 3e-4, and a constant beta of 1 or 3 from the first update at
-# lr 3e-4 -> KL = ln K within 50 updates; the paper's beta 6.6 from the first update (lr 1e-4 or 3e-4) -> no
-# saturation in the first 1000 updates (KL at most 1.5-2.4 over the first 500). It does not make letters
-# learnable yet: the codes still concentrate onto a few later on. A 3M-update run still gets the paper's 5k.
+# images: while beta is low, the cheapest way to remove the gumbel noise from the decoder's input is one code
+# at every position with certainty (KL = ln K, codes_used 1), and that does not recover. Measured on
+# `--data letters` (64 px, n_hid 32, 256 codes, batch 16, tau 1 at the start; BENCHMARKS.md, "dVAE on the
+# letters dataset"): warm-up 100-300 updates at lr 1e-4 or 3e-4, and a constant beta of 1 or 3 from the first
+# update at lr 3e-4 -> KL = ln K within 50 updates; the paper's beta 6.6 from the first update (lr 1e-4 or
+# 3e-4) -> no saturation in the first 1000 updates (KL at most 1.5-2.4 over the first 500). It does not make
+# letters learnable yet: the codes still concentrate onto a few later on. A 3M-update run still gets the
+# paper's 5k.
 MAX_BETA_SHARE, MAX_TAU_SHARE, MAX_LR_SHARE = PAPER_BETA_FRAC, 0.5, 1.0
 
 
@@ -85,8 +86,9 @@ class DVAETrainConfig(LoopConfig):
     ema_every: int = 1
     straight_through: bool = False  # NOT the paper: one-hot forward, soft backward
     # reconstruction term: "logit-laplace" (the paper's eq. 2) or, NOT the paper, "mse": squared error of the
-    # decoded mean in pixel units / (2 recon_sigma^2), i.e. a Gaussian of fixed width (for sparse images, where
-    # logit-Laplace's learned scale rewards certainty about the background over the colour of the strokes)
+    # decoded mean in pixel units / (2 recon_sigma^2), i.e. a Gaussian of fixed width (for sparse images,
+    # where logit-Laplace's learned scale rewards certainty about the background over the colour of the
+    # strokes)
     recon_loss: str = "logit-laplace"
     recon_sigma: float = 0.1
     freeze_encoder: bool = False  # NOT the paper: train only the decoder, on the init encoder's argmax codes
@@ -102,8 +104,9 @@ class DVAETrainConfig(LoopConfig):
     export_ema: bool = True
 
     def resolved_steps(self) -> dict[str, int]:
-        """Schedule lengths actually used unless set: the KL warm-up the paper's share of ``steps`` (5k/3M), tau
-        and step size the paper's lengths in updates capped at half and all of ``steps`` (see MAX_BETA_SHARE)."""
+        """Schedule lengths actually used unless set: the KL warm-up the paper's share of ``steps`` (5k/3M),
+        tau and step size the paper's lengths in updates capped at half and all of ``steps`` (see
+        MAX_BETA_SHARE)."""
 
         def length(value: int | None, paper: int, share: float) -> int:
             return int(value) if value is not None else max(1, min(paper, round(self.steps * share)))
@@ -145,7 +148,8 @@ class DVAETrainConfig(LoopConfig):
 
 RECON_LOSSES = ("logit-laplace", "mse")
 PAPER_WARMUP_FRAC = 5_000 / 430_000
-# precisions the exported transformer weights may be stored in; loading always gives float32 (or the asked dtype)
+# precisions the exported transformer weights may be stored in; loading always gives float32 (or the asked
+# dtype)
 WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 

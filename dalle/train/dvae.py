@@ -3,7 +3,8 @@
 Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented image):
 
 * ``logits = encoder(x)`` [B, K, H/8, W/8];
-* soft gumbel-softmax sample ``z = softmax((logits + g) / tau)`` (relaxed in both passes, no straight-through);
+* soft gumbel-softmax sample ``z = softmax((logits + g) / tau)`` (relaxed in both passes, no
+  straight-through);
 * ``mu, ln_b = decoder(z)`` split into 3 + 3 channels;
 * logit-Laplace negative log-likelihood of the mapped pixels,
   ``ln(2 b) + ln x + ln(1 - x) + |logit(x) - mu| / b``, summed over pixels and channels;
@@ -13,22 +14,23 @@ Per step, for mapped pixels ``x`` [B, 3, H, W] (``map_pixels`` of the augmented 
   paper's sizes).
 
 Schedules (all cosine, :func:`schedules`): beta 0 -> 6.6, tau 1 -> 1/16, learning rate 1e-4 -> 1.25e-6. Unless
-set, beta warms up over the paper's share of the run (5k of 3M updates: almost at once in a short run; a longer
-warm-up saturates the encoder on sparse images, issue 22), tau and the step size over the paper's 150k and 1.2M
-updates capped at half and all of the run (the paper's fractions of a short run froze tau at 1/16 before
-anything was learned). AdamW (0.9, 0.999),
-eps 1e-8, weight decay 1e-4; EMA of the weights (decay 0.999) is what gets exported and evaluated.
-Not in the paper: ``freeze_encoder`` (with ``init``) trains only the decoder, on the one-hot argmax codes of the
-frozen encoder, i.e. the codes ``encode`` gives and a transformer samples; the token space stays the same, so a
-transformer trained on it keeps working with the new decoder. ``new_decoder`` starts that decoder afresh.
-Evaluation: hard (argmax) reconstructions of held-out images -> PSNR, and the perplexity of the code
-histogram (exp of its entropy; K means every code equally used) plus the number of codes used; the run ends
-with a summary (:func:`dvae_verdict`) that warns loudly when those say the dVAE is unusable.
+set, beta warms up over the paper's share of the run (5k of 3M updates: almost at once in a short run; a
+longer warm-up saturates the encoder on sparse images, issue 22), tau and the step size over the paper's 150k
+and 1.2M updates capped at half and all of the run (the paper's fractions of a short run froze tau at 1/16
+before anything was learned). AdamW (0.9, 0.999), eps 1e-8, weight decay 1e-4; EMA of the weights (decay
+0.999) is what gets exported and evaluated. Not in the paper: ``freeze_encoder`` (with ``init``) trains only
+the decoder, on the one-hot argmax codes of the frozen encoder, i.e. the codes ``encode`` gives and a
+transformer samples; the token space stays the same, so a transformer trained on it keeps working with the new
+decoder. ``new_decoder`` starts that decoder afresh. Evaluation: hard (argmax) reconstructions of held-out
+images -> PSNR, and the perplexity of the code histogram (exp of its entropy; K means every code equally used)
+plus the number of codes used; the run ends with a summary (:func:`dvae_verdict`) that warns loudly when those
+say the dVAE is unusable.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import warnings
@@ -46,7 +48,7 @@ from dalle.train.config import PAPER_BETA_FRAC, PAPER_LR_FRAC, PAPER_TAU_FRAC, D
 from dalle.train.distributed import DistInfo, load_full_state_dict
 from dalle.train.ema import EMA
 from dalle.train.exports import save_dvae_dir
-from dalle.train.loop import Trainer
+from dalle.train.loop import TrainData, Trainer
 from dalle.train.outputs import save_image_grid
 from dalle.train.schedules import cosine_schedule
 
@@ -75,8 +77,9 @@ def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 
 def gaussian_nll(x: torch.Tensor, stats: torch.Tensor, sigma: float) -> torch.Tensor:
     """Per-value squared error [B, C, H, W] of the decoded mean, in pixel units ([0, 1]), over ``2 sigma^2``:
-    a Gaussian of fixed width ``sigma`` (constant terms left out). ``x`` are mapped pixels, ``mu = stats[:, :C]``
-    as for :func:`logit_laplace_nll` (the decoded image is ``unmap_pixels(sigmoid(mu))``). Not the paper's."""
+    a Gaussian of fixed width ``sigma`` (constant terms left out). ``x`` are mapped pixels,
+    ``mu = stats[:, :C]`` as for :func:`logit_laplace_nll` (the decoded image is
+    ``unmap_pixels(sigmoid(mu))``). Not the paper's."""
     c = x.shape[1]
     from dalle.dvae import logit_laplace_eps
 
@@ -209,7 +212,8 @@ def flat_colour_psnr(images: torch.Tensor) -> float:
 def cell_variety(images: torch.Tensor, levels: int = 4, min_share: float = 0.005) -> int:
     """Common cell colours of uint8 images [N, 3, S, S]: the mean colours of their 8x8 cells (one token each),
     quantised to ``levels`` per channel, counted where they cover at least ``min_share`` of the cells. A dVAE
-    needs at least one code for each (7 for the letters dataset and for shapes scenes; photos reach dozens)."""
+    needs at least one code for each (7 for the letters dataset and for shapes scenes; photos reach
+    dozens)."""
     b, c, h, w = images.shape
     cells = images[:, :, : h - h % 8, : w - w % 8].float()
     cells = cells.reshape(b, c, h // 8, 8, w // 8, 8).mean(dim=(3, 5))
@@ -228,8 +232,9 @@ def dvae_verdict(
     cfg: DVAETrainConfig | None = None,
 ) -> tuple[bool, list[str], list[str]]:
     """Judge a trained dVAE from its evaluation ``metrics`` (``psnr``, ``codes_used``, and ``flat_psnr`` /
-    ``cell_variety`` where known). Returns (usable, problems, advice): what is wrong, and which flags to change,
-    using the last training record (``kl``, ``beta``) and the settings to tell the failure modes apart."""
+    ``cell_variety`` where known). Returns (usable, problems, advice): what is wrong, and which flags to
+    change, using the last training record (``kl``, ``beta``) and the settings to tell the failure modes
+    apart."""
     problems: list[str] = []
     psnr, codes = metrics.get("psnr"), metrics.get("codes_used")
     flat, variety = metrics.get("flat_psnr"), metrics.get("cell_variety")
@@ -239,13 +244,13 @@ def dvae_verdict(
         )
     if psnr is not None and flat is not None and psnr < flat + MIN_GAIN_DB:
         problems.append(
-            f"PSNR {psnr:.1f} dB is not {MIN_GAIN_DB:.0f} dB better than painting each image in its mean colour "
-            f"({flat:.1f} dB): the codes carry almost no information"
+            f"PSNR {psnr:.1f} dB is not {MIN_GAIN_DB:.0f} dB better than painting each image in its mean "
+            f"colour ({flat:.1f} dB): the codes carry almost no information"
         )
     if codes is not None and variety is not None and codes < variety:
         problems.append(
-            f"{int(codes)} codes in use (of {vocab_size}) for images with {int(variety)} common cell colours: "
-            "the codebook has collapsed"
+            f"{int(codes)} codes in use (of {vocab_size}) for images with {int(variety)} common cell "
+            "colours: the codebook has collapsed"
         )
     elif codes is not None and codes <= 2:
         problems.append(f"{int(codes)} codes in use (of {vocab_size}): the codebook has collapsed")
@@ -256,19 +261,20 @@ def dvae_verdict(
     ln_k = math.log(vocab_size)
     if kl is not None and kl >= 0.98 * ln_k:
         advice.append(
-            f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one of a few "
-            "codes for sure and unused codes get no gradient. Early in a run it comes from a low KL weight: "
-            "give the full --kl-weight (6.6) from the start (leave --kl-steps unset, or 1; a warm-up of 100+ "
-            "updates or --kl-weight 1-3 saturated within 50 updates on letters); --tau-start 16 delays it. Late "
-            "in a run it comes as tau falls; on sparse images (letters) no setting measured so far avoids it"
+            f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one of a "
+            "few codes for sure and unused codes get no gradient. Early in a run it comes from a low KL "
+            "weight: give the full --kl-weight (6.6) from the start (leave --kl-steps unset, or 1; a "
+            "warm-up of 100+ updates or --kl-weight 1-3 saturated within 50 updates on letters); "
+            "--tau-start 16 delays it. Late in a run it comes as tau falls; on sparse images (letters) no "
+            "setting measured so far avoids it"
         )
     elif kl is not None and kl < 0.1 * ln_k:
         advice.append(
-            f"the posterior stayed near uniform (KL {kl:.2f} of ln {vocab_size} = {ln_k:.2f}): the KL term won "
-            "and the gumbel noise picks the codes, so the decoder learns the average image; train longer, "
-            "lengthen --tau-steps (or leave it unset: half the run) or lower --kl-weight (then also raise "
-            "--tau-start, e.g. 16, or the encoder saturates); a long --kl-steps warm-up is no cure: while the "
-            "KL weight is low the encoder saturates instead"
+            f"the posterior stayed near uniform (KL {kl:.2f} of ln {vocab_size} = {ln_k:.2f}): the KL term "
+            "won and the gumbel noise picks the codes, so the decoder learns the average image; train "
+            "longer, lengthen --tau-steps (or leave it unset: half the run) or lower --kl-weight (then also "
+            "raise --tau-start, e.g. 16, or the encoder saturates); a long --kl-steps warm-up is no cure: "
+            "while the KL weight is low the encoder saturates instead"
         )
     if steps < 1000:
         advice.append(f"only {steps} updates: train longer (--steps, --time-limit) or use a smaller model")
@@ -304,8 +310,23 @@ def format_verdict(usable: bool, problems: list[str], advice: list[str], metrics
     return "\n".join(lines)
 
 
+def dvae_transform(cfg: DVAETrainConfig, img: Any, rng: random.Random) -> Any:
+    """The dVAE trainer's per-sample step: the paper's augmentation (``cfg.augment``, with ``cfg.hflip``) or a
+    centre crop to ``cfg.image_size``, then a random ``cfg.crop_size`` crop when that is smaller."""
+    from dalle.data.datasets import center_crop, dvae_augment
+
+    size = cfg.image_size
+    img = dvae_augment(img, size, rng, flip=cfg.hflip) if cfg.augment else center_crop(img, size)
+    crop = cfg.crop_size
+    if crop and crop < size:
+        x, y = rng.randint(0, size - crop), rng.randint(0, size - crop)
+        img = img.crop((x, y, x + crop, y + crop))
+    return img
+
+
 class DVAETrainer(Trainer):
-    """Trains an :class:`dalle.dvae.Encoder` / :class:`dalle.dvae.Decoder` pair (one process or torchrun DDP)."""
+    """Trains an :class:`dalle.dvae.Encoder` / :class:`dalle.dvae.Decoder` pair (one process or torchrun
+    DDP)."""
 
     kind = "dvae"
     cfg: DVAETrainConfig
@@ -317,7 +338,25 @@ class DVAETrainer(Trainer):
 
         cfg.validate()
         info = info or DistInfo(device=torch.device("cpu"))
-        super().__init__(cfg, info)
+        source = open_source(cfg.data, require_captions=False, size=cfg.image_size)
+        eval_source = (
+            open_source(cfg.eval_data, require_captions=False, size=cfg.image_size) if cfg.eval_data else None
+        )
+        if eval_source is not None:
+            imgs, _, _, _ = held_out(eval_source, cfg.eval_images, cfg.image_size)
+            exclude_last, exclude_keys = 0, frozenset[str]()
+        else:
+            imgs, _, exclude_last, exclude_keys = held_out(source, cfg.eval_images, cfg.image_size)
+        data = TrainData(
+            source=source,
+            transform=functools.partial(dvae_transform, cfg),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            exclude_last=exclude_last,
+            exclude_keys=exclude_keys,
+        )
+        super().__init__(cfg, info, data)
         self.cfg = cfg
         seed_everything(cfg.seed)
         if cfg.init:
@@ -366,17 +405,6 @@ class DVAETrainer(Trainer):
             eps=cfg.adam_eps,
         )
         self.ema = EMA(self.net, cfg.ema_decay, cfg.ema_every) if cfg.ema_decay > 0 else None
-        self.source = open_source(cfg.data, require_captions=False, size=cfg.image_size)
-        eval_source = (
-            open_source(cfg.eval_data, require_captions=False, size=cfg.image_size) if cfg.eval_data else None
-        )
-        if eval_source is not None:
-            imgs, _, _, _ = held_out(eval_source, cfg.eval_images, cfg.image_size)
-            self._exclude_last, self._exclude_keys = 0, frozenset()
-        else:
-            imgs, _, self._exclude_last, self._exclude_keys = held_out(
-                self.source, cfg.eval_images, cfg.image_size
-            )
         self.eval_images = (
             torch.stack([to_uint8_tensor(center_crop(im, cfg.image_size)) for im in imgs]) if imgs else None
         )
@@ -390,20 +418,6 @@ class DVAETrainer(Trainer):
                 "flat_psnr": flat_colour_psnr(self.eval_images),
                 "cell_variety": float(cell_variety(self.eval_images)),
             }
-
-    # -------------------------------------------------------------- data
-    def _transform(self, img: Any, rng: random.Random) -> Any:
-        from dalle.data.datasets import center_crop, dvae_augment
-
-        size = self.cfg.image_size
-        img = (
-            dvae_augment(img, size, rng, flip=self.cfg.hflip) if self.cfg.augment else center_crop(img, size)
-        )
-        crop = self.cfg.crop_size
-        if crop and crop < size:
-            x, y = rng.randint(0, size - crop), rng.randint(0, size - crop)
-            img = img.crop((x, y, x + crop, y + crop))
-        return img
 
     # -------------------------------------------------------------- step
     def schedule(self, step: float) -> dict[str, float]:
@@ -436,10 +450,10 @@ class DVAETrainer(Trainer):
         self._collapsed_steps = self._collapsed_steps + 1 if collapsed else 0
         if self._collapsed_steps == 20 and self.info.is_main:
             msg = (
-                f"dVAE posterior collapse at step {self.step}: KL = ln {self.vocab_size} for 20 steps, so every "
-                "position is one code with certainty and training cannot recover. Restart with the full KL weight "
-                "from the start (--kl-steps unset or 1: the paper reaches it after 5k of 3M updates) and/or a "
-                "higher --tau-start (e.g. 16); see recipes/letters/README.md."
+                f"dVAE posterior collapse at step {self.step}: KL = ln {self.vocab_size} for 20 steps, so "
+                "every position is one code with certainty and training cannot recover. Restart with the "
+                "full KL weight from the start (--kl-steps unset or 1: the paper reaches it after 5k of 3M "
+                "updates) and/or a higher --tau-start (e.g. 16); see recipes/letters/README.md."
             )
             warnings.warn(msg, stacklevel=2)
             if self._bar is not None:

@@ -82,8 +82,8 @@ class EMA:
 
     def model_state(self, module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
         """A full state dict of ``module`` with the averaged parameters in place of the raw ones; the raw ones
-        while no update has happened yet (a run shorter than ``every`` steps), since the average would still be
-        the initial weights. Collective under FSDP2; ``keep`` as in :func:`full_state_dict`."""
+        while no update has happened yet (a run shorter than ``every`` steps), since the average would still
+        be the initial weights. Collective under FSDP2; ``keep`` as in :func:`full_state_dict`."""
         if not self.updates:
             return full_state_dict(module, keep)
         averaged = self.full_state(keep)

@@ -1,9 +1,9 @@
 """Encoding an image dataset into dVAE token shards once, for transformer training (``dalle encode-dataset``).
 
-:func:`encode_dataset` centre-crops every image of a source (a folder of images with ``.txt`` captions, ``.tar``
-shards, or the shapes world) to the dVAE's side, encodes it to argmax tokens and writes memory-mapped token
-shards with the captions (:class:`dalle.data.datasets.TokenShardWriter`). ``workers`` processes read, render
-and crop whole batches while the encoder runs; the output is the same for any number of them.
+:func:`encode_dataset` centre-crops every image of a source (a folder of images with ``.txt`` captions,
+``.tar`` shards, or the shapes world) to the dVAE's side, encodes it to argmax tokens and writes memory-mapped
+token shards with the captions (:class:`dalle.data.datasets.TokenShardWriter`). ``workers`` processes read,
+render and crop whole batches while the encoder runs; the output is the same for any number of them.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class _PreparedBatches:
 
 
 def _stack(samples: Any, size: int) -> tuple[Any, list[str], list[str]]:
-    """(uint8 pixels or None, captions, skipped names) of raw (image, caption, name) samples, centre-cropped."""
+    """(uint8 pixels or None, captions, skipped names) of raw (image, caption, name) samples,
+    centre-cropped."""
     import torch
 
     from dalle.data.datasets import center_crop, to_uint8_tensor

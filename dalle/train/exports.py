@@ -1,6 +1,7 @@
-"""The directories a run exports: a dVAE directory (``dalle train-dvae``) and a model directory (``dalle train``),
-and loading a dVAE back from either. Both are written by :func:`dalle.model_dir.write_model_files`, the
-format's one writer (as :meth:`dalle.pipeline.DALLE.save_pretrained` is)."""
+"""The directories a run exports: a dVAE directory (``dalle train-dvae``) and a model directory
+(``dalle train``), and loading a dVAE back from either. Both are written by
+:func:`dalle.model_dir.write_model_files`, the format's one writer (as
+:meth:`dalle.pipeline.DALLE.save_pretrained` is)."""
 
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def save_dvae_dir(
     image_size: int,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a trained dVAE: ``config.json`` (``{"format_version": 1, "kind": "dvae", "encoder", "decoder",
-    "image_size", ...extra}``), ``encoder.safetensors``, ``decoder.safetensors`` (same names as a model dir)."""
+    """Write a trained dVAE: ``config.json``
+    (``{"format_version": 1, "kind": "dvae", "encoder", "decoder", "image_size", ...extra}``),
+    ``encoder.safetensors``, ``decoder.safetensors`` (same names as a model dir)."""
     config = dvae_config(encoder.config(), decoder.config(), image_size, extra)
     return write_model_files(out_dir, config, encoder=encoder, decoder=decoder)
 
@@ -99,8 +101,8 @@ _RESULT_DIRS = ("model", "dvae")
 
 def model_path(spec: str | os.PathLike[str]) -> Path:
     """The directory a model flag names: an existing path as it is, else a registered model's directory
-    (``shapes``, ``shapes-128``: the bundled ones), else the path as given (so that the caller's error names it).
-    A directory wins over a registered name of the same spelling."""
+    (``shapes``, ``shapes-128``: the bundled ones), else the path as given (so that the caller's error names
+    it). A directory wins over a registered name of the same spelling."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -113,8 +115,8 @@ def load_dvae(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[Encoder, Decoder, int]:
     """Load (encoder, decoder, image_size) from a dVAE directory (:func:`save_dvae_dir`), a model directory
-    (:func:`write_model_dir`), a registered model's name (e.g. ``shapes``: its dVAE) or a training run's output
-    holding one of them (``dvae/`` or ``model/``). For OpenAI's ``encoder.pkl``/``decoder.pkl`` use
+    (:func:`write_model_dir`), a registered model's name (e.g. ``shapes``: its dVAE) or a training run's
+    output holding one of them (``dvae/`` or ``model/``). For OpenAI's ``encoder.pkl``/``decoder.pkl`` use
     :func:`dalle.load_model`."""
     from dalle.dvae import Decoder, Encoder
 

@@ -10,9 +10,10 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -41,12 +42,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.tensor import DTensor
 
 
-class _BatchSettings(Protocol):
-    """What :meth:`Trainer.batches` reads from a trainer's ``cfg`` (both train configs have these fields)."""
+@dataclass(frozen=True)
+class TrainData:
+    """The data contract of a training run: everything :meth:`Trainer.batches` reads, given to the
+    :class:`Trainer` constructor by each trainer.
 
+    Attributes:
+        source: a data source from :func:`dalle.data.datasets.open_source` (folder, tar shards, token shards,
+            ``shapes``, ``letters``).
+        transform: the per-sample ``(image, rng) -> image`` step (augmentation, resizing).
+        batch_size: samples per optimizer step over all ranks.
+        seed: the data order's seed (with the step, it fixes every batch, also after resuming).
+        num_workers: DataLoader worker processes (0: read in the training process).
+        exclude_last: the last ``exclude_last`` samples of ``source`` are held out for evaluation.
+        exclude_keys: names of held-out samples (tar shards: the samples are found by name, not position).
+    """
+
+    source: Any
+    transform: Callable[[Any, random.Random], Any]
     batch_size: int
     seed: int
-    num_workers: int
+    num_workers: int = 0
+    exclude_last: int = 0
+    exclude_keys: frozenset[str] = field(default_factory=frozenset)
 
 
 class StopSignal:
@@ -132,23 +150,20 @@ def estimated_last_step(
 class Trainer:
     """The loop the dVAE and transformer trainers share.
 
-    Subclasses build ``self.net`` (the module whose weights are checkpointed and whose ``forward`` returns
-    ``(loss, parts)``), ``self.model`` (``net`` or its DDP wrapper; FSDP2 shards ``net`` in place),
-    ``self.optimizer``, ``self.ema`` (or None) and implement :meth:`forward`, :meth:`schedule`,
-    :meth:`evaluate`, :meth:`write_samples` and :meth:`finish` (and :meth:`checkpoint_weights` /
-    :meth:`load_checkpoint_weights` when more than ``net`` and the EMA must be saved).
+    Subclasses pass the data contract (:class:`TrainData`) to this constructor and build ``self.net`` (the
+    module whose weights are checkpointed and whose ``forward`` returns ``(loss, parts)``), ``self.model``
+    (``net`` or its DDP wrapper; FSDP2 shards ``net`` in place), ``self.optimizer``, ``self.ema`` (or None)
+    and implement :meth:`forward`, :meth:`schedule`, :meth:`evaluate`, :meth:`write_samples` and
+    :meth:`finish` (and :meth:`checkpoint_weights` / :meth:`load_checkpoint_weights` when more than ``net``
+    and the EMA must be saved).
     """
 
     kind = "base"
-    # set by the subclasses' constructors; read by :meth:`batches`
-    cfg: _BatchSettings
-    source: Any  # a data source from dalle.data.datasets.open_source
-    _exclude_last: int
-    _exclude_keys: frozenset[str]
 
-    def __init__(self, loop: LoopConfig, info: DistInfo) -> None:
+    def __init__(self, loop: LoopConfig, info: DistInfo, data: TrainData) -> None:
         self.loop = loop
         self.info = info
+        self.data = data
         self.out = Path(loop.out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(
@@ -169,28 +184,24 @@ class Trainer:
         self.ema: EMA | None = None
 
     # -------------------------------------------------------------- hooks for subclasses
-    # Both trainers read batches the same way: from ``self.source`` with ``self.cfg`` (batch_size, seed,
-    # num_workers), a per-sample ``self._transform`` and the held-out samples excluded.
     def batches(self, start_step: int) -> Iterator[Any]:
-        """Yield the batches of steps ``start_step, start_step + 1, ...`` for this rank."""
+        """Yield the batches of steps ``start_step, start_step + 1, ...`` for this rank, from
+        :attr:`data`."""
         from dalle.data.datasets import make_batches
 
+        d = self.data
         return make_batches(
-            self.source,
-            batch_size=self.cfg.batch_size,
+            d.source,
+            batch_size=d.batch_size,
             rank=self.info.rank,
             world_size=self.info.world_size,
             start_step=start_step,
-            seed=self.cfg.seed,
-            transform=self._transform,
-            num_workers=self.cfg.num_workers,
-            exclude_last=self._exclude_last,
-            exclude_keys=self._exclude_keys,
+            seed=d.seed,
+            transform=d.transform,
+            num_workers=d.num_workers,
+            exclude_last=d.exclude_last,
+            exclude_keys=d.exclude_keys,
         )
-
-    def _transform(self, img: Any, rng: random.Random) -> Any:  # pragma: no cover - abstract
-        """The per-sample transform :meth:`batches` applies (augmentation, resizing)."""
-        raise NotImplementedError
 
     def split(self, batch: Any, parts: int) -> list[Any]:
         """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
@@ -205,7 +216,8 @@ class Trainer:
         raise NotImplementedError
 
     def schedule(self, step: float) -> dict[str, float]:  # pragma: no cover - abstract
-        """Set step-dependent values (learning rate, ...) for step ``step`` (0-based); return them for logs."""
+        """Set step-dependent values (learning rate, ...) for step ``step`` (0-based); return them for
+        logs."""
         raise NotImplementedError
 
     def checkpoint_weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -320,9 +332,9 @@ class Trainer:
             )
         if saved.get("time_limit") and not now.get("time_limit") and self.info.is_main:
             warnings.warn(
-                f"{ckpt_path} comes from a run with --time-limit {saved['time_limit']}, resumed without one: its "
-                f"schedules go back to counting steps towards --steps {now.get('steps')} (the learning rate "
-                "rises again); pass --time-limit to keep them on the clock",
+                f"{ckpt_path} comes from a run with --time-limit {saved['time_limit']}, resumed without one: "
+                f"its schedules go back to counting steps towards --steps {now.get('steps')} (the learning "
+                "rate rises again); pass --time-limit to keep them on the clock",
                 stacklevel=2,
             )
         self.load_checkpoint_weights(weights)
@@ -353,8 +365,8 @@ class Trainer:
             for p in later:
                 os.replace(p, aside / f"{p.name}-{int(time.time())}")
             warnings.warn(
-                f"resuming from step {step}: the later checkpoints ({', '.join(p.name for p in later)}) belong to "
-                f"the run this one replaces and were moved to {aside}",
+                f"resuming from step {step}: the later checkpoints ({', '.join(p.name for p in later)}) "
+                f"belong to the run this one replaces and were moved to {aside}",
                 stacklevel=2,
             )
         return step
@@ -386,8 +398,9 @@ class Trainer:
         return max(float(self.step), lp.steps * min(self.train_seconds / (lp.time_limit * 60.0), 1.0))
 
     def _advance_clock(self, seconds: float) -> bool:
-        """Set ``train_seconds``; under ``time_limit`` to the ranks' mean of their ``seconds``, one value on every
-        rank, so that their schedules (hence their weights) agree and they stop together. True when time is up."""
+        """Set ``train_seconds``; under ``time_limit`` to the ranks' mean of their ``seconds``, one value on
+        every rank, so that their schedules (hence their weights) agree and they stop together. True when time
+        is up."""
         self.train_seconds = seconds
         lp = self.loop
         if not lp.time_limit:
@@ -444,8 +457,8 @@ class Trainer:
             raise CheckpointError(
                 f"the loss or gradient was non-finite for {self.nonfinite_run} steps in a row (up to step "
                 f"{self.step}); training stopped without saving, so the last good checkpoint "
-                f"{last if last else '(none yet)'} is intact. Lower the learning rate or check the data, then "
-                "resume from it with --resume."
+                f"{last if last else '(none yet)'} is intact. Lower the learning rate or check the data, "
+                "then resume from it with --resume."
             )
         return out
 
@@ -469,16 +482,18 @@ class Trainer:
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
 
     def refuse_finished_run(self) -> None:
-        """Raise when ``--out`` holds another run's checkpoints or results (a new run would overwrite them)."""
+        """Raise when ``--out`` holds another run's checkpoints or results (a new run would overwrite
+        them)."""
         if self.ckpt.latest() is not None:
             raise CheckpointError(
-                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new --out"
+                f"{self.out} already holds checkpoints; pass --resume to continue that run or choose a new "
+                "--out"
             )
         done = [name for name in _RESULT_DIRS if (self.out / name).exists()]
         if done:
             raise CheckpointError(
-                f"{self.out} already holds a trained {' and '.join(d + '/' for d in done)} (with no checkpoint to "
-                "resume from); choose a new --out, or move it away to train again there"
+                f"{self.out} already holds a trained {' and '.join(d + '/' for d in done)} (with no "
+                "checkpoint to resume from); choose a new --out, or move it away to train again there"
             )
 
     def fit(self, resume: bool | str = False) -> Path | None:
@@ -602,7 +617,8 @@ _RESUME_MUST_MATCH = (
 
 
 def _differs(key: str, saved: Any, now: Any) -> bool:
-    """Whether a resume-critical setting changed; the data may be spelled differently (``imgs/``, ``./imgs``)."""
+    """Whether a resume-critical setting changed; the data may be spelled differently (``imgs/``,
+    ``./imgs``)."""
     if saved == now:
         return False
     if key == "data" and isinstance(saved, str) and isinstance(now, str) and "," not in saved + now:

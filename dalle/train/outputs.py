@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics (JSON lines), loss plots, sample grids, one-time warnings."""
+"""What a run writes besides checkpoints: metrics (JSON lines), loss plots, sample grids, one-time
+warnings."""
 
 from __future__ import annotations
 

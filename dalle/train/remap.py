@@ -1,16 +1,18 @@
-"""Put a new dVAE under a trained transformer, as a starting point for fine-tuning the transformer on its codes.
+"""Put a new dVAE under a trained transformer, as a starting point for fine-tuning the transformer on its
+codes.
 
 Usage: dalle remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--data SPEC] [--scenes N] [--seed S]
 (or ``python -m dalle.train.remap ...``, the same command).
 
 Both dVAEs encode the same N images at the model's image side: by default rendered shapes-world scenes
-(``shapes.sample(i, seed)``); with ``--data`` the first N readable images of a folder, of ``.tar`` shards or of
-another shapes stream (centre-cropped and resized as ``dalle encode-dataset`` does). Each code ``j`` of the new
-dVAE is matched with the old code ``c`` it most often replaces at the same cell, and the transformer's image
-embedding and output row of ``j`` start as those of ``c``; codes the new dVAE never uses keep their rows. The
-transformer then predicts roughly the right cells in the new vocabulary, and ``dalle train --init OUT_DIR
---dvae OUT_DIR`` fine-tunes it on tokens of the new dVAE. OUT_DIR is a complete model directory (the new dVAE,
-the tokenizer and the remapped transformer); ``code_map.json`` there records the match and how often it held.
+(``shapes.sample(i, seed)``); with ``--data`` the first N readable images of a folder, of ``.tar`` shards or
+of another shapes stream (centre-cropped and resized as ``dalle encode-dataset`` does). Each code ``j`` of the
+new dVAE is matched with the old code ``c`` it most often replaces at the same cell, and the transformer's
+image embedding and output row of ``j`` start as those of ``c``; codes the new dVAE never uses keep their
+rows. The transformer then predicts roughly the right cells in the new vocabulary, and
+``dalle train --init OUT_DIR --dvae OUT_DIR`` fine-tunes it on tokens of the new dVAE. OUT_DIR is a complete
+model directory (the new dVAE, the tokenizer and the remapped transformer); ``code_map.json`` there records
+the match and how often it held.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def code_cooccurrence(
     batches: Iterable[torch.Tensor],
     vocab: int,
 ) -> torch.Tensor:
-    """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over uint8 image batches."""
+    """counts[j, c]: cells where the new encoder gives ``j`` and the old one ``c``, over uint8 image
+    batches."""
     counts = torch.zeros(vocab, vocab, dtype=torch.int64)
     for pixels in batches:
         old = encode_images(old_encoder, pixels).flatten()

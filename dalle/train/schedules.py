@@ -1,4 +1,5 @@
-"""Learning-rate and annealing schedules as pure functions of the step (resuming needs nothing but the step)."""
+"""Learning-rate and annealing schedules as pure functions of the step (resuming needs nothing but the
+step)."""
 
 from __future__ import annotations
 

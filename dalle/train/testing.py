@@ -83,7 +83,8 @@ def make_image_folder(
     seed: int = 0,
     sizes: tuple[tuple[int, int], ...] = ((40, 32), (32, 48), (64, 64)),
 ) -> Path:
-    """``n`` PNGs ``img_000.png ...`` with captions ``caption number i``; indices in ``corrupt`` hold garbage."""
+    """``n`` PNGs ``img_000.png ...`` with captions ``caption number i``; indices in ``corrupt`` hold
+    garbage."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ global position), so a resumed run, or N ranks, see exactly what one uninterrupt
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import warnings
 from dataclasses import asdict
@@ -41,7 +42,7 @@ from dalle.train.config import TransformerTrainConfig
 from dalle.train.distributed import DistInfo, barrier, full_state_dict
 from dalle.train.ema import EMA
 from dalle.train.exports import load_dvae, model_path, write_model_dir
-from dalle.train.loop import Trainer, check_image_size
+from dalle.train.loop import TrainData, Trainer, check_image_size
 from dalle.train.outputs import save_image_grid, warn_once
 from dalle.train.schedules import warmup_lr
 
@@ -91,8 +92,8 @@ def prepare_encoder(encoder: nn.Module) -> nn.Module:
 
 
 def encoder_digest(encoder: nn.Module) -> str:
-    """SHA-256 of the encoder's weights (``encode-dataset`` records it in ``meta.json``; training on the shards
-    checks it against its ``--dvae``)."""
+    """SHA-256 of the encoder's weights (``encode-dataset`` records it in ``meta.json``; training on the
+    shards checks it against its ``--dvae``)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -121,7 +122,8 @@ def caption_dropped(seed: int, position: int, p: float) -> bool:
 
 def load_dvae_any(spec: str, device: torch.device) -> tuple[Encoder, Decoder, int]:
     """A dVAE from a directory (``dalle train-dvae`` output or a model directory) or ``ENC,DEC`` weight files
-    that :func:`dalle.loading.load_model` reads (OpenAI's .pkl files included); image size 256 for the latter."""
+    that :func:`dalle.loading.load_model` reads (OpenAI's .pkl files included); image size 256 for the
+    latter."""
     if "," in spec:
         from dalle.loading import load_model
 
@@ -170,6 +172,16 @@ def _collect_captions(source: Any, n: int) -> list[str]:
     return out[:n]
 
 
+def transformer_transform(augment: bool, image_size: int, img: Any, rng: random.Random) -> Any:
+    """The transformer trainer's per-sample step: the paper's augmentation at ``image_size`` (``augment``) or
+    a centre crop."""
+    from dalle.data.datasets import center_crop, transformer_augment
+
+    if augment:
+        return transformer_augment(img, image_size, rng)
+    return center_crop(img, image_size)
+
+
 class TransformerTrainer(Trainer):
     """Trains a :class:`dalle.transformer.DALLETransformer` (one process, torchrun DDP or FSDP2)."""
 
@@ -186,56 +198,78 @@ class TransformerTrainer(Trainer):
 
         cfg.validate()
         info = info or DistInfo(device=torch.device("cpu"))
-        super().__init__(cfg, info)
-        self.cfg = cfg
-        if not resume:
-            self.refuse_finished_run()
         seed_everything(cfg.seed)
         dev = info.device
 
         # ---- data source and dVAE
-        self.source = open_source(cfg.data, require_captions=True, size=256)
-        self.pretokenized = isinstance(self.source, TokenShards)
+        source = open_source(cfg.data, require_captions=True, size=256)
+        pretokenized = isinstance(source, TokenShards)
         if cfg.dvae is None and cfg.init is None:
             raise ConfigError(
                 "give --dvae (a trained dVAE directory): it encodes images and goes into the model"
             )
         if cfg.dvae is not None:
-            self.encoder, self.decoder, self.image_size = load_dvae_any(cfg.dvae, dev)
+            encoder, decoder, image_size = load_dvae_any(cfg.dvae, dev)
         else:
             assert cfg.init is not None  # checked above
-            self.encoder, self.decoder, self.image_size = load_dvae(cfg.init, dev)
-        if self.pretokenized and cfg.image_size is None:  # shards know the side they were encoded at
-            self.image_size = int(self.source.meta.get("image_size", self.source.grid * 8))
-        self.image_size = check_image_size(cfg.image_size, self.image_size)
-        prepare_encoder(self.encoder)
-        self._inputs_digest: tuple[str, str] | None = None
-        self.decoder.eval().requires_grad_(False)
-        if isinstance(self.source, ShapesSource):
-            self.source = ShapesSource(seed=self.source.seed, size=self.image_size)
-        grid = self.image_size // 8
-        if self.pretokenized:
-            meta = self.source.meta
-            if self.source.grid != grid or self.source.image_vocab_size != self.encoder.vocab_size:
+            encoder, decoder, image_size = load_dvae(cfg.init, dev)
+        if pretokenized and cfg.image_size is None:  # shards know the side they were encoded at
+            image_size = int(source.meta.get("image_size", source.grid * 8))
+        image_size = check_image_size(cfg.image_size, image_size)
+        prepare_encoder(encoder)
+        decoder.eval().requires_grad_(False)
+        if isinstance(source, ShapesSource):
+            source = ShapesSource(seed=source.seed, size=image_size)
+        grid = image_size // 8
+        if pretokenized:
+            meta = source.meta
+            if source.grid != grid or source.image_vocab_size != encoder.vocab_size:
                 raise ConfigError(
-                    f"token shards in {cfg.data} hold {self.source.grid}x{self.source.grid} grids of "
-                    f"{self.source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
-                    f"{self.encoder.vocab_size}; encode the data with this dVAE"
+                    f"token shards in {cfg.data} hold {source.grid}x{source.grid} grids of "
+                    f"{source.image_vocab_size} codes but the dVAE makes {grid}x{grid} of "
+                    f"{encoder.vocab_size}; encode the data with this dVAE"
                     + (
-                        f", or give --image-size {self.source.grid * 8} (the shards' side)"
-                        if self.source.grid != grid
+                        f", or give --image-size {source.grid * 8} (the shards' side)"
+                        if source.grid != grid
                         else ""
                     )
                 )
-            if meta.get("encoder") not in (None, self.encoder.config()) or meta.get("encoder_sha256") not in (
+            if meta.get("encoder") not in (None, encoder.config()) or meta.get("encoder_sha256") not in (
                 None,
-                encoder_digest(self.encoder),
+                encoder_digest(encoder),
             ):
                 raise ConfigError(
-                    f"the token shards in {cfg.data} were encoded by another dVAE than --dvae {cfg.dvae} (its "
-                    f"{'configuration' if meta.get('encoder') != self.encoder.config() else 'weights'} differ); "
-                    "train with the dVAE that encoded them, or encode the data again with this one"
+                    f"the token shards in {cfg.data} were encoded by another dVAE than --dvae {cfg.dvae} "
+                    f"(its {'configuration' if meta.get('encoder') != encoder.config() else 'weights'} "
+                    "differ); train with the dVAE that encoded them, or encode the data again with this one"
                 )
+
+        # ---- the held-out evaluation samples (encoded after the model is built, on the main rank)
+        n_eval = cfg.eval_samples
+        held_imgs: list[Any] = []
+        held_caps: list[str] = []
+        exclude_last, exclude_keys = 0, frozenset[str]()
+        if pretokenized:
+            n_eval = min(n_eval, len(source) // 10)
+            exclude_last = max(n_eval, 0)
+        elif n_eval > 0:
+            held_imgs, held_caps, exclude_last, exclude_keys = held_out(source, n_eval, image_size)
+        data = TrainData(
+            source=source,
+            transform=functools.partial(transformer_transform, cfg.augment, image_size),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            exclude_last=exclude_last,
+            exclude_keys=exclude_keys,
+        )
+        super().__init__(cfg, info, data)
+        self.cfg = cfg
+        if not resume:
+            self.refuse_finished_run()
+        self.pretokenized = pretokenized
+        self.encoder, self.decoder, self.image_size = encoder, decoder, image_size
+        self._inputs_digest: tuple[str, str] | None = None
 
         # ---- tokenizer: given, reused from the run directory, or trained on the training captions
         tok_file = self.out / "tokenizer.model"
@@ -245,7 +279,7 @@ class TransformerTrainer(Trainer):
             self.tokenizer = BPETokenizer.load(model_path(cfg.init) / "tokenizer.model")
         else:
             if info.is_main and not (resume and tok_file.is_file()):
-                caps = _collect_captions(self.source, cfg.tokenizer_samples)
+                caps = _collect_captions(source, cfg.tokenizer_samples)
                 if not caps:
                     raise ConfigError(f"no captions found in {cfg.data} to train a tokenizer on")
                 with warnings.catch_warnings():
@@ -355,26 +389,19 @@ class TransformerTrainer(Trainer):
         self.eval_tokens: torch.Tensor | None = None
         self.eval_captions: list[str] = []
         self.has_eval = False  # the same on every rank, so that collective exports stay in step
-        self._exclude_last, self._exclude_keys = 0, frozenset()
-        n_eval = cfg.eval_samples
-        if self.pretokenized:
-            n_eval = min(n_eval, len(self.source) // 10)
+        if pretokenized:
             if n_eval > 0:
-                items = [self.source.get(i) for i in range(len(self.source) - n_eval, len(self.source))]
+                items = [source.get(i) for i in range(len(source) - n_eval, len(source))]
                 self.eval_tokens = torch.stack([torch.from_numpy(t) for t, _, _ in items])
                 self.eval_captions = [c.splitlines()[0] if c else "" for _, c, _ in items]
-                self._exclude_last = n_eval
                 self.has_eval = True
         elif n_eval > 0:
             from dalle.data.datasets import to_uint8_tensor
 
-            imgs, caps, self._exclude_last, self._exclude_keys = held_out(
-                self.source, n_eval, self.image_size
-            )
-            self.has_eval = bool(imgs)
-            self.eval_captions = [c.splitlines()[0] if c else "" for c in caps]
-            if imgs and info.is_main:
-                batch = torch.stack([to_uint8_tensor(im) for im in imgs])
+            self.has_eval = bool(held_imgs)
+            self.eval_captions = [c.splitlines()[0] if c else "" for c in held_caps]
+            if held_imgs and info.is_main:
+                batch = torch.stack([to_uint8_tensor(im) for im in held_imgs])
                 self.eval_tokens = torch.cat(
                     [encode_images(self.encoder, batch[i : i + 32]).cpu() for i in range(0, len(batch), 32)]
                 )
@@ -383,15 +410,9 @@ class TransformerTrainer(Trainer):
         self._export_model: DALLETransformer | None = None
 
     # -------------------------------------------------------------- data
-    def _transform(self, img: Any, rng: random.Random) -> Any:
-        from dalle.data.datasets import center_crop, transformer_augment
-
-        if self.cfg.augment:
-            return transformer_augment(img, self.image_size, rng)
-        return center_crop(img, self.image_size)
-
     def encode_text(self, captions: list[str], positions: list[int], train: bool = True) -> torch.Tensor:
-        """Caption dropout, then BPE (with BPE dropout in training) to [B, text_len]; both seeded per position."""
+        """Caption dropout, then BPE (with BPE dropout in training) to [B, text_len]; both seeded per
+        position."""
         from dalle.tokenizer import TruncationWarning
 
         seeds = None
@@ -415,8 +436,8 @@ class TransformerTrainer(Trainer):
 
     # -------------------------------------------------------------- step
     def schedule(self, step: float) -> dict[str, float]:
-        """Warm-up then decay of the learning rate. Under a time limit ``step`` is the time-based position: the
-        decay and the default warm-up (a share of the run) follow it, an explicit ``warmup_steps`` counts
+        """Warm-up then decay of the learning rate. Under a time limit ``step`` is the time-based position:
+        the decay and the default warm-up (a share of the run) follow it, an explicit ``warmup_steps`` counts
         optimizer steps (a few hundred steps are a tiny, unpredictable share of the time)."""
         r = self.cfg.resolved()
         if self.step < r["warmup_steps"] and self.cfg.warmup_steps is not None:
