@@ -2,7 +2,7 @@
 codes.
 
 Usage: dalle remap MODEL_DIR NEW_DVAE_DIR OUT_DIR [--data SPEC] [--scenes N] [--seed S]
-(or ``python -m dalle.train.remap ...``, the same command).
+(the command line lives in ``dalle.cli.train``; this module is the library part).
 
 Both dVAEs encode the same N images at the model's image side: by default rendered shapes-world scenes
 (``shapes.sample(i, seed)``); with ``--data`` the first N readable images of a folder, of ``.tar`` shards or
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,14 +153,3 @@ def remap_image_codes(
     }
     (Path(out) / "code_map.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dalle.train.remap ARGS``: the same as ``dalle remap ARGS``."""
-    from dalle.cli import main as cli_main
-
-    return cli_main(["remap", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
