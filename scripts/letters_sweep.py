@@ -5,7 +5,7 @@ letters).
     PYTHONPATH=. python3 scripts/letters_sweep.py --out OUT --time-limit 230 --device cuda --parallel 16 --threads 1
     .venv/bin/python scripts/letters_sweep.py --out /tmp/sweep --smoke --parallel 1      # CPU check, < 2 min
 
-Runs the configurations in :data:`RUNS` (each ``recipes/letters/dvae.json`` plus its own flags) as
+Runs the configurations in :data:`RUNS` (each ``recipes/letters/dvae-paper.json`` plus its own flags) as
 subprocesses ``python -m dalle train-dvae``, ``--parallel`` at a time (they share the one GPU), and ends
 within ``--time-limit`` seconds whatever happens:
 
@@ -62,7 +62,8 @@ TAU_SHARE = 0.75  # the recipe's tau_steps 1500 of 2000
 
 @dataclass
 class Run:
-    """One configuration: recipes/letters/dvae.json plus ``flags`` (train-dvae flags, verified by --help)."""
+    """One configuration: recipes/letters/dvae-paper.json plus ``flags`` (train-dvae flags, verified by
+    --help)."""
 
     name: str
     why: str
@@ -514,7 +515,8 @@ def write_report(
         f"--threads {args.threads}, --time-limit {args.time_limit:g} s, --scale {args.scale:g}, "
         f"python {platform.python_version()}, torch {meta.get('torch')}.",
         "",
-        f"Every run: `dalle train-dvae --config recipes/letters/dvae.json` + `{meta['common']}` + its flags. "
+        "Every run: `dalle train-dvae --config recipes/letters/dvae-paper.json` + "
+        f"`{meta['common']}` + its flags. "
         "`--steps` is an upper bound; the trainer's `--time-limit` "
         "(its training loop's share of the sweep's time) usually ends a run first, "
         "and then tau and the lr follow the share of time spent (they still complete).",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dalle.data import letters
-from dalle.data.datasets import ImageTextFolder, LettersSource, open_source
+from dalle.data.datasets import ImageTextFolder, LettersSource, open_source, to_uint8_tensor
 from dalle.errors import ConfigError
 from dalle.train.config import DVAETrainConfig
 from dalle.train.dvae import DVAETrainer, cell_variety, dvae_verdict, flat_colour_psnr, format_verdict
@@ -113,7 +113,14 @@ def test_verdict_flags_collapsed_runs_and_says_what_to_change() -> None:
     )
     assert not usable and len(problems) == 3
     text = " ".join(advice)
-    for flag in ("--kl-steps", "--steps", "--n-hid 32", "--vocab-size", "recipes/letters/dvae.json"):
+    for flag in (
+        "--kl-steps",
+        "--steps",
+        "--n-hid 32",
+        "--vocab-size",
+        "recipes/letters/dvae.json",
+        "--gumbel-scale 0 --usage-weight 0.05",
+    ):
         assert flag in text
     loud = format_verdict(usable, problems, advice, collapsed)
     assert "UNUSABLE" in loud and "psnr 16.2" in loud and loud.count("\n") >= 6
@@ -167,16 +174,11 @@ def test_a_collapsed_run_ends_with_a_loud_summary(tmp_path, capsys) -> None:
 
 # ------------------------------------------------------------------------------------------------ the recipe
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 22: no setting measured so far reaches these figures in CPU minutes "
-    "(best held-out: 18.3 dB with 15 codes mid-run, 17.5 dB with 3 codes at the end of the recipe); "
-    "see recipes/letters/README.md and BENCHMARKS.md",
-)
 def test_letters_recipe_learns_the_letters_on_the_cpu(tmp_path) -> None:
     """The target (BENCHMARKS.md): codes_used >= 16 and PSNR >= 20 dB on the 36 held-out letters, in CPU
-    minutes. The recipe's 2000 updates took 13.2 minutes with one thread on a shared, loaded 2-core
-    machine."""
+    minutes (the recipe's 1000 updates took about 10 minutes with one thread, two runs sharing a 2-core
+    machine), the run summary calling the dVAE usable; and the letters keep their colours: each held-out
+    letter's strokes come back nearer its own colour than any other letter colour."""
     settings = json.loads(RECIPE.read_text())
     settings.update(out_dir=str(tmp_path / "run"), progress=False)
     cfg = DVAETrainConfig(**settings)
@@ -189,3 +191,44 @@ def test_letters_recipe_learns_the_letters_on_the_cpu(tmp_path) -> None:
     assert minutes < 20, minutes
     summary = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("kind") == "summary"]
     assert summary[-1]["usable"] is True
+    hits = letter_colour_hits(trainer.eval_images, trainer._last_recons)
+    assert sum(hits) >= len(hits) // 2, f"{sum(hits)} of {len(hits)} letters drawn in their own colour"
+
+
+def nearest_letter_colour(rgb: torch.Tensor) -> str:
+    """The name of the :data:`letters.COLOURS` entry nearest to ``rgb`` (3 floats in [0, 1])."""
+    names = list(letters.COLOURS)
+    table = torch.tensor([letters.COLOURS[n] for n in names], dtype=torch.float32) / 255
+    return names[int(((table - rgb) ** 2).sum(1).argmin())]
+
+
+def letter_colour_hits(images: torch.Tensor, recons: torch.Tensor) -> list[bool]:
+    """Per letter image (uint8 [N, 3, S, S], reconstructions float in [0, 1]): whether the mean colour of the
+    reconstruction over the original's strongly coloured pixels (its strokes, not their anti-aliased edges)
+    is nearest to the same letter colour as the original's."""
+    hits = []
+    for img, rec in zip(images, recons):
+        x = img.float() / 255
+        strokes = (1 - x).amax(0) > 0.5
+        hits.append(
+            nearest_letter_colour(x[:, strokes].mean(1)) == nearest_letter_colour(rec[:, strokes].mean(1))
+        )
+    return hits
+
+
+def test_letter_colour_check_tells_right_from_wrong_colours() -> None:
+    """The recipe test's colour check: perfect reconstructions all hit; the same letters painted grey-mauve
+    (what collapsed runs drew) or in the next colour of the list miss."""
+    names = list(letters.COLOURS)
+    imgs, recolored = [], []
+    for i in range(10):
+        colour = names[i % len(names)]
+        imgs.append(to_uint8_tensor(letters.render("ABCDEFGHIJ"[i], colour)))
+        recolored.append(to_uint8_tensor(letters.render("ABCDEFGHIJ"[i], names[(i + 1) % len(names)])))
+    images = torch.stack(imgs)
+    assert all(letter_colour_hits(images, images.float() / 255))
+    mauve = images.float() / 255
+    strokes = (1 - mauve).amax(1, keepdim=True) > 0.5
+    mauve = torch.where(strokes, torch.tensor([0.6, 0.45, 0.5]).view(1, 3, 1, 1), mauve)
+    assert sum(letter_colour_hits(images, mauve)) <= 2
+    assert not any(letter_colour_hits(images, torch.stack(recolored).float() / 255))

@@ -410,7 +410,7 @@ def test_mse_reconstruction_term_is_squared_pixel_error_over_two_sigma_squared()
     assert torch.equal(unmap_pixels(torch.sigmoid(stats[:, :3]))[inside], decoded[inside])
     nll.sum().backward()
     assert stats.grad[:, :3].abs().sum() > 0 and stats.grad[:, 3:].abs().sum() == 0  # ln b unused
-    assert DVAELoss.__init__.__defaults__[-2:] == ("logit-laplace", 0.1)  # the paper's term by default
+    assert DVAELoss.__init__.__defaults__[-3:] == ("logit-laplace", 0.1, 0.0)  # the paper's loss by default
     for bad in ({"recon_loss": "l2"}, {"recon_sigma": 0.0}):
         with pytest.raises(ConfigError, match="recon_"):
             DVAETrainConfig(**{"out_dir": "x", **bad}).validate()
@@ -444,3 +444,78 @@ def test_trainer_reads_its_batches_from_the_data_contract_it_was_given(tmp_path)
     # the same contract and step give the same batch again
     again = next(Trainer(LoopConfig(out_dir=str(tmp_path / "b")), trainer.info, data).batches(0))
     assert again.positions == got[0].positions and torch.equal(again.images, got[0].images)
+
+
+def test_usage_kl_is_ln_k_minus_the_entropy_of_the_batch_mean_posterior() -> None:
+    """usage_kl: 0 when the codes are used equally on average (even if every position is certain), ln K
+    when one code takes every position, ln K - ln 2 for two codes half each; it weights into the loss as
+    usage_weight * usage_kl and its gradient reaches the encoder's logits."""
+    from dalle.train.dvae import DVAELoss, usage_kl
+
+    k = 16
+    big = 60.0
+    one_code = torch.zeros(2, k, 4, 4)
+    one_code[:, 3] = big
+    assert usage_kl(one_code).item() == pytest.approx(math.log(k), abs=1e-4)
+    assert usage_kl(torch.zeros(2, k, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    certain_and_spread = torch.zeros(1, k, 4, 4)  # 16 positions, each certain of its own code
+    for i in range(16):
+        certain_and_spread[0, i, i // 4, i % 4] = big
+    assert usage_kl(certain_and_spread).item() == pytest.approx(0.0, abs=1e-4)
+    assert kl_to_uniform(certain_and_spread).item() == pytest.approx(16 * math.log(k), rel=1e-4)
+    halves = torch.zeros(2, k, 4, 4)
+    halves[0, 1], halves[1, 2] = big, big
+    assert usage_kl(halves).item() == pytest.approx(math.log(k) - math.log(2), abs=1e-4)
+
+    from dalle.dvae import Decoder, Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=k)
+    dec = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=k)
+    x = torch.rand(2, 3, 16, 16) * 0.8 + 0.1
+    noise = torch.zeros(2, k, 2, 2)
+    plain = DVAELoss(enc, dec, recon_loss="mse", recon_sigma=0.3)
+    weighted = DVAELoss(enc, dec, recon_loss="mse", recon_sigma=0.3, usage_weight=0.5)
+    loss0, logs0 = plain(x, noise, 1.0, 0.0)
+    loss1, logs1 = weighted(x, noise, 1.0, 0.0)
+    assert logs0["usage_kl"] == logs1["usage_kl"] > 0
+    assert (loss1 - loss0).item() == pytest.approx(0.5 * logs1["usage_kl"].item(), rel=1e-5)
+    enc.zero_grad()
+    (loss1 - loss0).backward()
+    assert enc.blocks.output.conv.w.grad.abs().sum() > 0  # the usage term trains the encoder
+    for bad in ({"usage_weight": -0.1}, {"gumbel_scale": -1.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            DVAETrainConfig(**{"out_dir": "x", **bad}).validate()
+
+
+def test_gumbel_scale_zero_makes_the_relaxation_deterministic(tmp_path) -> None:
+    """gumbel_scale 0: no noise, so the loss of a batch does not depend on the step (the noise seed); the
+    paper's scale 1 draws new noise each step; 0.5 halves it."""
+    from dalle.data.datasets import Batch
+    from dalle.train.dvae import DVAETrainer
+
+    def trainer(scale: float) -> DVAETrainer:
+        cfg = DVAETrainConfig(
+            out_dir=str(tmp_path / f"run{scale}"),
+            data="letters",
+            image_size=16,
+            n_hid=8,
+            n_blk_per_group=1,
+            n_init=8,
+            vocab_size=16,
+            eval_images=0,
+            gumbel_scale=scale,
+            progress=False,
+        )
+        t = DVAETrainer(cfg)
+        t.schedule(0)
+        return t
+
+    images = (torch.rand(2, 3, 16, 16) * 255).to(torch.uint8)
+    micro = Batch(captions=["", ""], images=images, positions=[0, 1])
+    with torch.no_grad():
+        quiet = trainer(0.0)
+        assert torch.equal(quiet.forward(micro, 1)[0], quiet.forward(micro, 2)[0])
+        noisy = trainer(1.0)
+        assert not torch.equal(noisy.forward(micro, 1)[0], noisy.forward(micro, 2)[0])
+    assert DVAETrainConfig.gumbel_scale == 1.0 and DVAETrainConfig.usage_weight == 0.0  # the paper's

@@ -85,6 +85,11 @@ _HELP: dict[str, str] = {
     "(not the paper: squared error / (2 recon_sigma^2); better on sparse images such as letters on white, "
     "see recipes/letters)",
     "recon_sigma": "width of the mse reconstruction term, in pixel units",
+    "usage_weight": "weight of KL(batch-mean posterior || uniform), which keeps many codes in use without "
+    "blurring any one position's choice (not the paper; 0 = off; recipes/letters uses 0.05)",
+    "gumbel_scale": "scale of the gumbel noise in the relaxed dVAE bottleneck: 1 = the paper's "
+    "gumbel-softmax, 0 = a deterministic softmax(logits / tau) that tau anneals towards the argmax "
+    "(recipes/letters)",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)",
 }
 

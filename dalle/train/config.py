@@ -91,6 +91,13 @@ class DVAETrainConfig(LoopConfig):
     # strokes)
     recon_loss: str = "logit-laplace"
     recon_sigma: float = 0.1
+    # NOT the paper: weight of KL(batch-mean posterior || uniform), i.e. ln K minus the entropy of the codes'
+    # average use over the batch. It keeps many codes in use without pushing any one position's posterior
+    # towards uniform (the per-position KL does that), against the collapse onto a few codes on sparse images
+    usage_weight: float = 0.0
+    # NOT the paper: scale of the gumbel noise added to the logits before the relaxed softmax (1: the paper's
+    # gumbel-softmax; 0: a deterministic softmax of logits / tau, annealed towards the argmax as tau falls)
+    gumbel_scale: float = 1.0
     freeze_encoder: bool = False  # NOT the paper: train only the decoder, on the init encoder's argmax codes
     new_decoder: bool = False  # with init: a fresh decoder of n_init / n_hid / n_blk_per_group, not init's
     augment: bool = True
@@ -144,6 +151,10 @@ class DVAETrainConfig(LoopConfig):
             raise ConfigError(f"recon_loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}")
         if not self.recon_sigma > 0:
             raise ConfigError(f"recon_sigma must be > 0, got {self.recon_sigma}")
+        if not self.gumbel_scale >= 0:
+            raise ConfigError(f"gumbel_scale must be >= 0, got {self.gumbel_scale}")
+        if not self.usage_weight >= 0:
+            raise ConfigError(f"usage_weight must be >= 0, got {self.usage_weight}")
 
 
 RECON_LOSSES = ("logit-laplace", "mse")
