@@ -135,6 +135,13 @@ def test_verdict_flags_collapsed_runs_and_says_what_to_change() -> None:
         and "--kl-steps" in " ".join(saturated[2])
         and "--kl-weight" in " ".join(saturated[2])
     )
+    # without gumbel noise (the letters recipe) a near-uniform plain softmax is how it works, not a failure
+    weak = {"psnr": 19.0, "codes_used": 20, "flat_psnr": 17.3, "cell_variety": 7}
+    noisy = dvae_verdict(weak, vocab_size=256, steps=1000, last_train={"kl": 0.04}, cfg=DVAETrainConfig())
+    quiet = dvae_verdict(
+        weak, vocab_size=256, steps=1000, last_train={"kl": 0.04}, cfg=DVAETrainConfig(gumbel_scale=0.0)
+    )
+    assert "near uniform" in " ".join(noisy[2]) and "near uniform" not in " ".join(quiet[2])
     good = {"psnr": 24.0, "codes_used": 40, "flat_psnr": 17.3, "cell_variety": 7}
     assert dvae_verdict(good, vocab_size=512, steps=900) == (True, [], [])
     assert "(usable)" in format_verdict(True, [], [], good)
