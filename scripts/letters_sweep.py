@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "letters" / "dvae.json"
+RECIPE = REPO / "recipes" / "letters" / "dvae-paper.json"
 
 # base step counts at --scale 1, by batch size: upper bounds; the per-run --time-limit usually ends them first
 STEPS_BY_BATCH = {16: 20000, 64: 16000, 128: 12000}
