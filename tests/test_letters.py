@@ -135,6 +135,15 @@ def test_verdict_flags_collapsed_runs_and_says_what_to_change() -> None:
         and "--kl-steps" in " ".join(saturated[2])
         and "--kl-weight" in " ".join(saturated[2])
     )
+    saturated_quiet = dvae_verdict(
+        {"psnr": 17.5, "codes_used": 1, "flat_psnr": 17.3, "cell_variety": 7},
+        vocab_size=512,
+        steps=400,
+        last_train={"kl": math.log(512)},
+        cfg=DVAETrainConfig(gumbel_scale=0.0, usage_weight=0.02),
+    )
+    assert "raise --usage-weight (now 0.02" in " ".join(saturated_quiet[2])
+    assert "--kl-steps" not in " ".join(saturated_quiet[2])
     # without gumbel noise (the letters recipe) a near-uniform plain softmax is how it works, not a failure
     weak = {"psnr": 19.0, "codes_used": 20, "flat_psnr": 17.3, "cell_variety": 7}
     noisy = dvae_verdict(weak, vocab_size=256, steps=1000, last_train={"kl": 0.04}, cfg=DVAETrainConfig())

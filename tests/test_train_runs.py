@@ -533,6 +533,17 @@ def test_posterior_collapse_is_reported(tmp_path) -> None:
         trainer.after_step({"kl": math.log(32)})
     trainer.after_step({"kl": 1.0})
     assert trainer._collapsed_steps == 0
+    # the advice fits the relaxation: without gumbel noise it is the usage term that holds the softmax open
+    quiet = DVAETrainer(
+        DVAETrainConfig(
+            **{**TINY_DVAE, "out_dir": str(tmp_path / "quiet"), "gumbel_scale": 0.0, "usage_weight": 0.01}
+        )
+    )
+    quiet._bar = None
+    for _ in range(19):
+        quiet.after_step({"kl": math.log(32)})
+    with pytest.warns(UserWarning, match=r"raise --usage-weight \(now 0.01"):
+        quiet.after_step({"kl": math.log(32)})
 
 
 def test_no_collapse_warning_when_only_the_decoder_trains(tmp_path, dvae_dir) -> None:

@@ -225,6 +225,22 @@ SPARSE_FLAGS = (
 )
 
 
+def saturation_cure(cfg: DVAETrainConfig | None) -> str:
+    """What to change after the encoder's softmax saturated (KL = ln K), for the run's relaxation."""
+    if cfg is not None and cfg.gumbel_scale == 0:
+        return (
+            "Without gumbel noise only the code-usage term holds the softmax open at the start: raise "
+            f"--usage-weight (now {cfg.usage_weight:g}; 0.05 held on letters, 0 saturated at once and "
+            "0.01-0.02 within 40 updates); see recipes/letters/README.md"
+        )
+    return (
+        "On sparse flat-colour images (letters, icons) use the deterministic relaxation with a code-usage "
+        f"term instead: {SPARSE_FLAGS} (recipes/letters/dvae.json). With the paper's relaxation, give the "
+        "full --kl-weight (6.6) from the start (leave --kl-steps unset, or 1: a warm-up of 100+ updates or "
+        "--kl-weight 1-3 saturated within 50 updates on letters); --tau-start 16 delays it"
+    )
+
+
 def flat_colour_psnr(images: torch.Tensor) -> float:
     """Mean PSNR (dB) of replacing each uint8 image [N, 3, S, S] by its own mean colour: the floor a useful
     dVAE must clear by a margin."""
@@ -286,11 +302,7 @@ def dvae_verdict(
     if kl is not None and kl >= 0.98 * ln_k:
         advice.append(
             f"the encoder's softmax saturated (KL {kl:.2f} = ln {vocab_size}): each position picks one of a "
-            "few codes for sure and unused codes get no gradient. On sparse flat-colour images (letters, "
-            f"icons) use the deterministic relaxation with a code-usage term instead: {SPARSE_FLAGS}. With "
-            "the paper's relaxation, give the full --kl-weight (6.6) from the start (leave --kl-steps unset, "
-            "or 1: a warm-up of 100+ updates or --kl-weight 1-3 saturated within 50 updates on letters); "
-            "--tau-start 16 delays it"
+            f"few codes for sure and unused codes get no gradient. {saturation_cure(cfg)}"
         )
     elif kl is not None and kl < 0.1 * ln_k and (cfg is None or cfg.gumbel_scale > 0):
         # (without gumbel noise a near-uniform plain softmax is expected: logits / tau carries the choice)
@@ -483,10 +495,8 @@ class DVAETrainer(Trainer):
         if self._collapsed_steps == 20 and self.info.is_main:
             msg = (
                 f"dVAE posterior collapse at step {self.step}: KL = ln {self.vocab_size} for 20 steps, so "
-                "every position is one code with certainty and training cannot recover. Restart with the "
-                "full KL weight from the start (--kl-steps unset or 1: the paper reaches it after 5k of 3M "
-                "updates) and/or a higher --tau-start (e.g. 16); on sparse flat-colour images use "
-                f"{SPARSE_FLAGS} (recipes/letters/dvae.json)."
+                "every position is one code with certainty and training cannot recover. "
+                + saturation_cure(self.cfg)
             )
             warnings.warn(msg, stacklevel=2)
             if self._bar is not None:
