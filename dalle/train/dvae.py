@@ -324,7 +324,7 @@ def dvae_verdict(
         advice.append(f"--vocab-size {vocab_size} is more than a small dataset can fill: try 512")
     advice.append(
         "a recipe measured to work on sparse flat-colour images (coloured letters on white: 21 dB with 19 "
-        "codes after 1000 updates, 10 CPU minutes): --config recipes/letters/dvae.json; what else was "
+        "codes after 1000 updates, 9-10 CPU minutes): --config recipes/letters/dvae.json; what else was "
         "tried: recipes/letters/README.md"
     )
     return False, problems, advice
